@@ -1,0 +1,181 @@
+"""``RPCReplies``: the Dramatiq middleware that sends ``.call()`` results back to callers.
+
+* ``before_process_message``: a ``.call()`` message whose caller's deadline has passed is
+  skipped (not executed, no reply, logged, counted); a message for an actor this worker does
+  not know is failed at once with a ``method_not_found`` reply (Dramatiq would otherwise ack it
+  silently and leave the caller hanging; Dramatiq issue #448).
+* ``after_process_message``: on success, push the success envelope to the reply key.
+* ``after_nack``: the message failed for good (retries exhausted, non-retryable error, bad
+  params): push the structured error envelope. Nothing is pushed while Dramatiq will still retry.
+
+``.send()`` messages carry no reply address and never get a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware, SkipMessage
+
+from rpc_tasks import context, protocol
+from rpc_tasks.config import WebSocketRPCConfig, get_config
+from rpc_tasks.exceptions import RPCException
+from rpc_tasks.models.errors import RPCError, RPCErrorCode
+from rpc_tasks.redis_io import ReplyChannel
+
+logger = logging.getLogger("rpc_tasks.replies")
+
+_ERROR_ATTR = "_rpc_error"
+
+
+class RPCReplies(Middleware):
+    """Reply path for ``@rpc_actor`` calls. Construct with no arguments to read the settings
+    from Django's ``WEBSOCKET_RPC`` or the environment (see :func:`rpc_tasks.config.get_config`),
+    which is what django-dramatiq's ``MIDDLEWARE`` setting does.
+
+    Parameters:
+      config: explicit settings (Redis URL, key prefix, TTL, default timeout, size limit).
+      redis_client: an existing redis-py client for the replies (overrides ``config.redis_url``).
+    """
+
+    def __init__(self, config: WebSocketRPCConfig | None = None, *, redis_client: Any = None) -> None:
+        self._config = config
+        self._redis_client = redis_client
+        self._channel: ReplyChannel | None = None
+        self._lock = threading.Lock()
+        self.counters: Counter[str] = Counter()
+
+    # -- settings ------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> WebSocketRPCConfig:
+        """The effective settings (resolved on first use)."""
+        if self._config is None:
+            with self._lock:
+                if self._config is None:
+                    self._config = get_config()
+        return self._config
+
+    @property
+    def channel(self) -> ReplyChannel:
+        """The Redis reply channel (connection pool created on first use)."""
+        if self._channel is None:
+            config = self.config
+            with self._lock:
+                if self._channel is None:
+                    self._channel = ReplyChannel.from_config(config, self._redis_client)
+        return self._channel
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        ctx = context.enter(message.message_id, message.actor_name)
+        ctx.extra["pipe_target"] = message.options.get("pipe_target") is not None
+        reply_to = message.options.get(protocol.OPTION_REPLY_TO)
+        if reply_to is not None:
+            deadline = message.options.get(protocol.OPTION_DEADLINE)
+            if protocol.deadline_passed(deadline):
+                self._count("expired_skipped")
+                logger.warning(
+                    "Skipping message %s of actor %r: its caller's deadline passed %.3fs ago.",
+                    message.message_id,
+                    message.actor_name,
+                    time.time() - float(deadline),
+                )
+                context.leave()
+                raise SkipMessage("caller deadline passed")
+        if message.actor_name not in broker.actors:
+            self._count("unknown_actor")
+            logger.error(
+                "Message %s names actor %r, which this worker does not know; failing it.",
+                message.message_id,
+                message.actor_name,
+            )
+            setattr(
+                message,
+                _ERROR_ATTR,
+                RPCError(
+                    code=RPCErrorCode.METHOD_NOT_FOUND,
+                    message=f"no actor named {message.actor_name!r} on queue {message.queue_name!r}",
+                ),
+            )
+            message.fail()
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        ctx = context.leave()
+        if exception is not None:
+            if type(exception).__name__ == "ActorNotFound" and not message.failed:
+                setattr(message, _ERROR_ATTR, protocol.error_from_exception(exception))
+                message.fail()
+            return
+        if message.failed:
+            return
+        reply_to = message.options.get(protocol.OPTION_REPLY_TO)
+        if reply_to is None:
+            return
+        value = ctx.result if ctx is not None and ctx.has_result else result
+        payload = protocol.encode_response(
+            message.message_id, result=value, extended=True, max_bytes=self.config.max_payload_bytes
+        )
+        self._push(message, reply_to, payload, "replies_sent")
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        context.leave()
+
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        reply_to = message.options.get(protocol.OPTION_REPLY_TO)
+        if reply_to is None:
+            return
+        error: RPCError | None = getattr(message, _ERROR_ATTR, None)
+        if error is None:
+            exc = getattr(message, "_exception", None)
+            error = (
+                protocol.error_from_exception(exc)
+                if exc is not None
+                else RPCError(code=RPCErrorCode.INTERNAL_ERROR, message="message failed")
+            )
+        retries = message.options.get("retries")
+        if isinstance(retries, int) and "attempts" not in error.details:
+            error = error.model_copy(update={"details": {**error.details, "attempts": retries + 1}})
+        payload = protocol.encode_response(
+            message.message_id, error=error, extended=True, max_bytes=self.config.max_payload_bytes
+        )
+        self._push(message, reply_to, payload, "error_replies_sent")
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _push(self, message: Any, reply_to: Any, payload: bytes, counter: str) -> None:
+        channel = self.channel
+        if not isinstance(reply_to, str) or not protocol.is_reply_key(channel.prefix, reply_to):
+            self._count("bad_reply_to")
+            logger.error(
+                "Message %s has reply address %r outside the configured prefix %r; not replying. "
+                "Callers and workers must share response_key_prefix.",
+                message.message_id,
+                reply_to,
+                channel.prefix,
+            )
+            return
+        try:
+            channel.push(reply_to, payload)
+        except RPCException:
+            self._count("reply_push_failed")
+            logger.exception("Could not push the reply of message %s.", message.message_id)
+            return
+        self._count(counter)

@@ -1,0 +1,97 @@
+"""rpc-tasks: typed RPC as a first-class Dramatiq citizen.
+
+::
+
+    from rpc_tasks import rpc_actor, setup_broker
+
+    setup_broker()
+
+    @rpc_actor(queue_name="rpc", max_retries=3)
+    def echo(params: EchoParams) -> EchoResult:
+        return EchoResult(message=params.message)
+
+    echo.send(EchoParams(message="hi"))
+    result = echo.call(EchoParams(message="hi"), timeout=2.5)
+"""
+
+from .actor import RPCActor, find_replies_middleware, rpc_actor
+from .broker import check_broker, install_middleware, middleware_paths, setup_broker
+from .config import WebSocketRPCConfig, get_config, redact_url
+from .exceptions import (
+    RPCConfigurationError,
+    RPCConnectionError,
+    RPCException,
+    RPCPayloadTooLargeError,
+    RPCProtocolError,
+    RPCRemoteError,
+    RPCTimeoutError,
+)
+from .models import (
+    BaseRPCMessage,
+    BaseRPCRequest,
+    BaseRPCResponse,
+    BatchNotificationRequest,
+    BatchNotificationResponse,
+    BroadcastRequest,
+    BroadcastResponse,
+    BroadcastTarget,
+    ConnectionInfo,
+    ConnectionState,
+    ConnectionStateUpdate,
+    NotificationPriority,
+    NotificationRequest,
+    NotificationResponse,
+    RateLimitError,
+    RPCError,
+    RPCErrorCode,
+    RPCRequest,
+    RPCResponse,
+    RPCValidationError,
+    TimeoutErrorModel,
+    UserNotConnectedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseRPCMessage",
+    "BaseRPCRequest",
+    "BaseRPCResponse",
+    "BatchNotificationRequest",
+    "BatchNotificationResponse",
+    "BroadcastRequest",
+    "BroadcastResponse",
+    "BroadcastTarget",
+    "ConnectionInfo",
+    "ConnectionState",
+    "ConnectionStateUpdate",
+    "NotificationPriority",
+    "NotificationRequest",
+    "NotificationResponse",
+    "RPCActor",
+    "RPCConfigurationError",
+    "RPCConnectionError",
+    "RPCError",
+    "RPCErrorCode",
+    "RPCException",
+    "RPCPayloadTooLargeError",
+    "RPCProtocolError",
+    "RPCRemoteError",
+    "RPCRequest",
+    "RPCResponse",
+    "RPCTimeoutError",
+    "RPCValidationError",
+    "RateLimitError",
+    "TimeoutErrorModel",
+    "UserNotConnectedError",
+    "WebSocketRPCConfig",
+    "__version__",
+    "check_broker",
+    "find_replies_middleware",
+    "get_config",
+    "install_middleware",
+    "middleware_paths",
+    "redact_url",
+    "rpc_actor",
+    "setup_broker",
+]

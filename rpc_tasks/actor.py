@@ -1,0 +1,376 @@
+"""``@rpc_actor``: a Dramatiq actor with typed params/result, ``.send()`` and ``.call()``.
+
+The decorated object is a real :class:`dramatiq.Actor` (workers, middleware, the ``dramatiq``
+CLI and django-dramatiq's autodiscovery all see it). On the wire its message carries one
+positional argument: the params model dumped to JSON. ``.call()`` adds two message options, the
+reply address and the caller's deadline (see :mod:`rpc_tasks.protocol`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import typing
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Generic, TypeVar, cast, overload
+
+import dramatiq
+from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from . import context, protocol
+from .exceptions import (
+    RPCConfigurationError,
+    RPCConnectionError,
+    RPCRemoteError,
+    RPCTimeoutError,
+)
+from .models.errors import RPCError, RPCErrorCode
+
+if typing.TYPE_CHECKING:
+    from middleware.replies import RPCReplies
+
+logger = logging.getLogger("rpc_tasks.actor")
+
+TParams = TypeVar("TParams", bound=BaseModel)
+TResult = TypeVar("TResult", bound="BaseModel | None")
+
+_MISSING: Any = object()
+
+
+def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
+    """The broker's :class:`~middleware.RPCReplies`; raises ``RPCConfigurationError`` if absent."""
+    from middleware.replies import RPCReplies
+
+    for mw in broker.middleware:
+        if isinstance(mw, RPCReplies):
+            return mw
+    raise RPCConfigurationError(
+        "The broker has no RPCReplies middleware, so .call() cannot receive replies. "
+        "Call rpc_tasks.setup_broker(broker) (or add 'middleware.RPCReplies' to "
+        "DRAMATIQ_BROKER['MIDDLEWARE'] for django-dramatiq)."
+    )
+
+
+class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
+    """A Dramatiq actor whose function takes one Pydantic params model and returns a model.
+
+    Use :func:`rpc_actor` to create one. Besides everything a Dramatiq actor does:
+
+    * :meth:`send` validates params before enqueueing and returns the Dramatiq ``Message``;
+    * :meth:`call` enqueues, waits for the typed result and returns it;
+    * calling the actor directly (``echo(params)``) runs the function in-process.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        actor_name: str,
+        queue_name: str,
+        priority: int,
+        broker: dramatiq.Broker,
+        options: dict[str, Any],
+        params_model: type[TParams],
+        result_model: type[BaseModel] | None,
+    ) -> None:
+        self.params_model: type[TParams] = params_model
+        self.result_model: type[BaseModel] | None = result_model
+        super().__init__(
+            fn,
+            actor_name=actor_name,
+            queue_name=queue_name,
+            priority=priority,
+            broker=broker,
+            options=options,
+        )
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def validate_params(self, params: TParams | Mapping[str, Any]) -> TParams:
+        """Validate ``params`` (a model instance or a mapping); raises ``ValidationError``."""
+        return self.params_model.model_validate(params)
+
+    def _payload(self, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        if kwargs or len(args) != 1:
+            raise TypeError(
+                f"{self.actor_name}: RPC actors take exactly one params argument "
+                f"({self.params_model.__name__}), got {len(args)} positional and "
+                f"{len(kwargs or {})} keyword arguments"
+            )
+        payload: dict[str, Any] = self.validate_params(args[0]).model_dump(mode="json")
+        limit = self._max_payload_bytes()
+        protocol.dumps(payload, max_bytes=limit, what=f"params of {self.actor_name}")
+        return payload
+
+    def _max_payload_bytes(self) -> int | None:
+        try:
+            return find_replies_middleware(self.broker).config.max_payload_bytes
+        except RPCConfigurationError:
+            return None
+
+    def _coerce_result(self, value: Any) -> Any:
+        if self.result_model is None:
+            return None
+        if isinstance(value, self.result_model):
+            return value
+        try:
+            return self.result_model.model_validate(value)
+        except ValidationError as exc:
+            raise RPCRemoteError(
+                RPCError(
+                    code=RPCErrorCode.INTERNAL_ERROR,
+                    message=f"actor {self.actor_name!r} returned a value that is not a valid "
+                    f"{self.result_model.__name__}: {exc.error_count()} error(s)",
+                    details={"errors": protocol.validation_error_details(exc)},
+                )
+            ) from exc
+
+    # -- Dramatiq API, validated ---------------------------------------------------------------
+
+    def message_with_options(
+        self, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> dramatiq.Message[Any]:
+        """Build a message after validating and serializing the params model."""
+        payload = self._payload(args, kwargs)
+        return super().message_with_options(args=(payload,), kwargs={}, **options)
+
+    def message(self, params: TParams | Mapping[str, Any]) -> dramatiq.Message[Any]:  # type: ignore[override,unused-ignore]
+        """Build (but do not send) a message for ``params``."""
+        return self.message_with_options(args=(params,))
+
+    def send(self, params: TParams | Mapping[str, Any], /, **options: Any) -> dramatiq.Message[Any]:  # type: ignore[override,unused-ignore]
+        """Validate ``params`` and enqueue it for background processing (fire-and-forget).
+
+        ``options`` are Dramatiq message options (``delay`` in ms, ``max_retries``, ...).
+        Raises ``pydantic.ValidationError`` (nothing is enqueued) or ``RPCConnectionError``.
+        """
+        return self.send_with_options(args=(params,), **options)
+
+    def send_with_options(
+        self,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: timedelta | int | None = None,
+        **options: Any,
+    ) -> dramatiq.Message[Any]:
+        """Dramatiq's ``send_with_options``, validated; broker errors become ``RPCConnectionError``."""
+        message = self.message_with_options(args=args, kwargs=kwargs, **options)
+        return self._enqueue(message, delay)
+
+    def _enqueue(
+        self, message: dramatiq.Message[Any], delay: timedelta | int | None
+    ) -> dramatiq.Message[Any]:
+        if isinstance(delay, timedelta):
+            delay = int(delay.total_seconds() * 1000)
+        try:
+            return self.broker.enqueue(message, delay=delay)
+        except (DramatiqConnectionError, RedisError, OSError) as exc:
+            raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
+
+    def call(
+        self,
+        params: TParams | Mapping[str, Any],
+        /,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> TResult:
+        """Enqueue ``params`` and block until the worker's typed result arrives.
+
+        ``timeout`` is in seconds (float, millisecond precision; default: the config's
+        ``rpc_timeout``). Raises ``ValidationError`` for bad params (nothing enqueued),
+        :class:`RPCTimeoutError` when no reply arrives in time, :class:`RPCRemoteError` with
+        the structured error when the actor failed for good, :class:`RPCConnectionError` when
+        Redis/the broker is unreachable.
+        """
+        replies = find_replies_middleware(self.broker)
+        config = replies.config
+        if timeout is None:
+            timeout = config.rpc_timeout
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = float(timeout)
+        started = time.time()
+        delay = options.pop("delay", None)
+        message = self.message_with_options(args=(params,), **options)
+        channel = replies.channel
+        key = channel.key_for(message.message_id)
+        deadline = protocol.deadline_from_timeout(timeout, started)
+        message = message.copy(
+            options={**message.options, protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: deadline}
+        )
+        self._enqueue(message, delay)
+        raw = channel.wait(key, deadline - time.time())
+        if raw is None:
+            raise RPCTimeoutError(self.actor_name, timeout)
+        response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
+        if not response.success:
+            raise RPCRemoteError(response.error or RPCError(message="remote call failed"))
+        if self.result_model is None:
+            return cast(TResult, None)
+        return cast(TResult, self.result_model.model_validate(response.result))
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the function. In a worker, params come as JSON and the result goes to the reply
+        middleware; called directly, it takes a params model and returns the result model."""
+        ctx = context.current()
+        in_worker = ctx is not None and ctx.actor_name == self.actor_name
+        if not in_worker:
+            if kwargs or len(args) != 1:
+                raise TypeError(f"{self.actor_name}() takes exactly one params argument")
+            result = self._coerce_result(self.fn(self.validate_params(args[0])))
+            return result
+        assert ctx is not None
+        if kwargs or len(args) != 1:
+            raise RPCRemoteError(
+                RPCError(
+                    code=RPCErrorCode.INVALID_REQUEST,
+                    message=f"message for {self.actor_name!r} must carry exactly one params argument",
+                )
+            )
+        try:
+            params = self.validate_params(args[0])
+        except ValidationError as exc:
+            raise RPCRemoteError(protocol.error_from_exception(exc)) from exc
+        result = self._coerce_result(self.fn(params))
+        ctx.result = result
+        ctx.has_result = True
+        # Dramatiq warns about return values unless Results (or a pipeline) wants them.
+        if ctx.extra.get("pipe_target") or self._has_results_middleware():
+            return protocol.model_to_wire(result)
+        return None
+
+    def _has_results_middleware(self) -> bool:
+        from dramatiq.results import Results
+
+        return any(type(m) is Results for m in self.broker.middleware)
+
+
+def _infer_models(
+    fn: Callable[..., Any], params_model: Any, result_model: Any
+) -> tuple[type[BaseModel], type[BaseModel] | None]:
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        if params_model is None or result_model is _MISSING:
+            raise TypeError(
+                f"@rpc_actor could not resolve the annotations of {name}: {exc}. "
+                "Pass params_model= and result_model= explicitly."
+            ) from exc
+        hints = {}
+    params = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) != 1 or any(
+        p.default is p.empty and p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in inspect.signature(fn).parameters.values()
+    ):
+        raise TypeError(f"@rpc_actor function {name} must take exactly one parameter (the params model)")
+    if params_model is None:
+        params_model = hints.get(params[0].name)
+    if not (isinstance(params_model, type) and issubclass(params_model, BaseModel)):
+        raise TypeError(
+            f"@rpc_actor: the parameter {params[0].name!r} of {name} must be annotated with a "
+            f"pydantic BaseModel subclass (got {params_model!r}); or pass params_model=."
+        )
+    if result_model is _MISSING:
+        if "return" not in hints:
+            raise TypeError(
+                f"@rpc_actor: {name} needs a return annotation (a pydantic BaseModel subclass, "
+                "or None); or pass result_model=."
+            )
+        result_model = hints["return"]
+    if result_model is type(None):
+        result_model = None
+    if result_model is not None and not (
+        isinstance(result_model, type) and issubclass(result_model, BaseModel)
+    ):
+        raise TypeError(
+            f"@rpc_actor: the return annotation of {name} must be a pydantic BaseModel subclass "
+            f"or None (got {result_model!r}); or pass result_model=."
+        )
+    return params_model, result_model
+
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R", bound="BaseModel | None")
+
+
+@overload
+def rpc_actor(fn: Callable[[P], R], /) -> RPCActor[P, R]: ...
+
+
+@overload
+def rpc_actor(
+    *,
+    actor_name: str | None = None,
+    queue_name: str = "default",
+    priority: int = 0,
+    broker: dramatiq.Broker | None = None,
+    params_model: type[BaseModel] | None = None,
+    result_model: type[BaseModel] | None = ...,
+    **options: Any,
+) -> Callable[[Callable[[P], R]], RPCActor[P, R]]: ...
+
+
+def rpc_actor(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    actor_name: str | None = None,
+    queue_name: str = "default",
+    priority: int = 0,
+    broker: dramatiq.Broker | None = None,
+    params_model: type[BaseModel] | None = None,
+    result_model: Any = _MISSING,
+    **options: Any,
+) -> Any:
+    """Declare a typed RPC actor.
+
+    ::
+
+        @rpc_actor(queue_name="rpc", max_retries=3)
+        def echo(params: EchoParams) -> EchoResult:
+            return EchoResult(message=params.message)
+
+        echo.send(EchoParams(message="hi"))                        # background
+        result = echo.call(EchoParams(message="hi"), timeout=2.5)  # -> EchoResult
+
+    The params model is taken from the first parameter's annotation and the result model from
+    the return annotation (``None`` means "no result"), unless given explicitly. ``options``
+    are Dramatiq actor options (``max_retries``, ``time_limit``, ``min_backoff``, ...). The
+    actor is declared on ``broker`` or on Dramatiq's global broker at decoration time, so set
+    the broker up first (:func:`rpc_tasks.setup_broker`).
+    """
+
+    def decorator(fn: Callable[..., Any]) -> RPCActor[Any, Any]:
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError("@rpc_actor supports plain (synchronous) functions only")
+        pm, rm = _infer_models(fn, params_model, result_model)
+        actor_class = functools.partial(RPCActor, params_model=pm, result_model=rm)
+        actor = dramatiq.actor(  # type: ignore[call-overload]
+            fn,
+            actor_class=actor_class,
+            actor_name=actor_name,
+            queue_name=queue_name,
+            priority=priority,
+            broker=broker,
+            **options,
+        )
+        functools.update_wrapper(actor, fn, updated=())
+        return cast(RPCActor[Any, Any], actor)
+
+    if fn is not None:
+        return decorator(fn)
+    return decorator

@@ -1,0 +1,276 @@
+"""The wire format, in one place: Redis key naming, Dramatiq message options, JSON envelopes.
+
+Every other module (actor, middleware, client, server) goes through these functions; none
+builds a key or an envelope by hand. JSON only, never pickle, with a size limit.
+
+Response envelope (what a worker/server ``LPUSH``es to ``reply_to``)::
+
+    {"correlation_id": "...", "timestamp": "2026-01-01T00:00:00Z", "success": true,
+     "result": {...} | null, "error": "message" | null, "error_code": "snake_case" | null}
+
+Extension ``error_details`` (only when the requester announced it; ``@rpc_actor`` callers always
+do) adds one key, so that strict peers that do not know it never see it::
+
+    "error_details": {"retryable": bool, "retry_after": float | null, "details": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .exceptions import (
+    RPCConnectionError,
+    RPCPayloadTooLargeError,
+    RPCProtocolError,
+    RPCRemoteError,
+    RPCTimeoutError,
+)
+from .models.errors import (
+    RPCError,
+    RPCErrorCode,
+    RPCValidationError,
+    TimeoutError,
+    parse_error_code,
+)
+
+#: Name of the structured-error extension a requester may announce.
+ERROR_DETAILS_EXTENSION = "error_details"
+
+#: Dramatiq message option: the Redis list the worker pushes the reply to.
+OPTION_REPLY_TO = "rpc_reply_to"
+#: Dramatiq message option: the caller's deadline, Unix epoch seconds (float).
+OPTION_DEADLINE = "rpc_deadline"
+
+#: Largest error message we put on the wire (longer ones are truncated).
+MAX_ERROR_MESSAGE = 4000
+
+_JSON_SEPARATORS = (",", ":")
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def reply_key(prefix: str, correlation_id: str) -> str:
+    """Reply list key for a call: ``response_key_prefix + correlation_id``."""
+    if not correlation_id or any(c.isspace() for c in correlation_id):
+        raise ValueError(f"invalid correlation id {correlation_id!r}")
+    return f"{prefix}{correlation_id}"
+
+
+def is_reply_key(prefix: str, key: str) -> bool:
+    """True when ``key`` is a reply key under ``prefix`` (used to refuse stray reply addresses)."""
+    return key.startswith(prefix) and len(key) > len(prefix) and len(key) <= 512
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def now_iso() -> str:
+    """Current UTC time as ISO-8601 with a ``Z`` suffix (millisecond precision)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dumps(data: Any, *, max_bytes: int | None = None, what: str = "payload") -> bytes:
+    """Serialize to compact UTF-8 JSON, enforcing ``max_bytes``."""
+    try:
+        raw = json.dumps(data, separators=_JSON_SEPARATORS, ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise RPCProtocolError(f"{what} is not JSON-serializable: {exc}") from exc
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise RPCPayloadTooLargeError(len(raw), max_bytes, what)
+    return raw
+
+
+def loads(data: bytes | str, *, max_bytes: int | None = None, what: str = "payload") -> Any:
+    """Parse JSON, enforcing ``max_bytes``; raises :class:`RPCProtocolError` on garbage."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise RPCPayloadTooLargeError(len(data), max_bytes, what)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RPCProtocolError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def model_to_wire(model: BaseModel | Mapping[str, Any] | None) -> Any:
+    """JSON-compatible form of a params/result model (``None`` stays ``None``)."""
+    if model is None:
+        return None
+    if isinstance(model, BaseModel):
+        return model.model_dump(mode="json")
+    return dict(model)
+
+
+def validation_error_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic field errors in a JSON-safe form, without input values (they may be secret)."""
+    out: list[dict[str, Any]] = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        out.append(
+            {
+                "loc": [str(p) for p in err.get("loc", ())],
+                "msg": err.get("msg", ""),
+                "type": err.get("type", ""),
+            }
+        )
+    return out
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_MESSAGE else text[: MAX_ERROR_MESSAGE - 3] + "..."
+
+
+def error_from_exception(exc: BaseException) -> RPCError:
+    """Map any exception to the structured :class:`RPCError` that goes back to the caller."""
+    if isinstance(exc, RPCRemoteError):
+        return exc.error
+    if isinstance(exc, ValidationError):
+        return RPCValidationError(
+            message=_truncate(f"{exc.error_count()} validation error(s) for {exc.title}"),
+            details={"errors": validation_error_details(exc)},
+        )
+    if isinstance(exc, RPCTimeoutError):
+        return TimeoutError(message=_truncate(str(exc)), timeout_seconds=exc.timeout_seconds)
+    if isinstance(exc, RPCConnectionError):
+        return RPCError(code=RPCErrorCode.SERVICE_UNAVAILABLE, message=_truncate(str(exc)))
+    if isinstance(exc, RPCPayloadTooLargeError):
+        return RPCError(code=RPCErrorCode.PAYLOAD_TOO_LARGE, message=_truncate(str(exc)))
+    name = type(exc).__name__
+    if name == "TimeLimitExceeded":  # dramatiq.middleware.TimeLimitExceeded
+        return TimeoutError(message="the actor exceeded its time limit")
+    if name == "ActorNotFound":  # dramatiq.errors.ActorNotFound
+        return RPCError(code=RPCErrorCode.METHOD_NOT_FOUND, message=_truncate(f"unknown actor: {exc}"))
+    text = str(exc)
+    return RPCError(
+        code=RPCErrorCode.INTERNAL_ERROR,
+        message=_truncate(f"{name}: {text}" if text else name),
+        details={"exception": name},
+    )
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    """A decoded response envelope."""
+
+    correlation_id: str
+    success: bool
+    result: Any
+    error: RPCError | None
+    timestamp: str | None = None
+
+    def raise_for_error(self) -> None:
+        """Raise :class:`RPCRemoteError` carrying the structured error if this is a failure."""
+        if not self.success:
+            raise RPCRemoteError(self.error or RPCError(message="remote call failed"))
+
+
+def encode_response(
+    correlation_id: str,
+    *,
+    result: BaseModel | Mapping[str, Any] | None = None,
+    error: RPCError | None = None,
+    extended: bool = True,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Encode a success (``error is None``) or failure response.
+
+    When the success payload is over ``max_bytes`` a ``payload_too_large`` failure is encoded
+    instead, so the caller always gets an answer.
+    """
+    envelope: dict[str, Any] = {
+        "correlation_id": correlation_id,
+        "timestamp": now_iso(),
+        "success": error is None,
+        "result": None,
+        "error": None,
+        "error_code": None,
+    }
+    if error is None:
+        envelope["result"] = model_to_wire(result)
+        try:
+            return dumps(envelope, max_bytes=max_bytes, what="result")
+        except (RPCPayloadTooLargeError, RPCProtocolError) as exc:
+            error = error_from_exception(exc)
+            envelope.update(success=False, result=None)
+    envelope["error"] = _truncate(error.message or error.wire_code)
+    envelope["error_code"] = error.wire_code
+    if extended:
+        envelope[ERROR_DETAILS_EXTENSION] = {
+            "retryable": error.retryable,
+            "retry_after": error.retry_after,
+            "details": error.details,
+        }
+    try:
+        return dumps(envelope, max_bytes=max_bytes, what="error response")
+    except (RPCPayloadTooLargeError, RPCProtocolError):
+        envelope.pop(ERROR_DETAILS_EXTENSION, None)
+        if extended:
+            envelope[ERROR_DETAILS_EXTENSION] = {
+                "retryable": error.retryable,
+                "retry_after": error.retry_after,
+                "details": {},
+            }
+        return dumps(envelope, what="error response")
+
+
+def decode_response(data: bytes | str, *, max_bytes: int | None = None) -> Response:
+    """Decode a response envelope (with or without the ``error_details`` extension)."""
+    obj = loads(data, max_bytes=max_bytes, what="response")
+    if not isinstance(obj, dict) or not isinstance(obj.get("success"), bool):
+        raise RPCProtocolError("response is not an object with a boolean 'success'")
+    correlation_id = obj.get("correlation_id")
+    if not isinstance(correlation_id, str):
+        raise RPCProtocolError("response has no correlation_id")
+    timestamp = obj.get("timestamp") if isinstance(obj.get("timestamp"), str) else None
+    if obj["success"]:
+        return Response(correlation_id, True, obj.get("result"), None, timestamp)
+    ext = obj.get(ERROR_DETAILS_EXTENSION)
+    retryable: bool | None = None
+    retry_after: float | None = None
+    details: dict[str, Any] = {}
+    if isinstance(ext, dict):
+        if isinstance(ext.get("retryable"), bool):
+            retryable = ext["retryable"]
+        ra = ext.get("retry_after")
+        if isinstance(ra, (int, float)) and not isinstance(ra, bool) and math.isfinite(ra) and ra >= 0:
+            retry_after = float(ra)
+        if isinstance(ext.get("details"), dict):
+            details = ext["details"]
+    raw_code = obj.get("error_code")
+    code, unknown = parse_error_code(raw_code if isinstance(raw_code, str) else None)
+    message = obj.get("error")
+    error = RPCError(
+        code=code,
+        message=_truncate(message if isinstance(message, str) else "remote call failed"),
+        retryable=retryable,  # None -> default from the code
+        retry_after=retry_after,
+        details=details,
+        raw_code=unknown,
+    )
+    if code is RPCErrorCode.VALIDATION_ERROR:
+        error = RPCValidationError.model_validate(error.model_dump())
+    return Response(correlation_id, False, None, error, timestamp)
+
+
+# -- deadlines ---------------------------------------------------------------------------------
+
+
+def deadline_from_timeout(timeout: float, now: float | None = None) -> float:
+    """Absolute deadline (epoch seconds) for a call that waits ``timeout`` seconds."""
+    return (time.time() if now is None else now) + timeout
+
+
+def deadline_passed(deadline: Any, now: float | None = None) -> bool:
+    """True when ``deadline`` (epoch seconds; anything else means "none") lies in the past."""
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+        return False
+    return (time.time() if now is None else now) > float(deadline)
