@@ -80,6 +80,8 @@ class RPCReplies(Middleware):
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         ctx = context.enter(message.message_id, message.actor_name)
         ctx.extra["pipe_target"] = message.options.get("pipe_target") is not None
+        attempt = message.options.get(protocol.OPTION_ATTEMPT, 0)
+        message.options[protocol.OPTION_ATTEMPT] = (attempt if isinstance(attempt, int) else 0) + 1
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
         if reply_to is not None:
             deadline = message.options.get(protocol.OPTION_DEADLINE)
@@ -150,9 +152,9 @@ class RPCReplies(Middleware):
                 if exc is not None
                 else RPCError(code=RPCErrorCode.INTERNAL_ERROR, message="message failed")
             )
-        retries = message.options.get("retries")
-        if isinstance(retries, int) and "attempts" not in error.details:
-            error = error.model_copy(update={"details": {**error.details, "attempts": retries + 1}})
+        attempts = message.options.get(protocol.OPTION_ATTEMPT)
+        if isinstance(attempts, int) and "attempts" not in error.details:
+            error = error.model_copy(update={"details": {**error.details, "attempts": attempts}})
         payload = protocol.encode_response(
             message.message_id, error=error, extended=True, max_bytes=self.config.max_payload_bytes
         )

@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar, cast, overload
 
 import dramatiq
-from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from dramatiq.errors import BrokerConnectionError as DramatiqConnectionError
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 

@@ -48,6 +48,8 @@ ERROR_DETAILS_EXTENSION = "error_details"
 OPTION_REPLY_TO = "rpc_reply_to"
 #: Dramatiq message option: the caller's deadline, Unix epoch seconds (float).
 OPTION_DEADLINE = "rpc_deadline"
+#: Dramatiq message option: how many times a worker has started processing this message.
+OPTION_ATTEMPT = "rpc_attempt"
 
 #: Largest error message we put on the wire (longer ones are truncated).
 MAX_ERROR_MESSAGE = 4000

@@ -9,6 +9,7 @@ Every redis-py exception is turned into :class:`~rpc_tasks.exceptions.RPCConnect
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -20,8 +21,10 @@ from .protocol import reply_key
 
 logger = logging.getLogger("rpc_tasks.redis")
 
-#: Smallest blocking timeout we send (BLPOP 0 would block forever).
+#: Smallest wait (BLPOP 0 would block forever).
 MIN_BLOCK_SECONDS = 0.001
+#: Extra time given to the server-side BLPOP timeout; the client enforces the real deadline.
+SERVER_SLACK_SECONDS = 0.5
 
 
 def make_redis(
@@ -102,18 +105,35 @@ class ReplyChannel:
     def wait(self, key: str, timeout: float) -> bytes | None:
         """Block up to ``timeout`` seconds for the reply on ``key``; ``None`` on timeout.
 
-        The key is deleted in the same round trip (a duplicate reply, e.g. after a redelivery,
-        does not linger).
+        Redis only checks blocking timeouts every ``1/hz`` seconds (100 ms by default), so the
+        deadline is enforced on the client side with millisecond precision: ``BLPOP`` is sent
+        with a little slack and, if nothing is readable by the deadline, the connection is
+        dropped (which also cancels the pending ``BLPOP`` on the server). ``DEL key`` is
+        pipelined behind the ``BLPOP`` so a duplicate reply (e.g. after a redelivery) does not
+        linger, at no extra round trip.
         """
-        block = max(float(timeout), MIN_BLOCK_SECONDS)
+        wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
+        deadline = time.monotonic() + wait_for
+        server_timeout = round(wait_for + SERVER_SLACK_SECONDS, 3)
+        pool = self.client.connection_pool
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.blpop([key], timeout=round(block, 3))
-                pipe.delete(key)
-                popped, _ = pipe.execute()
+            conn = pool.get_connection()
         except RedisError as exc:
+            raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
+        try:
+            conn.send_packed_command(conn.pack_commands([("BLPOP", key, server_timeout), ("DEL", key)]))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not conn.can_read(timeout=remaining):
+                conn.disconnect()  # cancels the pending BLPOP; the pool reconnects on next use
+                return None
+            popped = conn.read_response()
+            conn.read_response()  # DEL
+        except (RedisError, OSError) as exc:
+            conn.disconnect()
             raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
-        if popped is None:
+        finally:
+            pool.release(conn)
+        if not popped:
             return None
         value = popped[1]
         return value if isinstance(value, bytes) else str(value).encode()

@@ -1,0 +1,255 @@
+"""@rpc_actor end to end on Dramatiq's RedisBroker with in-process workers and real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import dramatiq
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from pydantic import BaseModel, ValidationError
+
+from rpc_tasks import (
+    RateLimitError,
+    RPCErrorCode,
+    RPCRemoteError,
+    RPCTimeoutError,
+    protocol,
+    rpc_actor,
+    setup_broker,
+)
+
+from .support import redis_broker, reply_keys, running_worker, unique, wait_until
+
+pytestmark = pytest.mark.redis
+
+
+class EchoParams(BaseModel):
+    message: str
+
+
+class EchoResult(BaseModel):
+    message: str
+    length: int
+
+
+def test_call_returns_typed_result(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def echo(params: EchoParams) -> EchoResult:
+        return EchoResult(message=params.message, length=len(params.message))
+
+    with running_worker(broker):
+        result = echo.call(EchoParams(message="héllo"), timeout=5)
+    assert isinstance(result, EchoResult)
+    assert result == EchoResult(message="héllo", length=5)
+
+
+def test_send_is_processed_in_background_and_pushes_no_reply(redis_url: str) -> None:
+    broker, config = redis_broker(redis_url)
+    seen: list[str] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def remember(params: EchoParams) -> EchoResult:
+        seen.append(params.message)
+        return EchoResult(message=params.message, length=0)
+
+    message = remember.send(EchoParams(message="bg"))
+    assert isinstance(message, dramatiq.Message)
+    assert protocol.OPTION_REPLY_TO not in message.options
+    with running_worker(broker):
+        wait_until(lambda: seen == ["bg"])
+        broker.join(remember.queue_name, timeout=5000)
+    assert reply_keys(redis_url, config.response_key_prefix) == []
+
+
+def test_invalid_params_are_rejected_before_enqueue(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+    ran: list[object] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def echo(params: EchoParams) -> EchoResult:
+        ran.append(params)
+        return EchoResult(message=params.message, length=0)
+
+    with pytest.raises(ValidationError):
+        echo.send({"message": ["not", "a", "string"]})
+    with pytest.raises(ValidationError):
+        echo.call({"wrong": "field"}, timeout=1)
+    assert broker.do_qsize(echo.queue_name) == 0
+    with running_worker(broker):
+        time.sleep(0.3)
+    assert ran == []
+
+
+def test_typed_remote_error_reaches_caller_with_code_and_retry_after(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+    attempts: list[float] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=5)
+    def limited(params: EchoParams) -> EchoResult:
+        attempts.append(time.time())
+        raise RPCRemoteError(
+            RateLimitError(message="quota used up", retry_after=2.5, retryable=False, details={"quota": 10})
+        )
+
+    with running_worker(broker):
+        started = time.monotonic()
+        with pytest.raises(RPCRemoteError) as info:
+            limited.call(EchoParams(message="x"), timeout=5)
+        elapsed = time.monotonic() - started
+    err = info.value
+    assert err.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
+    assert err.retry_after == 2.5
+    assert err.is_retryable is False
+    assert err.error.message == "quota used up"
+    assert err.error.details["quota"] == 10
+    assert len(attempts) == 1, "a non-retryable error must not be retried"
+    assert elapsed < 2.0, "a non-retryable error must reach the caller at once"
+
+
+def test_unhandled_exception_after_retries_becomes_internal_error(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+    attempts: list[int] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=2, min_backoff=10, max_backoff=20)
+    def broken(params: EchoParams) -> EchoResult:
+        attempts.append(1)
+        raise KeyError("missing-thing")
+
+    with running_worker(broker):
+        with pytest.raises(RPCRemoteError) as info:
+            broken.call(EchoParams(message="x"), timeout=10)
+    assert info.value.error.code is RPCErrorCode.INTERNAL_ERROR
+    assert "KeyError" in info.value.error.message
+    assert info.value.error.details["attempts"] == 3
+    assert len(attempts) == 3, "the reply must come only after Dramatiq's retries are used up"
+
+
+def test_worker_side_validation_error_reply_for_malformed_message(redis_url: str) -> None:
+    broker, config = redis_broker(redis_url)
+    ran: list[object] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=3)
+    def echo(params: EchoParams) -> EchoResult:
+        ran.append(params)
+        return EchoResult(message=params.message, length=0)
+
+    # A producer that bypasses validation (another language, an old client, a bug).
+    key = protocol.reply_key(config.response_key_prefix, "bad-message-1")
+    bad = dramatiq.Message(
+        queue_name=echo.queue_name, actor_name=echo.actor_name, args=({"message": 12},), kwargs={},
+        options={protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: time.time() + 10},
+        message_id="bad-message-1",
+    )
+    broker.enqueue(bad)
+    channel = broker.middleware[0].channel
+    with running_worker(broker):
+        raw = channel.wait(key, 5)
+    assert raw is not None
+    response = protocol.decode_response(raw)
+    assert response.success is False and response.error is not None
+    assert response.error.code is RPCErrorCode.VALIDATION_ERROR
+    assert response.error.details["errors"][0]["loc"] == ["message"]
+    assert ran == [], "a malformed message is never half-processed"
+
+
+def test_timeout_has_millisecond_precision(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+    release = threading.Event()
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
+    def slow(params: EchoParams) -> EchoResult:
+        release.wait(5)
+        return EchoResult(message=params.message, length=0)
+
+    with running_worker(broker):
+        for timeout in (0.05, 0.123, 0.25):
+            started = time.perf_counter()
+            with pytest.raises(RPCTimeoutError) as info:
+                slow.call(EchoParams(message="x"), timeout=timeout)
+            elapsed = time.perf_counter() - started
+            assert info.value.timeout_seconds == timeout
+            assert info.value.method == slow.actor_name
+            assert timeout <= elapsed < timeout + 0.05, (timeout, elapsed)
+        release.set()
+
+
+def test_expired_call_is_skipped_not_executed(redis_url: str) -> None:
+    broker, config = redis_broker(redis_url)
+    ran: list[str] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def echo(params: EchoParams) -> EchoResult:
+        ran.append(params.message)
+        return EchoResult(message=params.message, length=0)
+
+    # No worker yet: the caller gives up after 0.1 s.
+    with pytest.raises(RPCTimeoutError):
+        echo.call(EchoParams(message="too late"), timeout=0.1)
+    echo.send(EchoParams(message="fresh"))
+    replies = broker.middleware[0]
+    with running_worker(broker):
+        wait_until(lambda: ran == ["fresh"])
+        broker.join(echo.queue_name, timeout=5000)
+    assert ran == ["fresh"], "the expired call must not run"
+    assert replies.counters["expired_skipped"] == 1
+    assert reply_keys(redis_url, config.response_key_prefix) == []
+
+
+def test_unknown_actor_gets_prompt_method_not_found(redis_url: str) -> None:
+    queue = unique("q")
+    namespace = unique("ns")
+    worker_broker, config = redis_broker(redis_url)
+    worker_broker.namespace = namespace
+    caller_broker = RedisBroker(url=redis_url, namespace=namespace)
+    setup_broker(caller_broker, config=config, set_global=False)
+
+    @rpc_actor(broker=worker_broker, queue_name=queue, actor_name="known")
+    def known(params: EchoParams) -> EchoResult:
+        return EchoResult(message=params.message, length=0)
+
+    @rpc_actor(broker=caller_broker, queue_name=queue, actor_name="ghost")
+    def ghost(params: EchoParams) -> EchoResult:  # only the caller knows this one
+        raise AssertionError("never runs")
+
+    with running_worker(worker_broker):
+        started = time.monotonic()
+        with pytest.raises(RPCRemoteError) as info:
+            ghost.call(EchoParams(message="boo"), timeout=10)
+        elapsed = time.monotonic() - started
+        assert known.call(EchoParams(message="still fine"), timeout=5).message == "still fine"
+    assert info.value.error.code is RPCErrorCode.METHOD_NOT_FOUND
+    assert "ghost" in info.value.error.message
+    assert elapsed < 3
+    # Dead-lettered, not silently acked.
+    client = redis.Redis.from_url(redis_url)
+    assert client.zcard(f"{namespace}:{queue}.XQ") == 1
+
+
+def test_reply_keys_always_have_a_ttl(redis_url: str) -> None:
+    broker, config = redis_broker(redis_url)
+    gate = threading.Event()
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
+    def gated(params: EchoParams) -> EchoResult:
+        gate.wait(5)
+        return EchoResult(message=params.message, length=0)
+
+    with running_worker(broker):
+        # The caller gives up; the worker's reply arrives later and must expire on its own.
+        with pytest.raises(RPCTimeoutError):
+            gated.call(EchoParams(message="late"), timeout=0.1)
+        gate.set()
+        keys = wait_until(lambda: reply_keys(redis_url, config.response_key_prefix), timeout=5)
+        for i in range(20):
+            gated.call(EchoParams(message=str(i)), timeout=5)
+    client = redis.Redis.from_url(redis_url)
+    keys = reply_keys(redis_url, config.response_key_prefix)
+    assert len(keys) == 1, "only the late reply is left; answered calls leave nothing"
+    for key in keys:
+        ttl = client.ttl(key)
+        assert 0 < ttl <= config.response_key_ttl
