@@ -24,6 +24,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 
 from rpc_tasks import context, protocol
 from rpc_tasks.config import WebSocketRPCConfig, get_config
+from rpc_tasks.encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR
 from rpc_tasks.exceptions import RPCException
 from rpc_tasks.models.errors import RPCError, RPCErrorCode
 from rpc_tasks.redis_io import ReplyChannel
@@ -31,6 +32,11 @@ from rpc_tasks.redis_io import ReplyChannel
 logger = logging.getLogger("rpc_tasks.replies")
 
 _ERROR_ATTR = "_rpc_error"
+
+
+def _undecodable_error(message: Any) -> RPCError:
+    reason = message.options.get(OPTION_DECODE_ERROR, "invalid message")
+    return RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"message could not be decoded: {reason}")
 
 
 class RPCReplies(Middleware):
@@ -95,7 +101,10 @@ class RPCReplies(Middleware):
                 )
                 context.leave()
                 raise SkipMessage("caller deadline passed")
-        if message.actor_name not in broker.actors:
+        if message.actor_name == UNDECODABLE_ACTOR:
+            setattr(message, _ERROR_ATTR, _undecodable_error(message))
+            message.fail()
+        elif message.actor_name not in broker.actors:
             self._count("unknown_actor")
             logger.error(
                 "Message %s names actor %r, which this worker does not know; failing it.",
@@ -141,10 +150,19 @@ class RPCReplies(Middleware):
         context.leave()
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        if message.actor_name == UNDECODABLE_ACTOR:
+            self._count("undecodable")
+            logger.error(
+                "Message %s could not be decoded (%s); dead-lettered.",
+                message.message_id,
+                message.options.get(OPTION_DECODE_ERROR),
+            )
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
         if reply_to is None:
             return
         error: RPCError | None = getattr(message, _ERROR_ATTR, None)
+        if error is None and message.actor_name == UNDECODABLE_ACTOR:
+            error = _undecodable_error(message)
         if error is None:
             exc = getattr(message, "_exception", None)
             error = (

@@ -76,6 +76,18 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
     return broker
 
 
+def install_encoder() -> None:
+    """Make :class:`~rpc_tasks.encoder.RPCJSONEncoder` Dramatiq's encoder, unless the
+    application chose a different encoder class (then it is left alone)."""
+    from dramatiq.encoder import JSONEncoder
+
+    from .encoder import RPCJSONEncoder
+
+    current = dramatiq.get_encoder()
+    if type(current) is JSONEncoder:
+        dramatiq.set_encoder(RPCJSONEncoder())
+
+
 def _broker_from_url(url: str) -> dramatiq.Broker:
     if url.startswith(("amqp://", "amqps://")):
         try:
@@ -110,6 +122,7 @@ def setup_broker(
         url = broker_url or os.environ.get("DRAMATIQ_BROKER_URL") or config.redis_url
         broker = _broker_from_url(url)
     install_middleware(broker, config)
+    install_encoder()
     if set_global:
         dramatiq.set_broker(broker)
     return broker

@@ -117,7 +117,7 @@ class ReplyChannel:
         server_timeout = round(wait_for + SERVER_SLACK_SECONDS, 3)
         pool = self.client.connection_pool
         try:
-            conn = pool.get_connection()
+            conn: Any = pool.get_connection()
         except RedisError as exc:
             raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
         try:

@@ -27,8 +27,16 @@ def main() -> int:
 
         tasks.broker.client.delete(tasks.RECORD_KEY)
         worker = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "examples.quickstart.tasks", "--processes", "1",
-             "--threads", "4"],
+            [
+                sys.executable,
+                "-m",
+                "dramatiq",
+                "examples.quickstart.tasks",
+                "--processes",
+                "1",
+                "--threads",
+                "4",
+            ],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
@@ -73,8 +81,10 @@ def main() -> int:
             try:
                 tasks.notify.call(tasks.NotifyParams(user_id="mallory", text="hi"), timeout=5)
             except RPCRemoteError as exc:
-                print(f"   RPCRemoteError: code={exc.error.code.value} retryable={exc.is_retryable} "
-                      f"retry_after={exc.retry_after} message={exc.error.message!r}")
+                print(
+                    f"   RPCRemoteError: code={exc.error.code.value} retryable={exc.is_retryable} "
+                    f"retry_after={exc.retry_after} message={exc.error.message!r}"
+                )
             ok = tasks.notify.call(tasks.NotifyParams(user_id="alice", text="hi"), timeout=5)
             print(f"   notify(alice) -> {ok!r}")
 
@@ -83,8 +93,10 @@ def main() -> int:
             try:
                 tasks.sleepy.call(tasks.SleepParams(seconds=2), timeout=0.25)
             except RPCTimeoutError as exc:
-                print(f"   RPCTimeoutError after {time.perf_counter() - t0:.3f} s: {exc} "
-                      f"(method={exc.method}, timeout_seconds={exc.timeout_seconds})")
+                print(
+                    f"   RPCTimeoutError after {time.perf_counter() - t0:.3f} s: {exc} "
+                    f"(method={exc.method}, timeout_seconds={exc.timeout_seconds})"
+                )
 
             print("\n5. invalid params fail before anything is enqueued")
             try:

@@ -52,8 +52,19 @@ def local_redis() -> Iterator[str]:
         workdir = tempfile.mkdtemp(prefix="rpc-tasks-redis-")
         print(f"[demo] no Redis on 127.0.0.1:6379; starting {server} on port {port}")
         proc = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", workdir],
+            [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+            ],
             stdout=subprocess.DEVNULL,
         )
         try:

@@ -84,7 +84,9 @@ class RecordParams(BaseModel):
 @rpc_actor(queue_name="rpc", max_retries=3)
 def record(params: RecordParams) -> None:
     """Background job: append ``text`` to a Redis list."""
-    url = os.environ.get("WEBSOCKET_RPC_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://localhost:6379/2"
+    url = (
+        os.environ.get("WEBSOCKET_RPC_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://localhost:6379/2"
+    )
     client = redis.Redis.from_url(url)
     try:
         client.rpush(RECORD_KEY, params.text)

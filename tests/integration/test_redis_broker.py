@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -141,7 +142,10 @@ def test_worker_side_validation_error_reply_for_malformed_message(redis_url: str
     # A producer that bypasses validation (another language, an old client, a bug).
     key = protocol.reply_key(config.response_key_prefix, "bad-message-1")
     bad = dramatiq.Message(
-        queue_name=echo.queue_name, actor_name=echo.actor_name, args=({"message": 12},), kwargs={},
+        queue_name=echo.queue_name,
+        actor_name=echo.actor_name,
+        args=({"message": 12},),
+        kwargs={},
         options={protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: time.time() + 10},
         message_id="bad-message-1",
     )
@@ -253,3 +257,38 @@ def test_reply_keys_always_have_a_ttl(redis_url: str) -> None:
     for key in keys:
         ttl = client.ttl(key)
         assert 0 < ttl <= config.response_key_ttl
+
+
+def test_structurally_invalid_message_is_dead_lettered_with_an_error_reply(redis_url: str) -> None:
+    """Valid JSON that is not a valid Dramatiq message (here: no ``args``) must not crash the
+    consumer or loop: the caller gets ``invalid_request`` and the message is dead-lettered."""
+    broker, config = redis_broker(redis_url)
+    ran: list[str] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def echo(params: EchoParams) -> EchoResult:
+        ran.append(params.message)
+        return EchoResult(message=params.message, length=0)
+
+    key = protocol.reply_key(config.response_key_prefix, "broken-1")
+    good = echo.message_with_options(args=(EchoParams(message="x"),))
+    good = good.copy(message_id="broken-1", options={protocol.OPTION_REPLY_TO: key})
+    enqueued = broker.enqueue(good)
+    redis_id = enqueued.options["redis_message_id"]
+    # Corrupt the stored message the way a buggy producer would: drop the "args" field.
+    client = redis.Redis.from_url(redis_url)
+    msgs_key = f"{broker.namespace}:{echo.queue_name}.msgs"
+    stored = json.loads(client.hget(msgs_key, redis_id))
+    del stored["args"]
+    client.hset(msgs_key, redis_id, json.dumps(stored))
+
+    channel = broker.middleware[0].channel
+    with running_worker(broker):
+        raw = channel.wait(key, 5)
+        assert echo.call(EchoParams(message="after"), timeout=5).message == "after"
+    assert raw is not None
+    response = protocol.decode_response(raw)
+    assert response.error is not None and response.error.code is RPCErrorCode.INVALID_REQUEST
+    assert "args" in response.error.message
+    assert ran == ["after"]
+    assert client.zcard(f"{broker.namespace}:{echo.queue_name}.XQ") == 1

@@ -1,0 +1,71 @@
+"""Actors for the subprocess tests, run with ``dramatiq tests.integration.cli_app``.
+
+Settings come from the environment so the test process and the worker processes agree.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from pydantic import BaseModel
+
+from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
+
+URL = os.environ.get("RPC_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+QUEUE = "rpc_tasks_cli_test"
+LOG_KEY = "cli_app:log"
+
+config = WebSocketRPCConfig(redis_url=URL, response_key_prefix="cli_app:resp:")
+broker = setup_broker(
+    RedisBroker(
+        url=URL,
+        namespace="cli_app",
+        heartbeat_timeout=int(os.environ.get("CLI_APP_HEARTBEAT_MS", "60000")),
+        maintenance_chance=int(os.environ.get("CLI_APP_MAINTENANCE_CHANCE", "1000")),
+    ),
+    config=config,
+)
+
+
+class AddParams(BaseModel):
+    a: int
+    b: int
+
+
+class AddResult(BaseModel):
+    total: int
+    pid: int
+
+
+@rpc_actor(queue_name=QUEUE)
+def add(params: AddParams) -> AddResult:
+    return AddResult(total=params.a + params.b, pid=os.getpid())
+
+
+class JobParams(BaseModel):
+    job_id: str
+    seconds: float
+
+
+class JobResult(BaseModel):
+    job_id: str
+    pid: int
+
+
+def _log(text: str) -> None:
+    client = redis.Redis.from_url(URL)
+    try:
+        client.rpush(LOG_KEY, text)
+    finally:
+        client.close()
+
+
+@rpc_actor(queue_name=QUEUE, max_retries=3)
+def job(params: JobParams) -> JobResult:
+    _log(f"start:{params.job_id}:{os.getpid()}")
+    time.sleep(params.seconds)
+    _log(f"done:{params.job_id}:{os.getpid()}")
+    return JobResult(job_id=params.job_id, pid=os.getpid())
