@@ -31,8 +31,6 @@ from rpc_tasks.redis_io import ReplyChannel
 
 logger = logging.getLogger("rpc_tasks.replies")
 
-_ERROR_ATTR = "_rpc_error"
-
 
 def _undecodable_error(message: Any) -> RPCError:
     reason = message.options.get(OPTION_DECODE_ERROR, "invalid message")
@@ -84,10 +82,8 @@ class RPCReplies(Middleware):
     # -- hooks ---------------------------------------------------------------------------------
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        ctx = context.enter(message.message_id, message.actor_name)
+        ctx = context.enter(message.message_id, message.actor_name, message)
         ctx.extra["pipe_target"] = message.options.get("pipe_target") is not None
-        attempt = message.options.get(protocol.OPTION_ATTEMPT, 0)
-        message.options[protocol.OPTION_ATTEMPT] = (attempt if isinstance(attempt, int) else 0) + 1
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
         if reply_to is not None:
             deadline = message.options.get(protocol.OPTION_DEADLINE)
@@ -102,7 +98,7 @@ class RPCReplies(Middleware):
                 context.leave()
                 raise SkipMessage("caller deadline passed")
         if message.actor_name == UNDECODABLE_ACTOR:
-            setattr(message, _ERROR_ATTR, _undecodable_error(message))
+            context.attach_error(message, _undecodable_error(message))
             message.fail()
         elif message.actor_name not in broker.actors:
             self._count("unknown_actor")
@@ -111,9 +107,8 @@ class RPCReplies(Middleware):
                 message.message_id,
                 message.actor_name,
             )
-            setattr(
+            context.attach_error(
                 message,
-                _ERROR_ATTR,
                 RPCError(
                     code=RPCErrorCode.METHOD_NOT_FOUND,
                     message=f"no actor named {message.actor_name!r} on queue {message.queue_name!r}",
@@ -132,7 +127,7 @@ class RPCReplies(Middleware):
         ctx = context.leave()
         if exception is not None:
             if type(exception).__name__ == "ActorNotFound" and not message.failed:
-                setattr(message, _ERROR_ATTR, protocol.error_from_exception(exception))
+                context.attach_error(message, protocol.error_from_exception(exception))
                 message.fail()
             return
         if message.failed:
@@ -160,7 +155,7 @@ class RPCReplies(Middleware):
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
         if reply_to is None:
             return
-        error: RPCError | None = getattr(message, _ERROR_ATTR, None)
+        error: RPCError | None = context.attached_error(message)
         if error is None and message.actor_name == UNDECODABLE_ACTOR:
             error = _undecodable_error(message)
         if error is None:

@@ -229,6 +229,9 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             result = self._coerce_result(self.fn(self.validate_params(args[0])))
             return result
         assert ctx is not None
+        if ctx.message is not None:
+            attempt = ctx.message.options.get(protocol.OPTION_ATTEMPT, 0)
+            ctx.message.options[protocol.OPTION_ATTEMPT] = (attempt if isinstance(attempt, int) else 0) + 1
         if kwargs or len(args) != 1:
             raise RPCRemoteError(
                 RPCError(

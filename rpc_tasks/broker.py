@@ -4,6 +4,8 @@ Required middleware and order:
 
 * ``middleware.RPCReplies`` first, so that expired ``.call()`` messages are skipped and unknown
   actors are failed before any other middleware does work for them;
+* ``middleware.RPCRateLimits`` right after it, so a message for a cooling-down key is put back
+  before anything else runs;
 * ``middleware.RPCRetries`` *instead of* ``dramatiq.middleware.Retries`` (same options), so
   non-retryable RPC errors fail at once.
 """
@@ -21,6 +23,7 @@ from .exceptions import RPCConfigurationError
 
 #: Dotted paths of rpc-tasks middleware, for django-dramatiq's ``MIDDLEWARE`` setting.
 REPLIES_PATH = "middleware.RPCReplies"
+RATE_LIMITS_PATH = "middleware.RPCRateLimits"
 RETRIES_PATH = "middleware.RPCRetries"
 
 #: Dramatiq 2.x's default middleware, minus ``Retries`` (replaced by ``RPCRetries``).
@@ -43,7 +46,7 @@ def middleware_paths(extra: list[str] | None = None) -> list[str]:
         "MIDDLEWARE": rpc_tasks.middleware_paths(),
     }
     """
-    return [REPLIES_PATH, *_DRAMATIQ_DEFAULTS, RETRIES_PATH, *(extra or [])]
+    return [REPLIES_PATH, RATE_LIMITS_PATH, *_DRAMATIQ_DEFAULTS, RETRIES_PATH, *(extra or [])]
 
 
 def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | None = None) -> dramatiq.Broker:
@@ -51,6 +54,7 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
 
     Dramatiq's ``Retries`` is replaced by ``RPCRetries`` keeping its settings.
     """
+    from middleware.ratelimits import RPCRateLimits
     from middleware.replies import RPCReplies
     from middleware.retries import RPCRetries
 
@@ -73,7 +77,21 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
             broker.add_middleware(replies, before=type(broker.middleware[0]))
         else:
             broker.add_middleware(replies)
+    if not any(isinstance(m, RPCRateLimits) for m in broker.middleware):
+        first_after = next(
+            (type(m) for m in broker.middleware[broker.middleware.index(_first(broker, RPCReplies)) + 1 :]),
+            None,
+        )
+        limits = RPCRateLimits(config)
+        if first_after is not None:
+            broker.add_middleware(limits, before=first_after)
+        else:
+            broker.add_middleware(limits)
     return broker
+
+
+def _first(broker: dramatiq.Broker, kind: type[Any]) -> Any:
+    return next(m for m in broker.middleware if isinstance(m, kind))
 
 
 def install_encoder() -> None:
@@ -130,6 +148,7 @@ def setup_broker(
 
 def check_broker(broker: dramatiq.Broker) -> list[str]:
     """Problems with a broker's rpc-tasks set-up, as human-readable strings (empty if fine)."""
+    from middleware.ratelimits import RPCRateLimits
     from middleware.replies import RPCReplies
     from middleware.retries import RPCRetries
 
@@ -139,6 +158,10 @@ def check_broker(broker: dramatiq.Broker) -> list[str]:
         problems.append("RPCReplies middleware is missing: .call() would never get a reply")
     elif kinds.index(RPCReplies) != 0:
         problems.append("RPCReplies should be the first middleware (it skips expired calls early)")
+    if RPCRateLimits not in kinds:
+        problems.append("RPCRateLimits middleware is missing: rate-limit errors will not cool the fleet down")
+    elif RPCReplies in kinds and kinds.index(RPCRateLimits) < kinds.index(RPCReplies):
+        problems.append("RPCRateLimits must come after RPCReplies")
     if Retries in kinds:
         problems.append(
             "dramatiq.middleware.Retries is installed: replace it with middleware.RPCRetries "

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,19 +28,30 @@ _REDIS_SCHEMES = {"redis", "rediss", "unix"}
 _WS_SCHEMES = {"ws", "wss"}
 
 
+_SECRET_QUERY_RE = re.compile(r"(?i)((?:^|&)(?:password|passwd|pass|secret|token)=)[^&]*")
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to log)."""
+    """Return ``url`` with any password (userinfo or ``?password=``) replaced by ``***``."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable url>"
-    if parts.password is None:
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        if ":" in userinfo:
+            netloc = f"{user}:***@{hostport}"
+    query = _SECRET_QUERY_RE.sub(r"\1***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    out = f"{parts.scheme}://{netloc}{parts.path}"
+    if query:
+        out += f"?{query}"
+    if parts.fragment:
+        out += f"#{parts.fragment}"
+    return out
 
 
 class WebSocketRPCConfig(BaseModel):
@@ -49,7 +61,9 @@ class WebSocketRPCConfig(BaseModel):
     ``redis_pool_timeout`` are additions. Timeouts are seconds and may be fractional.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, hide_input_in_errors=True
+    )
 
     # Module settings
     enabled: bool = False

@@ -20,14 +20,15 @@ class MessageContext:
 
     message_id: str
     actor_name: str
+    message: Any = None
     has_result: bool = False
     result: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def enter(message_id: str, actor_name: str) -> MessageContext:
+def enter(message_id: str, actor_name: str, message: Any = None) -> MessageContext:
     """Mark ``message_id`` as the message this thread is processing."""
-    ctx = MessageContext(message_id=message_id, actor_name=actor_name)
+    ctx = MessageContext(message_id=message_id, actor_name=actor_name, message=message)
     _local.ctx = ctx
     return ctx
 
@@ -42,3 +43,25 @@ def leave() -> MessageContext | None:
     ctx = getattr(_local, "ctx", None)
     _local.ctx = None
     return ctx
+
+
+def current_message() -> Any:
+    """The Dramatiq message the calling worker thread is processing (``None`` outside one).
+
+    Handy inside an ``@rpc_actor`` to read ``message.options["retries"]`` or the message id.
+    """
+    ctx = current()
+    return None if ctx is None else ctx.message
+
+
+_ERROR_ATTR = "_rpc_error"
+
+
+def attach_error(message: Any, error: Any) -> None:
+    """Remember the structured error a message failed with (sent to a ``.call()`` caller)."""
+    setattr(message, _ERROR_ATTR, error)
+
+
+def attached_error(message: Any) -> Any:
+    """The error attached with :func:`attach_error`, if any."""
+    return getattr(message, _ERROR_ATTR, None)

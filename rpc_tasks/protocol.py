@@ -51,6 +51,14 @@ OPTION_DEADLINE = "rpc_deadline"
 #: Dramatiq message option: how many times a worker has started processing this message.
 OPTION_ATTEMPT = "rpc_attempt"
 
+#: Dramatiq message option: total milliseconds this message was postponed (cooldowns, limits).
+OPTION_POSTPONED_MS = "rpc_postponed_ms"
+#: Dramatiq message option: the message holds a reserved slot of a proactive rate limit.
+OPTION_RATE_SLOT = "rpc_rate_slot"
+
+#: Prefix of shared rate-limit state in Redis (cooldowns and proactive limits).
+RATE_KEY_PREFIX = "rpc_tasks:rate:"
+
 #: Largest error message we put on the wire (longer ones are truncated).
 MAX_ERROR_MESSAGE = 4000
 
@@ -70,6 +78,16 @@ def reply_key(prefix: str, correlation_id: str) -> str:
 def is_reply_key(prefix: str, key: str) -> bool:
     """True when ``key`` is a reply key under ``prefix`` (used to refuse stray reply addresses)."""
     return key.startswith(prefix) and len(key) > len(prefix) and len(key) <= 512
+
+
+def cooldown_key(rate_key: str) -> str:
+    """Redis key of the shared cooldown for ``rate_key`` (its PTTL is the time left)."""
+    return f"{RATE_KEY_PREFIX}cooldown:{rate_key}"
+
+
+def limiter_keys(rate_key: str) -> tuple[str, str]:
+    """Redis keys of a proactive limit: (admission TAT, reservation TAT)."""
+    return f"{RATE_KEY_PREFIX}tat:{rate_key}", f"{RATE_KEY_PREFIX}reserve:{rate_key}"
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -93,12 +111,13 @@ def dumps(data: Any, *, max_bytes: int | None = None, what: str = "payload") -> 
 
 def loads(data: bytes | str, *, max_bytes: int | None = None, what: str = "payload") -> Any:
     """Parse JSON, enforcing ``max_bytes``; raises :class:`RPCProtocolError` on garbage."""
-    if max_bytes is not None and len(data) > max_bytes:
-        raise RPCPayloadTooLargeError(len(data), max_bytes, what)
+    size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+    if max_bytes is not None and size > max_bytes:
+        raise RPCPayloadTooLargeError(size, max_bytes, what)
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RPCProtocolError(f"{what} is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise RPCProtocolError(f"{what} is not valid JSON: {type(exc).__name__}") from None
 
 
 def model_to_wire(model: BaseModel | Mapping[str, Any] | None) -> Any:
@@ -124,7 +143,17 @@ def validation_error_details(exc: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def clean_text(text: str) -> str:
+    """``text`` made safe for UTF-8 JSON (lone surrogates replaced)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _truncate(text: str) -> str:
+    text = clean_text(text)
     return text if len(text) <= MAX_ERROR_MESSAGE else text[: MAX_ERROR_MESSAGE - 3] + "..."
 
 
@@ -243,23 +272,31 @@ def decode_response(data: bytes | str, *, max_bytes: int | None = None) -> Respo
         if isinstance(ext.get("retryable"), bool):
             retryable = ext["retryable"]
         ra = ext.get("retry_after")
-        if isinstance(ra, (int, float)) and not isinstance(ra, bool) and math.isfinite(ra) and ra >= 0:
-            retry_after = float(ra)
+        if isinstance(ra, (int, float)) and not isinstance(ra, bool):
+            try:
+                value = float(ra)
+            except OverflowError:
+                value = math.inf
+            if math.isfinite(value) and 0 <= value <= 1e9:
+                retry_after = value
         if isinstance(ext.get("details"), dict):
             details = ext["details"]
     raw_code = obj.get("error_code")
-    code, unknown = parse_error_code(raw_code if isinstance(raw_code, str) else None)
+    code, unknown = parse_error_code(clean_text(raw_code)[:128] if isinstance(raw_code, str) else None)
     message = obj.get("error")
-    error = RPCError(
-        code=code,
-        message=_truncate(message if isinstance(message, str) else "remote call failed"),
-        retryable=retryable,  # None -> default from the code
-        retry_after=retry_after,
-        details=details,
-        raw_code=unknown,
-    )
-    if code is RPCErrorCode.VALIDATION_ERROR:
-        error = RPCValidationError.model_validate(error.model_dump())
+    try:
+        error = RPCError(
+            code=code,
+            message=_truncate(message if isinstance(message, str) else "remote call failed"),
+            retryable=retryable,  # None -> default from the code
+            retry_after=retry_after,
+            details=details,
+            raw_code=unknown,
+        )
+        if code is RPCErrorCode.VALIDATION_ERROR:
+            error = RPCValidationError.model_validate(error.model_dump())
+    except ValidationError as exc:
+        raise RPCProtocolError(f"response error fields are invalid: {exc.error_count()} error(s)") from None
     return Response(correlation_id, False, None, error, timestamp)
 
 

@@ -151,3 +151,74 @@ class ReplyChannel:
             return bool(self.client.ping())
         except RedisError:
             return False
+
+
+# -- shared rate-limit state --------------------------------------------------------------------
+
+# Open (or extend, never shorten) a cooldown: the key's PTTL is the time left.
+_OPEN_COOLDOWN = """
+local left = redis.call('PTTL', KEYS[1])
+local want = tonumber(ARGV[1])
+if left < want then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', want)
+  return want
+end
+return left
+"""
+
+# Fleet-wide proactive limit: GCRA with no burst (admitted events are at least `interval` ms
+# apart, in Redis server time) plus a reservation line so that waiting messages get distinct
+# future slots instead of all retrying at once. Returns {delay_ms, reserved}: delay 0 means
+# "admitted, run now"; otherwise come back after delay_ms (reserved = 1 if a slot was taken).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local has_slot = tonumber(ARGV[2]) == 1
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local rtat = tonumber(redis.call('GET', KEYS[2]) or '0')
+if now >= tat and (has_slot or now >= rtat) then
+  redis.call('SET', KEYS[1], tostring(now + interval), 'PX', math.ceil(interval) + 60000)
+  return {0, 0}
+end
+if has_slot then
+  return {math.max(1, math.ceil(tat - now)), 1}
+end
+local slot = math.max(rtat, tat, now)
+redis.call('SET', KEYS[2], tostring(slot + interval), 'PX', math.ceil(slot + interval - now) + 60000)
+return {math.max(1, math.ceil(slot - now)), 1}
+"""
+
+
+class RateStore:
+    """Shared cooldowns and proactive rate limits in Redis (server time, so worker clocks
+    do not matter)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._open = client.register_script(_OPEN_COOLDOWN)
+        self._acquire = client.register_script(_ACQUIRE)
+
+    def open_cooldown(self, key: str, duration_ms: int, reason: str = "") -> int:
+        """Open or extend the cooldown ``key`` to at least ``duration_ms``; returns ms left."""
+        try:
+            return int(self._open(keys=[key], args=[max(1, int(duration_ms)), reason or "1"]))
+        except RedisError as exc:
+            raise RPCConnectionError(f"could not open a cooldown: {exc}") from exc
+
+    def cooldown_left(self, key: str) -> int:
+        """Milliseconds left on cooldown ``key`` (0 when none is open)."""
+        try:
+            left = int(self.client.pttl(key))
+        except RedisError as exc:
+            raise RPCConnectionError(f"could not read a cooldown: {exc}") from exc
+        return left if left > 0 else 0
+
+    def acquire(self, keys: tuple[str, str], interval_ms: float, has_slot: bool) -> tuple[int, bool]:
+        """Ask the proactive limiter for permission: ``(0, False)`` = run now, else
+        ``(delay_ms, reserved)``."""
+        try:
+            delay, reserved = self._acquire(keys=list(keys), args=[repr(float(interval_ms)), int(has_slot)])
+        except RedisError as exc:
+            raise RPCConnectionError(f"could not reach the rate limiter: {exc}") from exc
+        return int(delay), bool(reserved)

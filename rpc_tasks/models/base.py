@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Method names allowed on the wire (``^[a-zA-Z0-9_.]+$``).
-METHOD_NAME_RE = re.compile(r"^[a-zA-Z0-9_.]+$")
+METHOD_NAME_RE = re.compile(r"[a-zA-Z0-9_.]+")
 
 #: Largest per-request timeout (seconds) a request may carry.
 MAX_REQUEST_TIMEOUT = 300
@@ -62,7 +62,7 @@ class BaseRPCRequest(BaseRPCMessage):
     @field_validator("method")
     @classmethod
     def _method_name(cls, value: str) -> str:
-        if not METHOD_NAME_RE.match(value):
+        if not METHOD_NAME_RE.fullmatch(value):
             raise ValueError("method must match ^[a-zA-Z0-9_.]+$")
         return value
 

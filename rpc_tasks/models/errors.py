@@ -58,7 +58,9 @@ class RPCError(BaseModel):
     code: RPCErrorCode = RPCErrorCode.INTERNAL_ERROR
     message: str = Field(default="", max_length=16384)
     retryable: bool = False
-    retry_after: float | None = Field(default=None, ge=0, description="seconds before a retry")
+    retry_after: float | None = Field(
+        default=None, ge=0, le=1e9, allow_inf_nan=False, description="seconds before a retry"
+    )
     details: dict[str, Any] = Field(default_factory=dict)
     raw_code: str | None = Field(default=None, description="the peer's code when it is unknown here")
 
