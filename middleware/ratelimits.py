@@ -103,6 +103,8 @@ class RPCRateLimits(Middleware):
       default_cooldown: seconds a rate-limit error without ``retry_after`` cools the key down.
       spread: fraction of the wait added at random to postponed messages (at least 50 ms).
       safety_margin: extra spacing of the proactive limiter (0.02 = 2 %).
+      max_inline_wait: a worker thread waits in place for a proactive-limit slot this close
+        (seconds); farther slots are reached by postponing the message.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class RPCRateLimits(Middleware):
         default_cooldown: float = 1.0,
         spread: float = 0.25,
         safety_margin: float = 0.02,
+        max_inline_wait: float = 0.25,
     ) -> None:
         self._config = config
         self._redis_client = redis_client
@@ -123,16 +126,12 @@ class RPCRateLimits(Middleware):
         self.default_cooldown = default_cooldown
         self.spread = spread
         self.safety_margin = safety_margin
+        self.max_inline_wait = max_inline_wait
         self._rates: dict[str, tuple[float, float] | None] = {}
 
     @property
     def actor_options(self) -> set[str]:
         return {"rate_limit", "rate_limit_key", "max_postpone"}
-
-    def after_declare_actor(self, broker: dramatiq.Broker, actor: dramatiq.Actor[Any, Any]) -> None:
-        rate = actor.options.get("rate_limit")
-        if rate is not None:
-            parse_rate(rate)  # fail at decoration time, not on the first message
 
     # -- state -------------------------------------------------------------------------------
 
@@ -183,10 +182,16 @@ class RPCRateLimits(Middleware):
                 count, per = rate
                 interval_ms = per * 1000.0 / count * (1.0 + self.safety_margin)
                 has_slot = message.options.get(protocol.OPTION_RATE_SLOT) == 1
-                delay, reserved = store.acquire(protocol.limiter_keys(key), interval_ms, has_slot)
-                if delay > 0:
-                    self._postpone(broker, message, actor, key, delay, "rate_limit", slot=reserved)
-                    return
+                inline_until = time.monotonic() + self.max_inline_wait
+                while True:
+                    delay, reserved = store.acquire(protocol.limiter_keys(key), interval_ms, has_slot)
+                    if delay <= 0:
+                        break
+                    has_slot = has_slot or reserved
+                    if time.monotonic() + delay / 1000.0 > inline_until:
+                        self._postpone(broker, message, actor, key, delay, "rate_limit", slot=has_slot)
+                        return
+                    time.sleep(delay / 1000.0)  # a short wait for our slot: cheaper than a round trip
                 message.options.pop(protocol.OPTION_RATE_SLOT, None)
         except RPCException:
             # Redis for rate state is down: run the message rather than stall the fleet.

@@ -17,6 +17,7 @@
 from .actor import RPCActor, find_replies_middleware, rpc_actor
 from .broker import check_broker, install_middleware, middleware_paths, setup_broker
 from .config import WebSocketRPCConfig, get_config, redact_url
+from .context import current_message
 from .exceptions import (
     RPCConfigurationError,
     RPCConnectionError,
@@ -87,6 +88,7 @@ __all__ = [
     "WebSocketRPCConfig",
     "__version__",
     "check_broker",
+    "current_message",
     "find_replies_middleware",
     "get_config",
     "install_middleware",

@@ -361,6 +361,10 @@ def rpc_actor(
         if inspect.iscoroutinefunction(fn):
             raise TypeError("@rpc_actor supports plain (synchronous) functions only")
         pm, rm = _infer_models(fn, params_model, result_model)
+        if options.get("rate_limit") is not None:
+            from middleware.ratelimits import parse_rate
+
+            parse_rate(options["rate_limit"])  # a clear error now, not on the first message
         actor_class = functools.partial(RPCActor, params_model=pm, result_model=rm)
         actor = dramatiq.actor(  # type: ignore[call-overload]
             fn,

@@ -69,6 +69,7 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
             retries.retry_when = old.retry_when
             index = broker.middleware.index(old)
             broker.middleware[index] = retries
+            broker.actor_options |= retries.actor_options
         else:
             broker.add_middleware(retries)
     if not any(isinstance(m, RPCReplies) for m in broker.middleware):

@@ -69,3 +69,46 @@ def job(params: JobParams) -> JobResult:
     time.sleep(params.seconds)
     _log(f"done:{params.job_id}:{os.getpid()}")
     return JobResult(job_id=params.job_id, pid=os.getpid())
+
+
+# -- for the retry / rate-limit tests --------------------------------------------------------
+
+from rpc_tasks import RateLimitError, RPCRemoteError, current_message  # noqa: E402
+
+from .fake_remote import FakeRemote  # noqa: E402
+
+RESULTS_KEY = "cli_app:results"
+STAMPS_KEY = "cli_app:stamps"
+remote = FakeRemote(URL, name="cli_app:remote", budget=5, block_ms=1000)
+
+
+class RemoteParams(BaseModel):
+    n: int
+
+
+@rpc_actor(queue_name=QUEUE, max_retries=10, min_backoff=100, max_backoff=2000, rate_limit_key="fake-remote")
+def remote_job(params: RemoteParams) -> None:
+    """Call the fake remote; a rate-limit answer becomes a RateLimitError with retry_after."""
+    message = current_message()
+    ok, retry_after = remote.call(message.message_id)
+    if not ok:
+        raise RPCRemoteError(RateLimitError(message="remote says slow down", retry_after=retry_after))
+    client = redis.Redis.from_url(URL)
+    try:
+        client.hset(
+            RESULTS_KEY,
+            message.message_id,
+            f"{message.options.get('retries', 0)}:{message.options.get('rpc_postponed_ms', 0)}:{os.getpid()}",
+        )
+    finally:
+        client.close()
+
+
+@rpc_actor(queue_name=QUEUE, rate_limit="20/s", rate_limit_key="proactive")
+def paced(params: RemoteParams) -> None:
+    """Record when it ran (the proactive limit must keep the fleet at <= 20 per second)."""
+    client = redis.Redis.from_url(URL)
+    try:
+        client.rpush(STAMPS_KEY, f"{time.time():.6f}:{os.getpid()}")
+    finally:
+        client.close()
