@@ -81,6 +81,12 @@ class RPCReplies(Middleware):
 
     # -- hooks ---------------------------------------------------------------------------------
 
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        from rpc_tasks.broker import check_broker
+
+        for problem in check_broker(broker):
+            logger.warning("rpc-tasks broker set-up: %s", problem)
+
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         ctx = context.enter(message.message_id, message.actor_name, message)
         ctx.extra["pipe_target"] = message.options.get("pipe_target") is not None

@@ -16,6 +16,7 @@
 
 from .actor import RPCActor, find_replies_middleware, rpc_actor
 from .broker import check_broker, install_middleware, middleware_paths, setup_broker
+from .client import WebSocketRPCClient, get_rpc_client
 from .config import WebSocketRPCConfig, get_config, redact_url
 from .context import current_message
 from .exceptions import (
@@ -51,6 +52,7 @@ from .models import (
     TimeoutErrorModel,
     UserNotConnectedError,
 )
+from .server import EchoParams, EchoResult, PingParams, PingResult, RPCServer
 
 __version__ = "0.1.0"
 
@@ -66,9 +68,13 @@ __all__ = [
     "ConnectionInfo",
     "ConnectionState",
     "ConnectionStateUpdate",
+    "EchoParams",
+    "EchoResult",
     "NotificationPriority",
     "NotificationRequest",
     "NotificationResponse",
+    "PingParams",
+    "PingResult",
     "RPCActor",
     "RPCConfigurationError",
     "RPCConnectionError",
@@ -80,17 +86,20 @@ __all__ = [
     "RPCRemoteError",
     "RPCRequest",
     "RPCResponse",
+    "RPCServer",
     "RPCTimeoutError",
     "RPCValidationError",
     "RateLimitError",
     "TimeoutErrorModel",
     "UserNotConnectedError",
+    "WebSocketRPCClient",
     "WebSocketRPCConfig",
     "__version__",
     "check_broker",
     "current_message",
     "find_replies_middleware",
     "get_config",
+    "get_rpc_client",
     "install_middleware",
     "middleware_paths",
     "redact_url",

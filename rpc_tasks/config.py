@@ -57,8 +57,9 @@ def redact_url(url: str) -> str:
 class WebSocketRPCConfig(BaseModel):
     """Settings for the RPC client, the reply path of ``@rpc_actor`` and the stream server.
 
-    Field names and defaults follow the seed design; ``max_payload_bytes`` and
-    ``redis_pool_timeout`` are additions. Timeouts are seconds and may be fractional.
+    Field names and defaults follow the seed design; ``max_payload_bytes``,
+    ``redis_pool_timeout``, ``log_rpc_params`` and ``announce_extensions`` are additions.
+    Timeouts are seconds and may be fractional.
     """
 
     model_config = ConfigDict(
@@ -97,6 +98,15 @@ class WebSocketRPCConfig(BaseModel):
     # Logging settings
     log_rpc_calls: bool = False
     log_level: str = "INFO"
+    log_rpc_params: bool = Field(
+        default=False, description="with log_rpc_calls, also log params (they may hold secrets)"
+    )
+
+    # Protocol
+    announce_extensions: bool = Field(
+        default=True,
+        description="list understood extensions in requests; turn off for servers that reject unknown keys",
+    )
 
     # Limits
     max_payload_bytes: int = Field(default=1_048_576, ge=1024, description="largest encoded envelope")

@@ -33,6 +33,8 @@ from .exceptions import (
     RPCRemoteError,
     RPCTimeoutError,
 )
+from .models.base import MAX_REQUEST_TIMEOUT as MAX_REQUEST_TIMEOUT
+from .models.base import METHOD_NAME_RE as METHOD_NAME_RE
 from .models.errors import (
     RPCError,
     RPCErrorCode,
@@ -298,6 +300,146 @@ def decode_response(data: bytes | str, *, max_bytes: int | None = None) -> Respo
     except ValidationError as exc:
         raise RPCProtocolError(f"response error fields are invalid: {exc.error_count()} error(s)") from None
     return Response(correlation_id, False, None, error, timestamp)
+
+
+# -- requests (Redis Streams) -----------------------------------------------------------------
+
+#: The one stream field that carries a request.
+REQUEST_FIELD = "payload"
+#: Request key in which a client lists the extensions it understands.
+EXTENSIONS_KEY = "extensions"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A decoded request envelope."""
+
+    correlation_id: str
+    timestamp: datetime
+    method: str
+    reply_to: str | None
+    timeout: int
+    params: dict[str, Any]
+    extensions: frozenset[str] = frozenset()
+
+    @property
+    def is_fire_and_forget(self) -> bool:
+        """``timeout == 0``: nobody waits, no reply is sent."""
+        return self.timeout == 0
+
+    @property
+    def wants_error_details(self) -> bool:
+        """The client understands the ``error_details`` response extension."""
+        return ERROR_DETAILS_EXTENSION in self.extensions
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """True when ``timestamp + timeout`` lies in the past (never for fire-and-forget)."""
+        if self.timeout == 0:
+            return False
+        now = now or datetime.now(timezone.utc)
+        return (now - self.timestamp).total_seconds() > self.timeout
+
+
+class RequestDecodeError(RPCProtocolError):
+    """A stream entry is not a valid request; ``reply_to``/``correlation_id`` are set when
+    they could be read, so the server can still send an error reply."""
+
+    def __init__(self, reason: str, reply_to: str | None = None, correlation_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply_to = reply_to
+        self.correlation_id = correlation_id
+
+
+def wire_timeout(timeout: float) -> int:
+    """Seconds for the request's integer ``timeout`` field (rounded up, 1..300)."""
+    return max(1, min(MAX_REQUEST_TIMEOUT, math.ceil(timeout)))
+
+
+def encode_request(
+    method: str,
+    params: BaseModel | Mapping[str, Any],
+    *,
+    reply_to: str,
+    timeout: int,
+    correlation_id: str,
+    extensions: frozenset[str] | set[str] | tuple[str, ...] = (),
+    max_bytes: int | None = None,
+) -> bytes:
+    """Encode a request envelope (validated: method name, timeout range, size)."""
+    if not isinstance(method, str) or not METHOD_NAME_RE.fullmatch(method) or len(method) > 256:
+        raise ValueError(f"invalid method name {method!r}: must match ^[a-zA-Z0-9_.]+$")
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_REQUEST_TIMEOUT:
+        raise ValueError(f"timeout must be an int between 0 and {MAX_REQUEST_TIMEOUT}, got {timeout!r}")
+    envelope: dict[str, Any] = {
+        "correlation_id": correlation_id,
+        "timestamp": now_iso(),
+        "method": method,
+        "reply_to": reply_to,
+        "timeout": timeout,
+        "params": model_to_wire(params),
+    }
+    if extensions:
+        envelope[EXTENSIONS_KEY] = sorted(extensions)
+    return dumps(envelope, max_bytes=max_bytes, what=f"request for {method!r}")
+
+
+def _parse_timestamp(value: Any) -> datetime | None:
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def decode_request(data: bytes | str | None, *, max_bytes: int | None = None) -> Request:
+    """Decode and check a request envelope; raises :class:`RequestDecodeError`."""
+    if data is None:
+        raise RequestDecodeError(f"stream entry has no {REQUEST_FIELD!r} field")
+    try:
+        obj = loads(data, max_bytes=max_bytes, what="request")
+    except RPCPayloadTooLargeError as exc:
+        raise RequestDecodeError(str(exc)) from None
+    except RPCProtocolError as exc:
+        raise RequestDecodeError(str(exc)) from None
+    if not isinstance(obj, dict):
+        raise RequestDecodeError("request is not a JSON object")
+    reply_to = obj.get("reply_to") if isinstance(obj.get("reply_to"), str) else None
+    cid = obj.get("correlation_id")
+    correlation_id = cid if isinstance(cid, str) and 0 < len(cid) <= 128 else None
+
+    def bad(reason: str) -> RequestDecodeError:
+        return RequestDecodeError(reason, reply_to, correlation_id)
+
+    if correlation_id is None:
+        raise bad("correlation_id must be a non-empty string")
+    method = obj.get("method")
+    if not isinstance(method, str) or len(method) > 256 or not METHOD_NAME_RE.fullmatch(method):
+        raise bad("method must be a string matching ^[a-zA-Z0-9_.]+$")
+    timeout = obj.get("timeout")
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_REQUEST_TIMEOUT:
+        raise bad(f"timeout must be an integer between 0 and {MAX_REQUEST_TIMEOUT}")
+    timestamp = _parse_timestamp(obj.get("timestamp"))
+    if timestamp is None:
+        raise bad("timestamp must be an ISO-8601 date-time")
+    if "reply_to" in obj and obj["reply_to"] is not None and reply_to is None:
+        raise bad("reply_to must be a string")
+    if timeout > 0 and not reply_to:
+        raise bad("a request with timeout > 0 needs reply_to")
+    params = obj.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise bad("params must be a JSON object")
+    raw_ext = obj.get(EXTENSIONS_KEY, [])
+    extensions = (
+        frozenset(x for x in raw_ext if isinstance(x, str)) if isinstance(raw_ext, list) else frozenset()
+    )
+    return Request(correlation_id, timestamp, method, reply_to, timeout, params, extensions)
 
 
 # -- deadlines ---------------------------------------------------------------------------------

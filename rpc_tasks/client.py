@@ -1,0 +1,204 @@
+"""``WebSocketRPCClient``: synchronous RPC to a WebSocket server over Redis.
+
+Requests go on a Redis Stream read by a consumer group, replies come back on a Redis list
+(``BLPOP``), broadcasts use Pub/Sub. The wire format is in :mod:`rpc_tasks.protocol` and
+every Redis call in :mod:`rpc_tasks.redis_io`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from . import protocol
+from .config import WebSocketRPCConfig, get_config
+from .exceptions import RPCException, RPCRemoteError, RPCTimeoutError
+from .models.base import new_correlation_id
+from .models.errors import RPCError
+from .redis_io import ReplyChannel, StreamIO, client_from_config
+
+logger = logging.getLogger("rpc_tasks.client")
+
+TResult = TypeVar("TResult", bound=BaseModel)
+
+#: Built-in method every :class:`~rpc_tasks.server.RPCServer` answers (used by health_check).
+PING_METHOD = "ping"
+
+
+class WebSocketRPCClient:
+    """Thread-safe RPC client (one instance per process is enough; see :func:`get_rpc_client`).
+
+    Parameters:
+      config: settings; default :func:`rpc_tasks.config.get_config`.
+      redis_client: an existing redis-py client (default: a blocking pool of
+        ``redis_max_connections`` connections; callers beyond that wait up to
+        ``redis_pool_timeout`` seconds for one).
+    """
+
+    def __init__(self, config: WebSocketRPCConfig | None = None, *, redis_client: Any = None) -> None:
+        self.config = config or get_config()
+        self.redis = redis_client or client_from_config(self.config)
+        self.replies = ReplyChannel.from_config(self.config, self.redis)
+        self.streams = StreamIO(self.redis, reply_ttl=self.config.response_key_ttl)
+        self._extensions = (
+            frozenset({protocol.ERROR_DETAILS_EXTENSION}) if self.config.announce_extensions else frozenset()
+        )
+        logger.setLevel(self.config.log_level_int)
+
+    def __repr__(self) -> str:
+        return f"WebSocketRPCClient(redis_url={self.config.redacted()['redis_url']!r})"
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def call(
+        self,
+        method: str,
+        params: BaseModel,
+        result_model: type[TResult],
+        timeout: float | None = None,
+    ) -> TResult:
+        """Call ``method`` and wait for its result, validated into ``result_model``.
+
+        ``timeout`` is in seconds (float, millisecond precision; default ``rpc_timeout``).
+        Raises :class:`RPCTimeoutError`, :class:`RPCRemoteError` (code, retryable,
+        retry_after), ``pydantic.ValidationError`` (the result does not match
+        ``result_model``) or :class:`RPCConnectionError` (any Redis failure).
+        """
+        if timeout is None:
+            timeout = self.config.rpc_timeout
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = float(timeout)
+        if timeout > protocol.MAX_REQUEST_TIMEOUT:
+            raise ValueError(f"timeout must be at most {protocol.MAX_REQUEST_TIMEOUT} s")
+        started = time.monotonic()
+        correlation_id = new_correlation_id()
+        reply_to = self.replies.key_for(correlation_id)
+        payload = protocol.encode_request(
+            method,
+            params,
+            reply_to=reply_to,
+            timeout=protocol.wire_timeout(timeout),
+            correlation_id=correlation_id,
+            extensions=self._extensions,
+            max_bytes=self.config.max_payload_bytes,
+        )
+        outcome = "error"
+        try:
+            self.streams.add_request(self.config.request_stream, payload, self.config.stream_maxlen)
+            raw = self.replies.wait(reply_to, timeout - (time.monotonic() - started))
+            if raw is None:
+                outcome = "timeout"
+                raise RPCTimeoutError(method, timeout)
+            response = protocol.decode_response(raw, max_bytes=self.config.max_payload_bytes)
+            if not response.success:
+                error = response.error or RPCError(message="remote call failed")
+                outcome = f"remote_error:{error.wire_code}"
+                raise RPCRemoteError(error)
+            result = result_model.model_validate(response.result)
+            outcome = "ok"
+            return result
+        finally:
+            self._log(method, correlation_id, started, outcome, params)
+
+    def fire_and_forget(self, method: str, params: BaseModel) -> str:
+        """Send a request nobody waits for (``timeout = 0``: the server sends no reply).
+        Returns the Redis Stream entry id."""
+        started = time.monotonic()
+        correlation_id = new_correlation_id()
+        payload = protocol.encode_request(
+            method,
+            params,
+            reply_to=self.replies.key_for(correlation_id),
+            timeout=0,
+            correlation_id=correlation_id,
+            max_bytes=self.config.max_payload_bytes,
+        )
+        outcome = "error"
+        try:
+            entry_id = self.streams.add_request(
+                self.config.request_stream, payload, self.config.stream_maxlen
+            )
+            outcome = "sent"
+            return entry_id
+        finally:
+            self._log(method, correlation_id, started, outcome, params)
+
+    def broadcast(self, channel: str, message: BaseModel) -> int:
+        """Publish ``message`` (JSON) on a Pub/Sub channel; returns how many subscribers got it."""
+        if not channel or not isinstance(channel, str):
+            raise ValueError("channel must be a non-empty string")
+        data = protocol.dumps(
+            protocol.model_to_wire(message), max_bytes=self.config.max_payload_bytes, what="broadcast"
+        )
+        count = self.streams.publish(channel, data)
+        if self.config.log_rpc_calls:
+            logger.info("rpc broadcast channel=%s subscribers=%d", channel, count)
+        return count
+
+    def health_check(self, timeout: float = 5) -> bool:
+        """True when a server answers the built-in ``ping`` within ``timeout`` seconds.
+        Never raises."""
+        from .server import PingParams, PingResult
+
+        try:
+            result = self.call(PING_METHOD, PingParams(), PingResult, timeout=timeout)
+            return bool(result.pong)
+        except (RPCException, ValueError) as exc:
+            logger.debug("health check failed: %s", exc)
+            return False
+        except Exception:  # never raise from a health check
+            logger.debug("health check failed", exc_info=True)
+            return False
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        try:
+            self.redis.close()
+        except Exception:  # pragma: no cover
+            pass
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _log(self, method: str, correlation_id: str, started: float, outcome: str, params: Any) -> None:
+        if not self.config.log_rpc_calls:
+            return
+        duration_ms = (time.monotonic() - started) * 1000
+        if self.config.log_rpc_params:
+            logger.info(
+                "rpc call method=%s correlation_id=%s duration_ms=%.2f outcome=%s params=%s",
+                method,
+                correlation_id,
+                duration_ms,
+                outcome,
+                protocol.model_to_wire(params),
+            )
+        else:
+            logger.info(
+                "rpc call method=%s correlation_id=%s duration_ms=%.2f outcome=%s",
+                method,
+                correlation_id,
+                duration_ms,
+                outcome,
+            )
+
+
+_client: WebSocketRPCClient | None = None
+_client_lock = threading.Lock()
+
+
+def get_rpc_client(force_new: bool = False) -> WebSocketRPCClient:
+    """The process-wide client, built from Django's ``WEBSOCKET_RPC`` or the environment.
+    Thread-safe; ``force_new=True`` closes and rebuilds it (e.g. after settings changed)."""
+    global _client
+    with _client_lock:
+        if _client is None or force_new:
+            old = _client
+            _client = WebSocketRPCClient(get_config())
+            if old is not None:
+                old.close()
+        return _client

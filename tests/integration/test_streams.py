@@ -1,0 +1,466 @@
+"""WebSocketRPCClient <-> RPCServer over real Redis Streams."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydantic import BaseModel, ValidationError
+
+from rpc_tasks import (
+    RateLimitError,
+    RPCConnectionError,
+    RPCErrorCode,
+    RPCRemoteError,
+    RPCServer,
+    RPCTimeoutError,
+    WebSocketRPCClient,
+    WebSocketRPCConfig,
+    get_rpc_client,
+    protocol,
+)
+from rpc_tasks.redis_io import ReplyChannel, StreamIO
+
+from .support import reply_keys, unique, wait_until
+
+pytestmark = pytest.mark.redis
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Add(BaseModel):
+    a: int
+    b: int
+
+
+class Sum(BaseModel):
+    total: int
+
+
+class Other(BaseModel):
+    something_else: str
+
+
+@pytest.fixture
+def config(redis_url: str) -> WebSocketRPCConfig:
+    return WebSocketRPCConfig(
+        redis_url=redis_url,
+        request_stream=unique("stream"),
+        response_key_prefix=unique("resp") + ":",
+        consumer_group=unique("group"),
+    )
+
+
+def make_server(config: WebSocketRPCConfig, **kwargs: Any) -> RPCServer:
+    server = RPCServer(config, **kwargs)
+    calls: list[Any] = []
+    server.calls = calls  # type: ignore[attr-defined]
+
+    @server.method("add")
+    def add(params: Add) -> Sum:
+        calls.append(params)
+        return Sum(total=params.a + params.b)
+
+    @server.method("limited")
+    def limited(params: Add) -> Sum:
+        raise RPCRemoteError(RateLimitError(message="slow down", retry_after=2.5, details={"bucket": "x"}))
+
+    @server.method("crash")
+    def crash(params: Add) -> Sum:
+        raise ZeroDivisionError("division by zero")
+
+    @server.method("slow")
+    def slow(params: Add) -> Sum:
+        time.sleep(params.a / 1000)
+        return Sum(total=params.a)
+
+    return server
+
+
+@pytest.fixture
+def server(config: WebSocketRPCConfig) -> Iterator[RPCServer]:
+    srv = make_server(config, concurrency=16, claim_interval=0.5)
+    srv.start()
+    yield srv
+    assert srv.stop(10)
+
+
+@pytest.fixture
+def client(config: WebSocketRPCConfig) -> Iterator[WebSocketRPCClient]:
+    c = WebSocketRPCClient(config)
+    yield c
+    c.close()
+
+
+def test_round_trip_typed(server: RPCServer, client: WebSocketRPCClient, config: WebSocketRPCConfig) -> None:
+    result = client.call("add", Add(a=2, b=40), Sum, timeout=5)
+    assert result == Sum(total=42)
+    assert reply_keys(config.redis_url, config.response_key_prefix) == []
+    pending, _ = StreamIO(client.redis).backlog(config.request_stream, config.consumer_group)
+    assert pending == 0, "acked"
+
+
+def test_result_not_matching_result_model_is_validation_error(
+    server: RPCServer, client: WebSocketRPCClient
+) -> None:
+    with pytest.raises(ValidationError):
+        client.call("add", Add(a=1, b=1), Other, timeout=5)
+
+
+def test_fire_and_forget_runs_and_creates_no_reply_key(
+    server: RPCServer, client: WebSocketRPCClient, config: WebSocketRPCConfig
+) -> None:
+    entry_id = client.fire_and_forget("add", Add(a=1, b=2))
+    assert isinstance(entry_id, str) and "-" in entry_id
+    wait_until(lambda: len(server.calls) == 1)  # type: ignore[attr-defined]
+    time.sleep(0.2)
+    assert reply_keys(config.redis_url, config.response_key_prefix) == []
+
+
+def test_unknown_method_and_invalid_params(server: RPCServer, client: WebSocketRPCClient) -> None:
+    with pytest.raises(RPCRemoteError) as info:
+        client.call("no.such.method", Add(a=1, b=1), Sum, timeout=5)
+    assert info.value.error.code is RPCErrorCode.METHOD_NOT_FOUND
+    with pytest.raises(RPCRemoteError) as info:
+        client.call("add", Other(something_else="x"), Sum, timeout=5)
+    assert info.value.error.code is RPCErrorCode.VALIDATION_ERROR
+    locs = [e["loc"] for e in info.value.error.details["errors"]]
+    assert ["a"] in locs and ["b"] in locs
+    with pytest.raises(ValueError):
+        client.call("bad method!", Add(a=1, b=1), Sum, timeout=5)
+
+
+def test_remote_error_with_retry_after_through_the_extension(
+    server: RPCServer, client: WebSocketRPCClient
+) -> None:
+    with pytest.raises(RPCRemoteError) as info:
+        client.call("limited", Add(a=1, b=1), Sum, timeout=5)
+    assert info.value.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
+    assert info.value.retry_after == 2.5
+    assert info.value.is_retryable
+    assert info.value.error.details == {"bucket": "x"}
+    with pytest.raises(RPCRemoteError) as info:
+        client.call("crash", Add(a=1, b=1), Sum, timeout=5)
+    assert info.value.error.code is RPCErrorCode.INTERNAL_ERROR
+    assert "ZeroDivisionError" in info.value.error.message
+
+
+def test_plain_peers_without_the_extension(server: RPCServer, config: WebSocketRPCConfig) -> None:
+    # 1. A client that does not announce the extension gets exactly the six plain keys.
+    io = StreamIO(redis.Redis.from_url(config.redis_url))
+    replies = ReplyChannel(io.client, prefix=config.response_key_prefix)
+    reply_to = replies.key_for("plain-1")
+    io.add_request(
+        config.request_stream,
+        protocol.encode_request(
+            "limited", Add(a=1, b=1), reply_to=reply_to, timeout=5, correlation_id="plain-1"
+        ),
+        1000,
+    )
+    raw = replies.wait(reply_to, 5)
+    assert raw is not None
+    assert set(json.loads(raw)) == {"correlation_id", "timestamp", "success", "result", "error", "error_code"}
+    # 2. Our client understands such a response: retry_after None, retryable from the code.
+    err = protocol.decode_response(raw).error
+    assert err is not None and err.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
+    assert err.retry_after is None and err.retryable is True
+
+
+def test_client_against_an_old_server_that_sends_plain_responses(config: WebSocketRPCConfig) -> None:
+    """A hand-written 'old' server: reads the group, answers without the extension."""
+    client = WebSocketRPCClient(config)
+    io = StreamIO(client.redis)
+    io.ensure_group(config.request_stream, config.consumer_group)
+
+    def old_server() -> None:
+        entries: list[Any] = []
+        while not entries:
+            entries = io.read(config.request_stream, config.consumer_group, "old", 1, 100)
+        entry_id, fields = entries[0]
+        req = json.loads(fields["payload"])
+        assert set(req) >= {"correlation_id", "timestamp", "method", "reply_to", "timeout", "params"}
+        plain = {
+            "correlation_id": req["correlation_id"],
+            "timestamp": "2026-01-01T00:00:00Z",
+            "success": False,
+            "result": None,
+            "error": "user 42 is offline",
+            "error_code": "user_not_connected",
+        }
+        io.finish(
+            config.request_stream,
+            config.consumer_group,
+            entry_id,
+            req["reply_to"],
+            json.dumps(plain).encode(),
+        )
+
+    thread = threading.Thread(target=old_server)
+    thread.start()
+    with pytest.raises(RPCRemoteError) as info:
+        client.call("send_notification", Add(a=1, b=1), Sum, timeout=5)
+    thread.join(5)
+    assert info.value.error.code is RPCErrorCode.USER_NOT_CONNECTED
+    assert info.value.retry_after is None and info.value.is_retryable is False
+
+
+def test_timeout_precision_and_health_check(config: WebSocketRPCConfig, client: WebSocketRPCClient) -> None:
+    # no server at all
+    for timeout in (0.05, 0.25):
+        started = time.perf_counter()
+        with pytest.raises(RPCTimeoutError) as info:
+            client.call("add", Add(a=1, b=1), Sum, timeout=timeout)
+        elapsed = time.perf_counter() - started
+        assert timeout <= elapsed < timeout + 0.05, elapsed
+        assert info.value.method == "add" and info.value.timeout_seconds == timeout
+    started = time.perf_counter()
+    assert client.health_check(timeout=0.5) is False
+    assert time.perf_counter() - started < 0.7
+    srv = make_server(config)
+    srv.start()
+    try:
+        assert client.health_check(timeout=5) is True
+    finally:
+        srv.stop(10)
+    unreachable = WebSocketRPCClient(WebSocketRPCConfig(redis_url="redis://127.0.0.1:1/0"))
+    started = time.perf_counter()
+    assert unreachable.health_check(timeout=1) is False
+    assert time.perf_counter() - started < 6
+    with pytest.raises(RPCConnectionError):
+        unreachable.call("add", Add(a=1, b=1), Sum, timeout=1)
+
+
+def test_200_threads_share_a_small_pool(server: RPCServer, config: WebSocketRPCConfig) -> None:
+    small = WebSocketRPCClient(
+        config.model_copy(update={"redis_max_connections": 10, "redis_pool_timeout": 30})
+    )
+    with ThreadPoolExecutor(max_workers=200) as pool:
+        results = list(
+            pool.map(lambda i: small.call("add", Add(a=i, b=1), Sum, timeout=30).total, range(200))
+        )
+    assert results == [i + 1 for i in range(200)]
+    assert len(small.redis.connection_pool._connections) <= 10
+
+
+def test_expired_request_is_dropped_not_run(server: RPCServer, config: WebSocketRPCConfig) -> None:
+    io = StreamIO(redis.Redis.from_url(config.redis_url))
+    stale = json.dumps(
+        {
+            "correlation_id": "stale-1",
+            "timestamp": "2020-01-01T00:00:00Z",
+            "method": "add",
+            "reply_to": config.response_key_prefix + "stale-1",
+            "timeout": 5,
+            "params": {"a": 1, "b": 2},
+        }
+    ).encode()
+    io.add_request(config.request_stream, stale, 1000)
+    wait_until(lambda: server.counters["expired"] == 1)
+    assert server.calls == []  # type: ignore[attr-defined]
+    assert reply_keys(config.redis_url, config.response_key_prefix) == []
+
+
+def test_poison_entries_go_to_the_dead_letter_stream(
+    server: RPCServer, client: WebSocketRPCClient, config: WebSocketRPCConfig
+) -> None:
+    r = redis.Redis.from_url(config.redis_url)
+    r.xadd(config.request_stream, {"payload": b"{not json"})
+    r.xadd(config.request_stream, {"something": b"else"})
+    reply_to = config.response_key_prefix + "poison-3"
+    r.xadd(
+        config.request_stream,
+        {
+            "payload": json.dumps(
+                {
+                    "correlation_id": "poison-3",
+                    "timestamp": "nonsense",
+                    "method": "add",
+                    "reply_to": reply_to,
+                    "timeout": 5,
+                    "params": {},
+                }
+            ).encode()
+        },
+    )
+    raw = ReplyChannel(r, prefix=config.response_key_prefix).wait(reply_to, 5)
+    assert raw is not None
+    err = protocol.decode_response(raw).error
+    assert err is not None and err.code is RPCErrorCode.INVALID_REQUEST and "timestamp" in err.message
+    wait_until(lambda: r.xlen(server.dead_letter_stream) == 3)
+    reasons = [f[b"reason"].decode() for _, f in r.xrange(server.dead_letter_stream)]
+    assert any("not valid JSON" in x for x in reasons) and any("no 'payload'" in x for x in reasons)
+    # still serving, nothing left pending
+    assert client.call("add", Add(a=1, b=1), Sum, timeout=5).total == 2
+    assert StreamIO(r).backlog(config.request_stream, config.consumer_group)[0] == 0
+
+
+def test_entry_delivered_too_often_is_dead_lettered_with_a_reply(config: WebSocketRPCConfig) -> None:
+    r = redis.Redis.from_url(config.redis_url)
+    io = StreamIO(r)
+    io.ensure_group(config.request_stream, config.consumer_group)
+    reply_to = config.response_key_prefix + "stuck-1"
+    io.add_request(
+        config.request_stream,
+        protocol.encode_request(
+            "add",
+            Add(a=1, b=1),
+            reply_to=reply_to,
+            timeout=30,
+            correlation_id="stuck-1",
+            extensions={"error_details"},
+        ),
+        1000,
+    )
+    assert len(io.read(config.request_stream, config.consumer_group, "doomed", 10, 100)) == 1  # never acked
+    srv = make_server(config, max_deliveries=1, claim_idle=0.2, claim_interval=0.2)
+    srv.start()
+    try:
+        raw = ReplyChannel(r, prefix=config.response_key_prefix).wait(reply_to, 5)
+    finally:
+        srv.stop(10)
+    assert raw is not None
+    assert "delivered 2 times" in protocol.decode_response(raw).error.message  # type: ignore[union-attr]
+    assert r.xlen(srv.dead_letter_stream) == 1
+    assert srv.calls == []  # type: ignore[attr-defined]
+
+
+def test_graceful_stop_finishes_in_flight(config: WebSocketRPCConfig, client: WebSocketRPCClient) -> None:
+    srv = make_server(config)
+    srv.start()
+    out: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: out.update(r=client.call("slow", Add(a=800, b=0), Sum, timeout=5))
+    )
+    thread.start()
+    wait_until(lambda: StreamIO(client.redis).backlog(config.request_stream, config.consumer_group)[0] == 1)
+    assert srv.stop(10)
+    thread.join(5)
+    assert out["r"].total == 800
+    assert StreamIO(client.redis).backlog(config.request_stream, config.consumer_group)[0] == 0
+
+
+def test_call_logging_never_logs_params_unless_enabled(
+    server: RPCServer, config: WebSocketRPCConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rpc_tasks.client")
+    quiet = WebSocketRPCClient(config.model_copy(update={"log_rpc_calls": True}))
+    quiet.call("add", Add(a=31337, b=1), Sum, timeout=5)
+    line = next(r.getMessage() for r in caplog.records if "rpc call" in r.getMessage())
+    assert (
+        "method=add" in line and "correlation_id=" in line and "duration_ms=" in line and "outcome=ok" in line
+    )
+    assert "31337" not in caplog.text
+    loud = WebSocketRPCClient(config.model_copy(update={"log_rpc_calls": True, "log_rpc_params": True}))
+    loud.call("add", Add(a=31337, b=1), Sum, timeout=5)
+    assert "31337" in caplog.text
+
+
+def test_get_rpc_client_is_a_thread_safe_singleton(
+    config: WebSocketRPCConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEBSOCKET_RPC_REDIS_URL", config.redis_url)
+    monkeypatch.setenv("WEBSOCKET_RPC_REQUEST_STREAM", config.request_stream)
+    first = get_rpc_client(force_new=True)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        clients = set(map(id, pool.map(lambda _: get_rpc_client(), range(100))))
+    assert clients == {id(first)}
+    assert first.config.request_stream == config.request_stream
+    assert get_rpc_client(force_new=True) is not first
+
+
+def test_killed_consumer_entries_are_reclaimed_by_another(config: WebSocketRPCConfig, redis_url: str) -> None:
+    stream, prefix = config.request_stream, config.response_key_prefix
+    env = {
+        **os.environ,
+        "RPC_TEST_REDIS_URL": redis_url,
+        "STREAM_APP_STREAM": stream,
+        "STREAM_APP_PREFIX": prefix,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rpc_tasks.cli", "serve", "--app", "tests.integration.stream_app:server"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    from tests.integration import stream_app
+
+    app_config = stream_app.config.model_copy(
+        update={"request_stream": stream, "response_key_prefix": prefix}
+    )
+    client = WebSocketRPCClient(app_config)
+    r = redis.Redis.from_url(redis_url)
+    results: dict[str, Any] = {}
+
+    def call(job: str) -> None:
+        try:
+            results[job] = client.call(
+                "work", stream_app.Work(job=job, seconds=2), stream_app.Done, timeout=60
+            )
+        except Exception as exc:  # pragma: no cover - reported by the assertion below
+            results[job] = exc
+
+    threads = [threading.Thread(target=call, args=(f"j{i}",)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: r.llen(stream_app.LOG_KEY) >= 3, timeout=30)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed = {x.decode().split(":")[2] for x in r.lrange(stream_app.LOG_KEY, 0, -1)}
+        rescuer = RPCServer(app_config, claim_idle=1.0, claim_interval=0.3, consumer_name="rescuer")
+        rescuer.register(
+            "work",
+            stream_app.work.__wrapped__ if hasattr(stream_app.work, "__wrapped__") else stream_app.work,
+        )
+        rescuer.start()
+        for t in threads:
+            t.join(60)
+        rescuer.stop(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert all(isinstance(v, stream_app.Done) for v in results.values()), results
+    assert len(results) == 3
+    assert rescuer.counters["reclaimed"] == 3
+    assert killed and "rescuer" not in killed
+    assert StreamIO(r).backlog(stream, config.consumer_group)[0] == 0
+
+
+def test_slow_handler_is_not_reclaimed_by_a_live_peer(
+    config: WebSocketRPCConfig, client: WebSocketRPCClient
+) -> None:
+    runs: list[str] = []
+
+    def build(name: str) -> RPCServer:
+        srv = RPCServer(config, consumer_name=name, claim_idle=0.4, claim_interval=0.1)
+
+        @srv.method("slow")
+        def slow(params: Add) -> Sum:
+            runs.append(name)
+            time.sleep(1.5)
+            return Sum(total=params.a)
+
+        return srv
+
+    servers = [build("one"), build("two")]
+    for srv in servers:
+        srv.start()
+    try:
+        assert client.call("slow", Add(a=7, b=0), Sum, timeout=10).total == 7
+    finally:
+        for srv in servers:
+            srv.stop(10)
+    assert len(runs) == 1, runs
