@@ -133,6 +133,11 @@ class RPCServer:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if claim_idle < 2 * claim_interval:
+            raise ValueError(
+                "claim_idle must be at least twice claim_interval (in-flight entries are "
+                "refreshed every claim_interval)"
+            )
         self.config = config or get_config()
         self._redis_client = redis_client
         self._io: StreamIO | None = None
@@ -435,9 +440,8 @@ class RPCServer:
                     if not slots.acquire(timeout=0.2):
                         continue
                     free = 1 + _take_slots(slots, self.concurrency - 1)
-                    entries = self.io.read(
-                        self.stream, self.group, self.consumer_name, free, min(self.block_ms, 1000)
-                    )
+                    block = max(1, min(self.block_ms, int(self.claim_interval * 1000)))
+                    entries = self.io.read(self.stream, self.group, self.consumer_name, free, block)
                     for entry in entries:
                         self._submit(pool, entry, 1, slots)
                     for _ in range(free - len(entries)):

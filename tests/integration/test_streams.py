@@ -323,7 +323,7 @@ def test_entry_delivered_too_often_is_dead_lettered_with_a_reply(config: WebSock
         1000,
     )
     assert len(io.read(config.request_stream, config.consumer_group, "doomed", 10, 100)) == 1  # never acked
-    srv = make_server(config, max_deliveries=1, claim_idle=0.2, claim_interval=0.2)
+    srv = make_server(config, max_deliveries=1, claim_idle=0.2, claim_interval=0.1)
     srv.start()
     try:
         raw = ReplyChannel(r, prefix=config.response_key_prefix).wait(reply_to, 5)
