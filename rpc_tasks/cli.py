@@ -4,6 +4,8 @@
   (``module:attribute``; the attribute may also be a function returning the server) until
   SIGTERM/SIGINT, then stops gracefully (in-flight requests finish and are acked).
 * ``rpc-tasks health [--timeout 5]`` exits 0 when a server answers ``ping``, 1 otherwise.
+* ``rpc-tasks ws --host 127.0.0.1 --port 8765`` runs the WebSocket server
+  (:mod:`rpc_tasks.wsserver`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,21 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _ws(args: argparse.Namespace) -> int:
+    from .wsserver import WebSocketServer
+
+    server = WebSocketServer(
+        get_config(),
+        host=args.host or None,
+        port=args.port,
+        instance_id=args.instance_id or None,
+        serve_rpc=not args.no_rpc,
+        presence_ttl=args.presence_ttl,
+    )
+    server.run_forever()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rpc-tasks`` command."""
     parser = argparse.ArgumentParser(
@@ -80,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     health = sub.add_parser("health", help="exit 0 if a server answers ping")
     health.add_argument("--timeout", type=float, default=5.0)
     health.set_defaults(func=_health)
+    ws = sub.add_parser("ws", help="run the WebSocket server (needs rpc-tasks[websocket])")
+    ws.add_argument("--host", default="", help="default: from websocket_url")
+    ws.add_argument("--port", type=int, default=None, help="default: from websocket_url")
+    ws.add_argument("--instance-id", default="", help="unique name of this instance")
+    ws.add_argument("--no-rpc", action="store_true", help="do not consume the request stream here")
+    ws.add_argument("--presence-ttl", type=int, default=30, help="seconds of presence without heartbeat")
+    ws.set_defaults(func=_ws)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

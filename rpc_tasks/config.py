@@ -18,7 +18,15 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from .exceptions import RPCConfigurationError
 
@@ -58,7 +66,8 @@ class WebSocketRPCConfig(BaseModel):
     """Settings for the RPC client, the reply path of ``@rpc_actor`` and the stream server.
 
     Field names and defaults follow the seed design; ``max_payload_bytes``,
-    ``redis_pool_timeout``, ``log_rpc_params`` and ``announce_extensions`` are additions.
+    ``redis_pool_timeout``, ``log_rpc_params``, ``announce_extensions``, ``websocket_secret`` and
+    ``broadcast_channel`` are additions.
     Timeouts are seconds and may be fractional.
     """
 
@@ -94,6 +103,12 @@ class WebSocketRPCConfig(BaseModel):
 
     # WebSocket server settings
     websocket_url: str = "ws://localhost:8765"
+    websocket_secret: SecretStr | None = Field(
+        default=None, description="HMAC secret for connection tokens (needed by the WebSocket server)"
+    )
+    broadcast_channel: str = Field(
+        default="notifications:broadcast", min_length=1, description="Pub/Sub channel the servers listen on"
+    )
 
     # Logging settings
     log_rpc_calls: bool = False
@@ -139,6 +154,11 @@ class WebSocketRPCConfig(BaseModel):
             raise ValueError(f"log_level must be one of {sorted(_LOG_LEVELS)}")
         return upper
 
+    @field_serializer("websocket_secret", when_used="json")
+    def _dump_secret(self, value: SecretStr | None) -> str | None:
+        # to_django_settings() must round-trip; repr() and redacted() still mask it.
+        return value.get_secret_value() if value is not None else None
+
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
@@ -175,6 +195,8 @@ class WebSocketRPCConfig(BaseModel):
         """Settings as a dict with secrets (the Redis password) masked; safe to log."""
         data = self.model_dump(mode="json")
         data["redis_url"] = redact_url(self.redis_url)
+        if data.get("websocket_secret"):
+            data["websocket_secret"] = "***"
         return data
 
     def __repr_args__(self) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -90,6 +91,49 @@ def cooldown_key(rate_key: str) -> str:
 def limiter_keys(rate_key: str) -> tuple[str, str]:
     """Redis keys of a proactive limit: (admission TAT, reservation TAT)."""
     return f"{RATE_KEY_PREFIX}tat:{rate_key}", f"{RATE_KEY_PREFIX}reserve:{rate_key}"
+
+
+#: Prefix of the WebSocket server's shared state (presence, rooms, instance channels).
+WS_KEY_PREFIX = "rpc_tasks:ws:"
+
+
+def ws_conn_key(connection_id: str) -> str:
+    """Presence record of one connection (JSON ``ConnectionInfo``, with a TTL)."""
+    return f"{WS_KEY_PREFIX}conn:{connection_id}"
+
+
+def ws_user_key(user_id: str) -> str:
+    """Set of a user's connection ids (entries without a live ``ws_conn_key`` are stale)."""
+    return f"{WS_KEY_PREFIX}user:{user_id}"
+
+
+def ws_room_key(room: str) -> str:
+    """Set of the user ids in a room."""
+    return f"{WS_KEY_PREFIX}room:{room}"
+
+
+def ws_instance_key(instance_id: str) -> str:
+    """Heartbeat of a server instance (with a TTL)."""
+    return f"{WS_KEY_PREFIX}instance:{instance_id}"
+
+
+def ws_instance_channel(instance_id: str) -> str:
+    """Pub/Sub channel on which an instance receives deliveries for its sockets."""
+    return f"{WS_KEY_PREFIX}to:{instance_id}"
+
+
+def ws_ack_key(correlation_id: str) -> str:
+    """List on which instances report how many sockets took a fanned-out frame."""
+    return f"{WS_KEY_PREFIX}ack:{correlation_id}"
+
+
+def ws_frame(kind: str, payload: Any, frame_id: str | None = None) -> str:
+    """A message to a browser: ``{"type", "id", "payload", "timestamp"}`` as JSON text."""
+    return json.dumps(
+        {"type": kind, "id": frame_id or str(uuid.uuid4()), "payload": payload, "timestamp": now_iso()},
+        separators=_JSON_SEPARATORS,
+        ensure_ascii=False,
+    )
 
 
 # -- helpers -----------------------------------------------------------------------------------

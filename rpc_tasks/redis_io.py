@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
+from . import protocol as _protocol
 from .config import WebSocketRPCConfig, redact_url
 from .exceptions import RPCConnectionError
 from .protocol import reply_key
@@ -404,3 +405,176 @@ class StreamIO:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+# -- WebSocket server state (asyncio) ---------------------------------------------------------
+
+
+class AsyncWSStore:
+    """Presence, rooms, instance heartbeats and cross-instance delivery for the WebSocket
+    server, on ``redis.asyncio``. Presence records expire (``ttl`` seconds) unless the owning
+    instance refreshes them, so a dead instance's users go offline by themselves."""
+
+    def __init__(self, client: Any, *, ttl: int = 30, ack_ttl: int = 30) -> None:
+        self.client = client
+        self.ttl = ttl
+        self.ack_ttl = ack_ttl
+
+    @classmethod
+    def from_config(cls, config: WebSocketRPCConfig, *, ttl: int = 30) -> AsyncWSStore:
+        """Build with a ``redis.asyncio`` pool from ``config``."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(
+            config.redis_url,
+            max_connections=config.redis_max_connections,
+            socket_keepalive=True,
+            socket_connect_timeout=5.0,
+        )
+        return cls(client, ttl=ttl)
+
+    def _fail(self, what: str, exc: Exception) -> RPCConnectionError:
+        return RPCConnectionError(f"Redis {what} failed: {exc}")
+
+    async def register(self, connection_id: str, user_id: str, record: bytes) -> None:
+        """Record a live connection of ``user_id``."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(protocol_ws.conn(connection_id), record, ex=self.ttl)
+                pipe.sadd(protocol_ws.user(user_id), connection_id)
+                pipe.expire(protocol_ws.user(user_id), self.ttl * 4)
+                await pipe.execute()
+        except RedisError as exc:
+            raise self._fail("presence register", exc) from exc
+
+    async def refresh(self, instance_id: str, records: list[tuple[str, str, bytes]]) -> None:
+        """Heartbeat: extend this instance's and its connections' presence."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(protocol_ws.instance(instance_id), b"1", ex=self.ttl)
+                for connection_id, user_id, record in records:
+                    pipe.set(protocol_ws.conn(connection_id), record, ex=self.ttl)
+                    pipe.sadd(protocol_ws.user(user_id), connection_id)
+                    pipe.expire(protocol_ws.user(user_id), self.ttl * 4)
+                await pipe.execute()
+        except RedisError as exc:
+            raise self._fail("presence refresh", exc) from exc
+
+    async def unregister(self, connection_id: str, user_id: str) -> None:
+        """Forget a closed connection."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(protocol_ws.conn(connection_id))
+                pipe.srem(protocol_ws.user(user_id), connection_id)
+                await pipe.execute()
+        except RedisError as exc:
+            raise self._fail("presence unregister", exc) from exc
+
+    async def user_connections(self, user_id: str) -> list[bytes]:
+        """Presence records of the user's live connections (stale ids are pruned)."""
+        try:
+            ids = [
+                i.decode() if isinstance(i, bytes) else str(i)
+                for i in await self.client.smembers(protocol_ws.user(user_id))
+            ]
+            if not ids:
+                return []
+            records = await self.client.mget([protocol_ws.conn(i) for i in ids])
+            stale = [i for i, rec in zip(ids, records, strict=True) if rec is None]
+            if stale:
+                await self.client.srem(protocol_ws.user(user_id), *stale)
+            return [rec for rec in records if rec is not None]
+        except RedisError as exc:
+            raise self._fail("presence lookup", exc) from exc
+
+    async def room_join(self, room: str, user_id: str) -> int:
+        """Add ``user_id`` to ``room``; returns the member count."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.sadd(protocol_ws.room(room), user_id)
+                pipe.scard(protocol_ws.room(room))
+                _, count = await pipe.execute()
+            return int(count)
+        except RedisError as exc:
+            raise self._fail("room join", exc) from exc
+
+    async def room_leave(self, room: str, user_id: str) -> int:
+        """Remove ``user_id`` from ``room``; returns the member count."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.srem(protocol_ws.room(room), user_id)
+                pipe.scard(protocol_ws.room(room))
+                _, count = await pipe.execute()
+            return int(count)
+        except RedisError as exc:
+            raise self._fail("room leave", exc) from exc
+
+    async def room_members(self, room: str) -> set[str]:
+        """User ids in ``room``."""
+        try:
+            return {
+                m.decode() if isinstance(m, bytes) else str(m)
+                for m in await self.client.smembers(protocol_ws.room(room))
+            }
+        except RedisError as exc:
+            raise self._fail("room members", exc) from exc
+
+    async def publish(self, channel: str, data: bytes | str) -> int:
+        """``PUBLISH``; returns the number of subscribers."""
+        try:
+            return int(await self.client.publish(channel, data))
+        except RedisError as exc:
+            raise self._fail("PUBLISH", exc) from exc
+
+    async def ack(self, key: str, count: int) -> None:
+        """Report to the fan-out originator how many sockets took its frame."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                queue_reply(pipe, key, str(count).encode(), self.ack_ttl)
+                await pipe.execute()
+        except RedisError as exc:
+            raise self._fail("ack", exc) from exc
+
+    async def collect_acks(self, key: str, expected: int, timeout: float) -> list[int]:
+        """Wait (up to ``timeout`` s in total) for ``expected`` acks on ``key``."""
+        got: list[int] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(got) < expected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                popped = await self.client.blpop([key], timeout=max(0.01, round(left, 3)))
+                if popped is None:
+                    break
+                got.append(int(popped[1]))
+            await self.client.delete(key)
+        except RedisError as exc:
+            raise self._fail("ack wait", exc) from exc
+        return got
+
+    async def add_request(self, stream: str, payload: bytes, maxlen: int) -> str:
+        """``XADD`` a request (the bridge towards Django)."""
+        try:
+            entry_id = await self.client.xadd(stream, {"payload": payload}, maxlen=maxlen, approximate=True)
+        except RedisError as exc:
+            raise self._fail("XADD", exc) from exc
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def wait_reply(self, key: str, timeout: float) -> bytes | None:
+        """``BLPOP`` a reply (then delete the key)."""
+        try:
+            popped = await self.client.blpop([key], timeout=max(0.01, round(timeout, 3)))
+            await self.client.delete(key)
+        except RedisError as exc:
+            raise self._fail("BLPOP", exc) from exc
+        return None if popped is None else popped[1]
+
+
+class protocol_ws:
+    """Key builders of the WebSocket state (defined in :mod:`rpc_tasks.protocol`)."""
+
+    conn = staticmethod(_protocol.ws_conn_key)
+    user = staticmethod(_protocol.ws_user_key)
+    room = staticmethod(_protocol.ws_room_key)
+    instance = staticmethod(_protocol.ws_instance_key)

@@ -1,0 +1,343 @@
+"""The WebSocket server: real server processes, real Redis, real ``websockets`` clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+pytest.importorskip("websockets")
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from rpc_tasks import (
+    BroadcastRequest,
+    BroadcastResponse,
+    NotificationRequest,
+    NotificationResponse,
+    RPCErrorCode,
+    RPCRemoteError,
+    RPCServer,
+    WebSocketRPCClient,
+    WebSocketRPCConfig,
+)
+from rpc_tasks.auth import make_token
+from rpc_tasks.wsserver import BridgeParams, PresenceQuery, PresenceResponse, RoomRequest, RoomResponse
+
+from .support import free_port, unique, wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "test-secret-" + "x" * 16
+
+
+@pytest.fixture
+def config(redis_url: str) -> WebSocketRPCConfig:
+    return WebSocketRPCConfig(
+        redis_url=redis_url,
+        websocket_secret=SECRET,
+        request_stream=unique("ws:req"),
+        response_key_prefix=unique("ws:resp") + ":",
+        broadcast_channel=unique("ws:bcast"),
+        enable_bridge=True,
+        bridge_stream=unique("ws:bridge"),
+        bridge_consumer_name=unique("bridge"),
+    )
+
+
+class Instance:
+    def __init__(self, config: WebSocketRPCConfig, *extra: str, presence_ttl: int = 30) -> None:
+        self.port = free_port()
+        env = dict(os.environ)
+        for key, value in config.model_dump(mode="json").items():
+            env[f"WEBSOCKET_RPC_{key.upper()}"] = (
+                str(value) if not isinstance(value, bool) else str(value).lower()
+            )
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rpc_tasks.cli",
+                "--log-level",
+                "WARNING",
+                "ws",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--presence-ttl",
+                str(presence_ttl),
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("WebSocket server did not start")
+            time.sleep(0.1)
+
+    def url(self, user: str | None, token: str | None = None) -> str:
+        token = token if token is not None else make_token(user or "", SECRET)
+        return f"ws://127.0.0.1:{self.port}/ws?token={token}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def instances(config: WebSocketRPCConfig) -> Iterator[list[Instance]]:
+    started: list[Instance] = []
+    yield started
+    for inst in started:
+        inst.stop()
+
+
+async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def welcome(ws: Any) -> dict[str, Any]:
+    frame = await recv_json(ws)
+    assert frame["type"] == "welcome"
+    return frame
+
+
+async def nothing_arrives(ws: Any, seconds: float = 0.5) -> bool:
+    try:
+        await asyncio.wait_for(ws.recv(), seconds)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+def notify(client: WebSocketRPCClient, user: str, **kw: Any) -> NotificationResponse:
+    req = NotificationRequest(
+        user_id=user, notification_type="order_update", title="Order", message="confirmed", **kw
+    )
+    return client.call("send_notification", req, NotificationResponse, timeout=10)
+
+
+def test_notification_reaches_only_its_user_and_offline_users(
+    config: WebSocketRPCConfig, instances: list
+) -> None:
+    inst = Instance(config)
+    instances.append(inst)
+    client = WebSocketRPCClient(config)
+
+    async def scenario() -> None:
+        async with connect(inst.url("42")) as ws42, connect(inst.url("43")) as ws43:
+            await welcome(ws42)
+            await welcome(ws43)
+            result = await asyncio.to_thread(notify, client, "42")
+            assert result.delivered and result.user_connected and result.connection_count == 1
+            frame = await recv_json(ws42)
+            assert set(frame) == {"type", "id", "payload", "timestamp"}
+            assert frame["type"] == "notification" and frame["id"] == result.notification_id
+            assert frame["payload"]["title"] == "Order" and frame["payload"]["user_id"] == "42"
+            assert await nothing_arrives(ws43)
+
+    asyncio.run(scenario())
+    offline = notify(client, "nobody")
+    assert offline.delivered is False and offline.user_connected is False
+    with pytest.raises(RPCRemoteError) as info:
+        notify(client, "nobody", require_connected=True)
+    assert info.value.error.code is RPCErrorCode.USER_NOT_CONNECTED
+
+
+def test_two_instances_fan_out_broadcast_rooms_and_presence(
+    config: WebSocketRPCConfig, instances: list
+) -> None:
+    a = Instance(config)
+    b = Instance(config, "--no-rpc", presence_ttl=2)  # only A consumes the request stream
+    instances.extend([a, b])
+    client = WebSocketRPCClient(config)
+
+    async def scenario() -> None:
+        async with connect(b.url("7")) as on_b, connect(a.url("8")) as on_a, connect(a.url("9")) as other:
+            for ws in (on_b, on_a, other):
+                await welcome(ws)
+            # a notification consumed by A reaches the user connected to B
+            result = await asyncio.to_thread(notify, client, "7")
+            assert result.delivered and result.user_connected
+            assert (await recv_json(on_b))["type"] == "notification"
+            # broadcast() from Django: a plain PUBLISH, counted per server instance
+            count = await asyncio.to_thread(
+                client.broadcast,
+                config.broadcast_channel,
+                BroadcastRequest(event_type="deploy", payload={"v": 2}),
+            )
+            assert count == 2
+            for ws in (on_b, on_a, other):
+                frame = await recv_json(ws)
+                assert frame["type"] == "broadcast" and frame["payload"]["payload"] == {"v": 2}
+            # rooms, across instances
+            for user in ("7", "8"):
+                joined = await asyncio.to_thread(
+                    client.call, "join_room", RoomRequest(user_id=user, room="lobby"), RoomResponse, 10
+                )
+            assert joined.members == 2
+            sent = await asyncio.to_thread(
+                client.call,
+                "broadcast",
+                BroadcastRequest(target="room", room="lobby", event_type="chat", payload={"text": "hi"}),
+                BroadcastResponse,
+                10,
+            )
+            assert sent.recipients == 2 and sent.users == 2
+            assert (await recv_json(on_b))["payload"]["room"] == "lobby"
+            assert (await recv_json(on_a))["payload"]["event_type"] == "chat"
+            assert await nothing_arrives(other)
+            left = await asyncio.to_thread(
+                client.call, "leave_room", RoomRequest(user_id="7", room="lobby"), RoomResponse, 10
+            )
+            assert left.members == 1
+            sent = await asyncio.to_thread(
+                client.call,
+                "broadcast",
+                BroadcastRequest(target="room", room="lobby", event_type="chat", payload={}),
+                BroadcastResponse,
+                10,
+            )
+            assert sent.recipients == 1
+            await recv_json(on_a)
+            assert await nothing_arrives(on_b)
+            # presence is real, and a dead instance's users go offline by themselves
+            presence = await asyncio.to_thread(
+                client.call, "get_presence", PresenceQuery(user_id="7"), PresenceResponse, 10
+            )
+            assert presence.connected and presence.connections[0].instance_id is not None
+            b.kill()
+
+    asyncio.run(scenario())
+
+    def offline() -> bool:
+        p = client.call("get_presence", PresenceQuery(user_id="7"), PresenceResponse, timeout=10)
+        return not p.connected
+
+    wait_until(offline, timeout=10, interval=0.3)
+    assert notify(client, "7").user_connected is False
+
+
+def test_tokens_are_required_and_checked(config: WebSocketRPCConfig, instances: list) -> None:
+    inst = Instance(config)
+    instances.append(inst)
+
+    async def refused(url: str) -> tuple[int | None, str]:
+        async with connect(url) as ws:
+            try:
+                await asyncio.wait_for(ws.recv(), 5)
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else ""
+        raise AssertionError("not closed")
+
+    cases = {
+        "no token": inst.url(None, token=""),
+        "bad signature": inst.url(None, token=make_token("42", "another-secret")),
+        "token expired": inst.url(None, token=make_token("42", SECRET, ttl=-60)),
+        "malformed token": inst.url(None, token="garbage"),
+    }
+    for reason, url in cases.items():
+        code, text = asyncio.run(refused(url))
+        assert code == 4401 and reason in text, (reason, code, text)
+
+
+def test_oversized_frames_and_floods(config: WebSocketRPCConfig, instances: list) -> None:
+    inst = Instance(config)
+    instances.append(inst)
+
+    async def scenario() -> None:
+        async with connect(inst.url("flood"), max_size=None) as ws:
+            await welcome(ws)
+            for _ in range(120):
+                await ws.send(json.dumps({"type": "ping"}))
+            errors = []
+            for _ in range(120):
+                frame = await recv_json(ws)
+                if frame["type"] == "error":
+                    errors.append(frame["payload"])
+            assert errors and errors[0]["code"] == "rate_limit_exceeded" and errors[0]["retry_after"] > 0
+        async with connect(inst.url("big"), max_size=None) as ws:
+            await welcome(ws)
+            await ws.send("x" * 200_000)
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+    asyncio.run(scenario())
+
+
+class WhoAmI(BaseModel):
+    user_id: str
+    connection_id: str
+    data: dict[str, Any]
+
+
+def test_bridge_round_trip_to_a_django_side_handler(config: WebSocketRPCConfig, instances: list) -> None:
+    inst = Instance(config)
+    instances.append(inst)
+    django_side = RPCServer(config, stream=config.bridge_stream, group=config.bridge_consumer_name)
+
+    @django_side.method("whoami")
+    def whoami(params: BridgeParams) -> WhoAmI:
+        return WhoAmI(user_id=params.user_id, connection_id=params.connection_id, data=params.data)
+
+    django_side.start()
+    try:
+
+        async def scenario() -> None:
+            async with connect(inst.url("alice")) as ws:
+                hello = await welcome(ws)
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "request",
+                            "id": "r1",
+                            "method": "whoami",
+                            "params": {"user_id": "mallory", "x": 1},
+                        }
+                    )
+                )
+                frame = await recv_json(ws, 10)
+                assert frame["type"] == "response" and frame["id"] == "r1"
+                result = frame["payload"]["result"]
+                assert result["user_id"] == "alice", "the authenticated user, not what the browser claims"
+                assert result["connection_id"] == hello["payload"]["connection_id"]
+                assert result["data"] == {"user_id": "mallory", "x": 1}
+                await ws.send(json.dumps({"type": "request", "id": "r2", "method": "nope", "params": {}}))
+                frame = await recv_json(ws, 10)
+                assert frame["type"] == "error" and frame["payload"]["code"] == "method_not_found"
+
+        asyncio.run(scenario())
+    finally:
+        django_side.stop(10)
