@@ -341,3 +341,86 @@ def test_bridge_round_trip_to_a_django_side_handler(config: WebSocketRPCConfig, 
         asyncio.run(scenario())
     finally:
         django_side.stop(10)
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_demo_page_in_headless_chromium_shows_a_notification(
+    config: WebSocketRPCConfig, instances: list, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    browser = _chromium()
+    if browser is None:
+        if request.config.getoption("--require-services"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium is not installed")
+    from websockets.sync.client import connect as sync_connect
+
+    inst = Instance(config)
+    instances.append(inst)
+    client = WebSocketRPCClient(config)
+    debug_port = free_port()
+    page_url = f"http://127.0.0.1:{inst.port}/?token={make_token('demo-user', SECRET)}"
+    proc = subprocess.Popen(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--remote-debugging-port={debug_port}",
+            "--remote-allow-origins=*",
+            page_url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def page() -> dict[str, Any] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list", timeout=1) as r:
+                    pages = json.loads(r.read())
+            except OSError:
+                return None
+            return next((p for p in pages if p.get("url", "").startswith(page_url[:30])), None)
+
+        target = wait_until(page, timeout=30, interval=0.2)
+        with sync_connect(target["webSocketDebuggerUrl"], max_size=None) as cdp:
+            counter = iter(range(1, 10_000))
+
+            def command(method: str, **params: Any) -> dict[str, Any]:
+                msg_id = next(counter)
+                cdp.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+                while True:
+                    reply = json.loads(cdp.recv(timeout=10))
+                    if reply.get("id") == msg_id:
+                        return reply.get("result", {})
+
+            def evaluate(expression: str) -> Any:
+                return command("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get(
+                    "value"
+                )
+
+            wait_until(lambda: evaluate("document.body.getAttribute('data-connected')") == "1", timeout=20)
+            result = notify(client, "demo-user")
+            assert result.delivered
+            text = wait_until(
+                lambda: evaluate("document.getElementById('notifications').innerText") or "", timeout=10
+            )
+            assert "Order: confirmed" in text
+            shot = command("Page.captureScreenshot", format="png")["data"]
+            out = Path(os.environ.get("RPC_TEST_ARTIFACTS", str(tmp_path))) / "demo-page.png"
+            out.write_bytes(__import__("base64").b64decode(shot))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
