@@ -425,12 +425,14 @@ class AsyncWSStore:
         """Build with a ``redis.asyncio`` pool from ``config``."""
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             config.redis_url,
             max_connections=config.redis_max_connections,
+            timeout=config.redis_pool_timeout,
             socket_keepalive=True,
             socket_connect_timeout=5.0,
         )
+        client = aioredis.Redis(connection_pool=pool)
         return cls(client, ttl=ttl)
 
     def _fail(self, what: str, exc: Exception) -> RPCConnectionError:

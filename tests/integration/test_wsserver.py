@@ -424,3 +424,23 @@ def test_demo_page_in_headless_chromium_shows_a_notification(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def test_many_sockets_share_a_small_redis_pool(config: WebSocketRPCConfig, instances: list) -> None:
+    small = config.model_copy(update={"redis_max_connections": 5})
+    inst = Instance(small)
+    instances.append(inst)
+    client = WebSocketRPCClient(config)
+
+    async def scenario() -> None:
+        sockets = [await connect(inst.url(f"crowd{i}")).__aenter__() for i in range(60)]
+        try:
+            await asyncio.gather(*(welcome(ws) for ws in sockets))
+            result = await asyncio.to_thread(
+                client.call, "broadcast", BroadcastRequest(event_type="hi"), BroadcastResponse, 10
+            )
+            assert result.recipients == 60
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets))
+
+    asyncio.run(scenario())
