@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-unit lint clean
+.PHONY: install demo django-demo test test-unit lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 ## Run the quick-start demo: a worker, .send(), .call(), a remote error, a timeout.
 demo: $(STAMP)
 	$(PY) -m examples.quickstart.demo
+
+## Run the example Django project (worker, WebSocket server, bridge, dev server); Ctrl-C stops it.
+django-demo: $(STAMP)
+	$(PY) examples/django_project/run.py
 
 ## Run the whole test suite (unit + integration against real Redis/RabbitMQ).
 test: $(STAMP)
