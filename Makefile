@@ -25,6 +25,7 @@ django-demo: $(STAMP)
 ## Run the whole test suite (unit + integration against real Redis/RabbitMQ).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest tests/django --ds=project.test_settings $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -227,20 +227,19 @@ class FakeRPCClient:
 
     @contextlib.contextmanager
     def install(self) -> Iterator[FakeRPCClient]:
-        """Make ``rpc_tasks.get_rpc_client()`` return this fake for the duration."""
-        import rpc_tasks
+        """Make ``get_rpc_client()`` return this fake for the duration (however it was
+        imported). A client object fetched *before* (e.g. a module-level ``rpc =
+        get_rpc_client()``) is not replaced: patch that attribute yourself."""
         import rpc_tasks.client as client_module
 
-        fake = self
-
-        def get(force_new: bool = False) -> Any:
-            return fake
-
-        with (
-            mock.patch.object(client_module, "get_rpc_client", get),
-            mock.patch.object(rpc_tasks, "get_rpc_client", get),
-        ):
+        with client_module._client_lock:
+            previous = client_module._client
+            client_module._client = self  # type: ignore[assignment]
+        try:
             yield self
+        finally:
+            with client_module._client_lock:
+                client_module._client = previous
 
 
 _NONE = object()
