@@ -41,7 +41,7 @@ def middleware_paths(extra: list[str] | None = None) -> list[str]:
     """Full middleware list (dotted paths) in the right order, e.g. for django-dramatiq::
 
     DRAMATIQ_BROKER = {
-        "BROKER": "dramatiq.brokers.redis.RedisBroker",
+        "BROKER": "rpc_tasks.brokers.BlockingRedisBroker",
         "OPTIONS": {"url": "redis://localhost:6379/0"},
         "MIDDLEWARE": rpc_tasks.middleware_paths(),
     }
@@ -115,9 +115,9 @@ def _broker_from_url(url: str) -> dramatiq.Broker:
             raise RPCConfigurationError("RabbitMQ needs: pip install 'rpc-tasks[rabbitmq]'") from exc
         return RabbitmqBroker(url=url)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from dramatiq.brokers.redis import RedisBroker
+        from .brokers import BlockingRedisBroker
 
-        return RedisBroker(url=url)  # type: ignore[no-untyped-call]
+        return BlockingRedisBroker(url=url)  # type: ignore[no-untyped-call]
     raise RPCConfigurationError(
         "broker URL must start with redis://, rediss://, unix://, amqp:// or amqps://"
     )
@@ -133,7 +133,8 @@ def setup_broker(
     """Return a broker ready for ``@rpc_actor`` and make it Dramatiq's global broker.
 
     With no ``broker``, one is built from ``broker_url``, else ``$DRAMATIQ_BROKER_URL``, else
-    ``config.redis_url`` (``redis``/``rediss``/``unix`` give a ``RedisBroker``, ``amqp`` a
+    ``config.redis_url`` (``redis``/``rediss``/``unix`` give a
+    :class:`~rpc_tasks.brokers.BlockingRedisBroker`, ``amqp`` a
     ``RabbitmqBroker``). Replies always travel over Redis at ``config.redis_url``.
     """
     config = config or get_config()

@@ -9,10 +9,10 @@ import os
 import time
 
 import redis
-from dramatiq.brokers.redis import RedisBroker
 from pydantic import BaseModel
 
 from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
+from rpc_tasks.brokers import BlockingRedisBroker
 
 URL = os.environ.get("RPC_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 QUEUE = "rpc_tasks_cli_test"
@@ -20,7 +20,7 @@ LOG_KEY = "cli_app:log"
 
 config = WebSocketRPCConfig(redis_url=URL, response_key_prefix="cli_app:resp:")
 broker = setup_broker(
-    RedisBroker(
+    BlockingRedisBroker(
         url=URL,
         namespace="cli_app",
         heartbeat_timeout=int(os.environ.get("CLI_APP_HEARTBEAT_MS", "60000")),

@@ -15,19 +15,23 @@ from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.brokers.redis import RedisBroker
 
 from rpc_tasks import WebSocketRPCConfig, setup_broker
+from rpc_tasks.brokers import BlockingRedisBroker
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
+#: Broker class of :func:`redis_broker` (tests of the plain RedisBroker swap it).
+BROKER_CLASS: Any = BlockingRedisBroker
+
+
 def redis_broker(url: str, **kwargs: Any) -> tuple[dramatiq.Broker, WebSocketRPCConfig]:
-    """A RedisBroker in its own namespace, set up for rpc-tasks (replies on the same DB)."""
+    """A Redis broker in its own namespace, set up for rpc-tasks (replies on the same DB)."""
     config = WebSocketRPCConfig(redis_url=url, response_key_prefix=unique("test:resp") + ":")
-    broker = RedisBroker(url=url, namespace=unique("ns"), **kwargs)
+    broker = BROKER_CLASS(url=url, namespace=unique("ns"), **kwargs)
     setup_broker(broker, config=config, set_global=False)
     return broker, config
 

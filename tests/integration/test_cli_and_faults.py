@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import redis
-from dramatiq.brokers.redis import RedisBroker
 from pydantic import BaseModel
 
 from rpc_tasks import (
@@ -25,6 +24,7 @@ from rpc_tasks import (
     rpc_actor,
     setup_broker,
 )
+from rpc_tasks.brokers import BlockingRedisBroker
 
 from .support import PrivateRedis, running_worker, unique, wait_until
 
@@ -147,7 +147,7 @@ def test_redis_killed_under_a_waiting_caller_then_restarted() -> None:
     with PrivateRedis() as server:
         url = server.url()
         config = WebSocketRPCConfig(redis_url=url)
-        broker = RedisBroker(url=url, namespace=unique("ns"))
+        broker = BlockingRedisBroker(url=url, namespace=unique("ns"))
         setup_broker(broker, config=config, set_global=False)
 
         @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
@@ -195,7 +195,7 @@ def test_redis_auth_works_and_password_is_never_logged(caplog: pytest.LogCapture
         url = server.url(password=password)
         config = WebSocketRPCConfig(redis_url=url)
         assert password not in repr(config) and password not in str(config.redacted())
-        broker = RedisBroker(url=url, namespace=unique("ns"))
+        broker = BlockingRedisBroker(url=url, namespace=unique("ns"))
         setup_broker(broker, config=config, set_global=False)
 
         @rpc_actor(broker=broker, queue_name=unique("q"))
@@ -206,7 +206,7 @@ def test_redis_auth_works_and_password_is_never_logged(caplog: pytest.LogCapture
             assert ok.call(Slow(seconds=0), timeout=5).ok
 
         bad = WebSocketRPCConfig(redis_url=server.url(password="wrong-" + password))
-        bad_broker = RedisBroker(url=bad.redis_url, namespace=unique("ns"))
+        bad_broker = BlockingRedisBroker(url=bad.redis_url, namespace=unique("ns"))
         setup_broker(bad_broker, config=bad, set_global=False)
 
         @rpc_actor(broker=bad_broker, queue_name=unique("q"), actor_name="ok")
@@ -270,7 +270,7 @@ def test_rediss_tls_connection(tls_files: tuple[Path, Path]) -> None:
     with server:
         url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}&ssl_cert_reqs=required"
         config = WebSocketRPCConfig(redis_url=url)
-        broker = RedisBroker(url=url, namespace=unique("ns"))
+        broker = BlockingRedisBroker(url=url, namespace=unique("ns"))
         setup_broker(broker, config=config, set_global=False)
 
         @rpc_actor(broker=broker, queue_name=unique("q"))

@@ -1,4 +1,5 @@
-"""@rpc_actor end to end on Dramatiq's RedisBroker with in-process workers and real Redis."""
+"""@rpc_actor end to end on Redis with in-process workers: every test runs on our
+BlockingRedisBroker and on Dramatiq's plain RedisBroker."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ from rpc_tasks import (
 from .support import redis_broker, reply_keys, running_worker, unique, wait_until
 
 pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(autouse=True, params=["blocking", "plain"])
+def broker_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from . import support
+
+    if request.param == "plain":
+        monkeypatch.setattr(support, "BROKER_CLASS", RedisBroker)
+    return str(request.param)
 
 
 class EchoParams(BaseModel):
@@ -209,7 +219,7 @@ def test_unknown_actor_gets_prompt_method_not_found(redis_url: str) -> None:
     namespace = unique("ns")
     worker_broker, config = redis_broker(redis_url)
     worker_broker.namespace = namespace
-    caller_broker = RedisBroker(url=redis_url, namespace=namespace)
+    caller_broker = type(worker_broker)(url=redis_url, namespace=namespace)
     setup_broker(caller_broker, config=config, set_global=False)
 
     @rpc_actor(broker=worker_broker, queue_name=queue, actor_name="known")

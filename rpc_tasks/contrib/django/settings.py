@@ -11,7 +11,7 @@ from ...broker import middleware_paths
 DRAMATIQ_ENCODER = "rpc_tasks.encoder.RPCJSONEncoder"
 
 _BROKERS = {
-    "redis": "dramatiq.brokers.redis.RedisBroker",
+    "redis": "rpc_tasks.brokers.BlockingRedisBroker",
     "rabbitmq": "dramatiq.brokers.rabbitmq.RabbitmqBroker",
 }
 

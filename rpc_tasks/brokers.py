@@ -1,0 +1,145 @@
+"""``BlockingRedisBroker``: Dramatiq's ``RedisBroker`` whose idle consumers block instead of
+polling.
+
+Dramatiq's Redis consumer fetches with a Lua script, which cannot block, so an idle consumer
+sleeps with a backoff of up to ``worker_timeout`` (1 s): a message sent to an idle worker waits
+up to a second, and shorter timeouts burn CPU. Here every enqueue also pushes a wake-up token
+on ``<namespace>:<queue>.wake`` (in the same round trip), and an idle consumer waits on that
+list with ``BLPOP`` (up to ``worker_timeout``), then fetches as usual. Everything else, the
+queues, acks, requeue of dead workers' messages, delayed messages, dead letters, is Dramatiq's own
+Lua scripts, unchanged:
+
+* tokens are only hints: a consumer always fetches after waking and only waits when a fetch
+  came back empty, so a lost or extra token costs at most one ``worker_timeout`` or one empty
+  fetch; the wake list is capped (``LTRIM``) so it never grows while consumers are busy;
+* a consumer that holds its full prefetch waits for one of its messages to be acked instead;
+* the delay-queue consumer never sleeps past the earliest ``eta`` it holds, so delayed messages
+  (retries, postponements) are handed over on time.
+
+Idle cost per queue: one ``BLPOP`` and one fetch per ``worker_timeout`` for the queue and for its
+delay queue (about 4 Redis commands per second with the default 1 s).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import current_millis
+from redis.exceptions import NoScriptError
+
+#: Wake-up tokens kept per queue (more would only cause empty fetches).
+WAKE_LIST_LENGTH = 64
+
+
+def wake_key(namespace: str, queue_name: str) -> str:
+    """The wake-up list of ``queue_name`` (also for its ``.DQ`` delay queue)."""
+    return f"{namespace}:{queue_name}.wake"
+
+
+class BlockingRedisBroker(RedisBroker):
+    """Drop-in replacement for ``dramatiq.brokers.redis.RedisBroker`` (same arguments)."""
+
+    @property
+    def consumer_class(self) -> type[_RedisConsumer]:
+        return _BlockingConsumer
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        return _BlockingConsumer(self, queue_name, prefetch, timeout)
+
+    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
+        """Dramatiq's enqueue script plus a wake-up token, in one round trip."""
+        key = wake_key(self.namespace, queue_name)
+        args = [
+            "enqueue",
+            current_millis(),
+            queue_name,
+            self.broker_id,
+            self.heartbeat_timeout,
+            self.dead_message_ttl,
+            self._should_do_maintenance("enqueue"),
+            self._max_unpack_size(),
+            message_id,
+            data,
+        ]
+        script = self.scripts["dispatch"]
+        try:
+            # EVALSHA directly: a pipelined Script would first ask SCRIPT EXISTS (an extra round trip).
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, 1, self.namespace, *args)
+                pipe.lpush(key, b"1")
+                pipe.ltrim(key, 0, WAKE_LIST_LENGTH - 1)
+                result = pipe.execute()
+            return result[0]
+        except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
+            outcome = script(keys=[self.namespace], args=args)
+            self.client.lpush(key, b"1")
+            return outcome
+
+    def wait_for_work(self, queue_name: str, seconds: float) -> bool:
+        """Block up to ``seconds`` for a wake-up token of ``queue_name``."""
+        if seconds <= 0:
+            return False
+        popped = self.client.blpop(
+            [wake_key(self.namespace, queue_name)], timeout=max(0.001, round(seconds, 3))
+        )
+        return popped is not None
+
+
+class _BlockingConsumer(_RedisConsumer):
+    def __init__(self, broker: BlockingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        # timeout=0 turns Dramatiq's idle sleep into sleep(0); we block on the wake list instead.
+        super().__init__(broker, queue_name, prefetch, 0)
+        self.block_seconds = max(0.001, timeout / 1000.0)
+        self.is_delay_queue = queue_name.endswith(".DQ")
+        self._room = threading.Event()
+        self._etas: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _block_for(self) -> float:
+        if not self.is_delay_queue:
+            return self.block_seconds
+        with self._lock:
+            earliest = min(self._etas.values(), default=None)
+        if earliest is None:
+            return self.block_seconds
+        return max(0.0, min(self.block_seconds, earliest - time.time()))
+
+    def __next__(self) -> Any:
+        if not self.message_cache and self.outstanding_message_count >= self.prefetch:
+            # Saturated: wait until one of our messages is acked/nacked (or the timeout).
+            self._room.clear()
+            if self.outstanding_message_count >= self.prefetch:
+                self._room.wait(self._block_for())
+            return None
+        fetch_expected = not self.message_cache
+        message = super().__next__()
+        if message is None and fetch_expected and not self.message_cache:
+            if self.broker.wait_for_work(self.queue_name, self._block_for()):
+                message = super().__next__()
+        if message is not None and self.is_delay_queue:
+            eta = message.options.get("eta")
+            if isinstance(eta, (int, float)):
+                with self._lock:
+                    self._etas[message.message_id] = eta / 1000.0
+        return message
+
+    def _done(self, message: Any) -> None:
+        if self.is_delay_queue:
+            with self._lock:
+                self._etas.pop(message.message_id, None)
+        self._room.set()
+
+    def ack(self, message: Any) -> None:
+        try:
+            super().ack(message)
+        finally:
+            self._done(message)
+
+    def nack(self, message: Any) -> None:
+        try:
+            super().nack(message)
+        finally:
+            self._done(message)
