@@ -13,7 +13,7 @@ import inspect
 import logging
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, TypeVar, cast, overload
 
@@ -26,6 +26,7 @@ from . import context, protocol
 from .exceptions import (
     RPCConfigurationError,
     RPCConnectionError,
+    RPCException,
     RPCRemoteError,
     RPCTimeoutError,
 )
@@ -40,6 +41,7 @@ TParams = TypeVar("TParams", bound=BaseModel)
 TResult = TypeVar("TResult", bound="BaseModel | None")
 
 _MISSING: Any = object()
+_PENDING: Any = object()
 
 
 def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
@@ -215,6 +217,81 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         if self.result_model is None:
             return cast(TResult, None)
         return cast(TResult, self.result_model.model_validate(response.result))
+
+    def call_many(
+        self,
+        params_list: Sequence[TParams | Mapping[str, Any]],
+        /,
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        **options: Any,
+    ) -> list[Any]:
+        """Run many calls at once from this thread and collect the typed results in order.
+
+        Every params object is validated before anything is enqueued. All replies come back on
+        one reply list, drained in batches (``BLPOP`` + ``LPOP count``), so hundreds of calls
+        in flight cost about one round trip per batch of replies. ``timeout`` applies to the
+        whole batch. With ``return_exceptions=True`` a failed call's ``RPCRemoteError`` /
+        ``RPCTimeoutError`` takes its place in the list; otherwise the first one (in order) is
+        raised after all replies were collected.
+        """
+        replies = find_replies_middleware(self.broker)
+        config = replies.config
+        if timeout is None:
+            timeout = config.rpc_timeout
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        started = time.time()
+        delay = options.pop("delay", None)
+        messages = [self.message_with_options(args=(p,), **options) for p in params_list]
+        if not messages:
+            return []
+        channel = replies.channel
+        key = channel.key_for(f"batch-{messages[0].message_id}")
+        deadline = protocol.deadline_from_timeout(float(timeout), started)
+        extra = {protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: deadline}
+        batch = [message.copy(options={**message.options, **extra}) for message in messages]
+        enqueue_many = getattr(self.broker, "enqueue_many", None)
+        if enqueue_many is not None and delay is None:
+            try:
+                enqueue_many(batch)
+            except (DramatiqConnectionError, RedisError, OSError) as exc:
+                raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
+        else:
+            for message in batch:
+                self._enqueue(message, delay)
+        index = {m.message_id: i for i, m in enumerate(messages)}
+        outcomes: list[Any] = [_PENDING] * len(messages)
+        pending = len(messages)
+        while pending:
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            for raw in channel.wait_many(key, left, pending):
+                try:
+                    response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
+                except RPCException:
+                    continue
+                i = index.get(response.correlation_id)
+                if i is None or outcomes[i] is not _PENDING:
+                    continue
+                pending -= 1
+                if not response.success:
+                    outcomes[i] = RPCRemoteError(response.error or RPCError(message="remote call failed"))
+                elif self.result_model is None:
+                    outcomes[i] = None
+                else:
+                    outcomes[i] = self.result_model.model_validate(response.result)
+        channel.discard(key)
+        for i, outcome in enumerate(outcomes):
+            if outcome is _PENDING:
+                outcomes[i] = RPCTimeoutError(self.actor_name, float(timeout))
+        if not return_exceptions:
+            for outcome in outcomes:
+                if isinstance(outcome, RPCException):
+                    raise outcome
+        return outcomes
 
     # -- execution -----------------------------------------------------------------------------
 

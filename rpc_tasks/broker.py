@@ -117,7 +117,7 @@ def _broker_from_url(url: str) -> dramatiq.Broker:
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .brokers import BlockingRedisBroker
 
-        return BlockingRedisBroker(url=url)  # type: ignore[no-untyped-call]
+        return BlockingRedisBroker(url=url)
     raise RPCConfigurationError(
         "broker URL must start with redis://, rediss://, unix://, amqp:// or amqps://"
     )

@@ -25,13 +25,33 @@ from __future__ import annotations
 import threading
 import time
 from typing import Any
+from uuid import uuid4
 
+from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis
 from redis.exceptions import NoScriptError
 
 #: Wake-up tokens kept per queue (more would only cause empty fetches).
 WAKE_LIST_LENGTH = 64
+
+
+def _dispatch_and_wake_source() -> bytes:
+    """Dramatiq's own ``dispatch.lua`` (loaded from the installed package, not copied), wrapped
+    so that an ``enqueue`` also pushes a capped wake-up token, atomically."""
+    from dramatiq.brokers import redis as dramatiq_redis
+
+    body = dramatiq_redis._scripts["dispatch"]
+    return (
+        b"local function rpc_tasks_dispatch()\n" + body + b"\nend\n"
+        b"local result = rpc_tasks_dispatch()\n"
+        b"if ARGV[1] == 'enqueue' then\n"
+        b"  local wake = KEYS[1] .. ':' .. ARGV[3] .. '.wake'\n"
+        b"  redis.call('lpush', wake, '1')\n"
+        b"  redis.call('ltrim', wake, 0, " + str(WAKE_LIST_LENGTH - 1).encode() + b")\n"
+        b"end\n"
+        b"return result\n"
+    )
 
 
 def wake_key(namespace: str, queue_name: str) -> str:
@@ -49,10 +69,9 @@ class BlockingRedisBroker(RedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return _BlockingConsumer(self, queue_name, prefetch, timeout)
 
-    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
-        """Dramatiq's enqueue script plus a wake-up token, in one round trip."""
-        key = wake_key(self.namespace, queue_name)
-        args = [
+    def _enqueue_args(self, queue_name: str, message_id: str, data: bytes) -> list[Any]:
+        # The argument list of Dramatiq's dispatch script for "enqueue" (see RedisBroker._dispatch).
+        return [
             "enqueue",
             current_millis(),
             queue_name,
@@ -64,19 +83,40 @@ class BlockingRedisBroker(RedisBroker):
             message_id,
             data,
         ]
-        script = self.scripts["dispatch"]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scripts["dispatch_wake"] = self.client.register_script(_dispatch_and_wake_source())
+
+    def enqueue_many(self, messages: list[Message[Any]]) -> list[Message[Any]]:
+        """Enqueue (without delay) many messages in one round trip; same middleware hooks as
+        ``enqueue``. Used by ``RPCActor.call_many``."""
+        prepared: list[Message[Any]] = []
+        for message in messages:
+            message = message.copy(options={"redis_message_id": str(uuid4())})
+            self.emit_before("enqueue", message, None)
+            prepared.append(message)
+        script = self.scripts["dispatch_wake"]
         try:
-            # EVALSHA directly: a pipelined Script would first ask SCRIPT EXISTS (an extra round trip).
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, 1, self.namespace, *args)
-                pipe.lpush(key, b"1")
-                pipe.ltrim(key, 0, WAKE_LIST_LENGTH - 1)
-                result = pipe.execute()
-            return result[0]
+                for message in prepared:
+                    args = self._enqueue_args(
+                        message.queue_name, message.options["redis_message_id"], message.encode()
+                    )
+                    pipe.evalsha(script.sha, 1, self.namespace, *args)
+                pipe.execute()
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
-            outcome = script(keys=[self.namespace], args=args)
-            self.client.lpush(key, b"1")
-            return outcome
+            for message in prepared:
+                self.do_enqueue(message.queue_name, message.options["redis_message_id"], message.encode())
+        for message in prepared:
+            self.emit_after("enqueue", message, None)
+        return prepared
+
+    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
+        """Dramatiq's enqueue plus a wake-up token: one script, one round trip."""
+        return self.scripts["dispatch_wake"](
+            keys=[self.namespace], args=self._enqueue_args(queue_name, message_id, data)
+        )
 
     def wait_for_work(self, queue_name: str, seconds: float) -> bool:
         """Block up to ``seconds`` for a wake-up token of ``queue_name``."""

@@ -144,6 +144,40 @@ class ReplyChannel:
         value = popped[1]
         return value if isinstance(value, bytes) else str(value).encode()
 
+    def wait_many(self, key: str, timeout: float, most: int) -> list[bytes]:
+        """Block up to ``timeout`` s for at least one reply on ``key``, then take up to ``most``
+        in the same round trip (``BLPOP`` + ``LPOP key count``). Empty list on timeout."""
+        wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
+        deadline = time.monotonic() + wait_for
+        server_timeout = round(wait_for + SERVER_SLACK_SECONDS, 3)
+        pool = self.client.connection_pool
+        try:
+            conn: Any = pool.get_connection()
+        except RedisError as exc:
+            raise RPCConnectionError(f"no Redis connection for the replies: {exc}") from exc
+        try:
+            commands: list[tuple[Any, ...]] = [("BLPOP", key, server_timeout)]
+            if most > 1:
+                commands.append(("LPOP", key, most - 1))
+            conn.send_packed_command(conn.pack_commands(commands))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not conn.can_read(timeout=remaining):
+                conn.disconnect()
+                return []
+            popped = conn.read_response()
+            rest = conn.read_response() if most > 1 else None
+        except (RedisError, OSError) as exc:
+            conn.disconnect()
+            raise RPCConnectionError(f"lost Redis while waiting for replies: {exc}") from exc
+        finally:
+            pool.release(conn)
+        out: list[bytes] = []
+        if popped:
+            out.append(popped[1])
+        if rest:
+            out.extend(rest)
+        return out
+
     def discard(self, key: str) -> None:
         """Delete a reply key (best effort, e.g. after a caller gave up)."""
         try:
