@@ -151,7 +151,7 @@ class RPCRateLimits(Middleware):
                             from rpc_tasks.config import get_config
 
                             client = client_from_config(self._config or get_config())
-                    self._store = RateStore(client)
+                    self._store = RateStore(client, events_channel=protocol.RATE_EVENTS_CHANNEL)
         return self._store
 
     def _rate(self, actor: Any) -> tuple[float, float] | None:
@@ -172,7 +172,7 @@ class RPCRateLimits(Middleware):
         key = rate_limit_key(actor, message)
         store = self.store(broker)
         try:
-            left = store.cooldown_left(protocol.cooldown_key(key))
+            left = store.cooldown_left_fast(protocol.cooldown_key(key))
             if left > 0:
                 jitter = random.uniform(0, max(50.0, left * self.spread))
                 self._postpone(broker, message, actor, key, int(left + jitter), "cooldown", slot=False)

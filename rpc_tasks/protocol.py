@@ -61,6 +61,8 @@ OPTION_RATE_SLOT = "rpc_rate_slot"
 
 #: Prefix of shared rate-limit state in Redis (cooldowns and proactive limits).
 RATE_KEY_PREFIX = "rpc_tasks:rate:"
+#: Pub/Sub channel on which opened cooldowns are announced (``<cooldown key>|<ms left>``).
+RATE_EVENTS_CHANNEL = f"{RATE_KEY_PREFIX}events"
 
 #: Largest error message we put on the wire (longer ones are truncated).
 MAX_ERROR_MESSAGE = 4000

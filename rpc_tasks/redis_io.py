@@ -9,6 +9,7 @@ Every redis-py exception is turned into :class:`~rpc_tasks.exceptions.RPCConnect
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -195,14 +196,16 @@ class ReplyChannel:
 
 # -- shared rate-limit state --------------------------------------------------------------------
 
-# Open (or extend, never shorten) a cooldown: the key's PTTL is the time left.
+# Open (or extend, never shorten) a cooldown: the key's PTTL is the time left. Announces the
+# result on ARGV[3] so that workers keep a local view instead of asking Redis per message.
 _OPEN_COOLDOWN = """
 local left = redis.call('PTTL', KEYS[1])
 local want = tonumber(ARGV[1])
 if left < want then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', want)
-  return want
+  left = want
 end
+redis.call('PUBLISH', ARGV[3], KEYS[1] .. '|' .. left)
 return left
 """
 
@@ -234,17 +237,94 @@ class RateStore:
     """Shared cooldowns and proactive rate limits in Redis (server time, so worker clocks
     do not matter)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, events_channel: str = "rpc_tasks:rate:events") -> None:
         self.client = client
+        self.events_channel = events_channel
         self._open = client.register_script(_OPEN_COOLDOWN)
         self._acquire = client.register_script(_ACQUIRE)
+        self._view: dict[str, float] = {}
+        self._view_ready = threading.Event()
+        self._view_thread: threading.Thread | None = None
+        self._view_pid = 0
+        self._view_lock = threading.Lock()
 
     def open_cooldown(self, key: str, duration_ms: int, reason: str = "") -> int:
-        """Open or extend the cooldown ``key`` to at least ``duration_ms``; returns ms left."""
+        """Open or extend the cooldown ``key`` to at least ``duration_ms``; returns ms left.
+        Every process watching (:meth:`cooldown_left_fast`) learns of it over Pub/Sub."""
         try:
-            return int(self._open(keys=[key], args=[max(1, int(duration_ms)), reason or "1"]))
+            return int(
+                self._open(keys=[key], args=[max(1, int(duration_ms)), reason or "1", self.events_channel])
+            )
         except RedisError as exc:
             raise RPCConnectionError(f"could not open a cooldown: {exc}") from exc
+
+    # -- local view of open cooldowns --------------------------------------------------------
+
+    def cooldown_left_fast(self, key: str) -> int:
+        """Like :meth:`cooldown_left`, answered from a local view kept current over Pub/Sub
+        (no round trip per message); falls back to ``PTTL`` while the view is not connected."""
+        self._ensure_view()
+        if not self._view_ready.is_set():
+            return self.cooldown_left(key)
+        until = self._view.get(key)
+        if until is None:
+            return 0
+        left = int((until - time.monotonic()) * 1000)
+        if left <= 0:
+            self._view.pop(key, None)
+            return 0
+        return left
+
+    def _ensure_view(self) -> None:
+        import os
+
+        if self._view_thread is not None and self._view_pid == os.getpid() and self._view_thread.is_alive():
+            return
+        with self._view_lock:
+            if self._view_thread is None or self._view_pid != os.getpid() or not self._view_thread.is_alive():
+                self._view_ready.clear()
+                self._view_pid = os.getpid()
+                self._view_thread = threading.Thread(target=self._watch, name="rpc-cooldowns", daemon=True)
+                self._view_thread.start()
+
+    def _watch(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub: Any = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.events_channel)
+                prefix = self.events_channel.rsplit(":", 1)[0]
+                fresh: dict[str, float] = {}
+                for raw in self.client.scan_iter(match=f"{prefix}:cooldown:*", count=500):
+                    name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    left = int(self.client.pttl(name))
+                    if left > 0:
+                        fresh[name] = time.monotonic() + left / 1000.0
+                self._view = fresh
+                self._view_ready.set()
+                backoff = 0.1
+                for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    data = (
+                        message["data"].decode()
+                        if isinstance(message["data"], bytes)
+                        else str(message["data"])
+                    )
+                    name, _, left_ms = data.rpartition("|")
+                    until = time.monotonic() + int(left_ms) / 1000.0
+                    if until > self._view.get(name, 0.0):
+                        self._view[name] = until
+            except (RedisError, ValueError, OSError):
+                logger.warning("cooldown watcher lost Redis; asking Redis per message until it is back")
+            finally:
+                self._view_ready.clear()
+                try:
+                    pubsub.close()
+                except Exception:  # pragma: no cover
+                    pass
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     def cooldown_left(self, key: str) -> int:
         """Milliseconds left on cooldown ``key`` (0 when none is open)."""
