@@ -37,9 +37,11 @@ def redis_broker(url: str, **kwargs: Any) -> tuple[dramatiq.Broker, WebSocketRPC
 
 
 @contextlib.contextmanager
-def running_worker(broker: dramatiq.Broker, threads: int = 2, **kwargs: Any) -> Iterator[dramatiq.Worker]:
-    """An in-process ``dramatiq.Worker`` with a short poll interval."""
-    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=50, **kwargs)
+def running_worker(
+    broker: dramatiq.Broker, threads: int = 2, worker_timeout: int = 50, **kwargs: Any
+) -> Iterator[dramatiq.Worker]:
+    """An in-process ``dramatiq.Worker`` (short poll interval unless told otherwise)."""
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=worker_timeout, **kwargs)
     worker.start()
     try:
         yield worker

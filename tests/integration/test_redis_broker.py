@@ -302,3 +302,55 @@ def test_structurally_invalid_message_is_dead_lettered_with_an_error_reply(redis
     assert "args" in response.error.message
     assert ran == ["after"]
     assert client.zcard(f"{broker.namespace}:{echo.queue_name}.XQ") == 1
+
+
+def test_call_many_returns_results_in_order_with_errors_in_place(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
+    def maybe(params: EchoParams) -> EchoResult:
+        if params.message == "bad":
+            raise RPCRemoteError.from_code("validation_error", "no bad words")
+        if params.message == "slow":
+            time.sleep(1.0)
+        return EchoResult(message=params.message, length=len(params.message))
+
+    words = [f"w{i}" for i in range(60)]
+    with pytest.raises(ValidationError):
+        maybe.call_many([*map(lambda w: EchoParams(message=w), words), {"message": 1}], timeout=5)
+    assert broker.do_qsize(maybe.queue_name) == 0, "nothing enqueued when one params object is invalid"
+    with running_worker(broker, threads=4):
+        results = maybe.call_many([EchoParams(message=w) for w in words], timeout=10)
+        assert [r.message for r in results] == words
+        mixed = maybe.call_many(
+            [EchoParams(message="a"), EchoParams(message="bad"), EchoParams(message="slow")],
+            timeout=0.5,
+            return_exceptions=True,
+        )
+        assert mixed[0].message == "a"
+        assert isinstance(mixed[1], RPCRemoteError) and mixed[1].code is RPCErrorCode.VALIDATION_ERROR
+        assert isinstance(mixed[2], RPCTimeoutError)
+        with pytest.raises(RPCRemoteError):
+            maybe.call_many([EchoParams(message="b"), EchoParams(message="bad")], timeout=5)
+        assert maybe.call_many([], timeout=1) == []
+
+
+def test_delayed_messages_run_on_time_when_idle(redis_url: str, broker_kind: str) -> None:
+    """The blocking consumer must not oversleep a delayed message's eta (retries and
+    postponements use delays)."""
+    broker, _ = redis_broker(redis_url)
+    ran: list[float] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def later(params: EchoParams) -> None:
+        ran.append(time.time())
+
+    with running_worker(broker, worker_timeout=1000):  # Dramatiq's default: idle waits up to 1 s
+        time.sleep(0.3)  # idle
+        sent = time.time()
+        later.send(EchoParams(message="x"), delay=400)
+        wait_until(lambda: ran, timeout=5)
+    lateness = ran[0] - (sent + 0.4)
+    assert ran[0] >= sent + 0.4
+    if broker_kind == "blocking":
+        assert lateness < 0.3, lateness
