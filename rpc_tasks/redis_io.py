@@ -64,6 +64,17 @@ def client_from_config(config: WebSocketRPCConfig) -> redis.Redis:
     )
 
 
+def _wait_readable(conn: Any, deadline: float) -> bool:
+    """Wait until ``conn`` has a reply or ``deadline`` (monotonic) passes; a readiness check
+    that returns early (a spurious wake-up) is simply retried with the time left."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if conn.can_read(timeout=remaining):
+            return True
+
+
 def queue_reply(pipe: Any, key: str, payload: bytes, ttl: int) -> None:
     """Add a reply (``LPUSH`` + ``EXPIRE``) to a ``MULTI`` pipeline."""
     pipe.lpush(key, payload)
@@ -129,8 +140,7 @@ class ReplyChannel:
             raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
         try:
             conn.send_packed_command(conn.pack_commands([("BLPOP", key, server_timeout), ("DEL", key)]))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not conn.can_read(timeout=remaining):
+            if not _wait_readable(conn, deadline):
                 conn.disconnect()  # cancels the pending BLPOP; the pool reconnects on next use
                 return None
             popped = conn.read_response()
@@ -161,8 +171,7 @@ class ReplyChannel:
             if most > 1:
                 commands.append(("LPOP", key, most - 1))
             conn.send_packed_command(conn.pack_commands(commands))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not conn.can_read(timeout=remaining):
+            if not _wait_readable(conn, deadline):
                 conn.disconnect()
                 return []
             popped = conn.read_response()
