@@ -1,0 +1,398 @@
+"""Client side of the benchmark: measures the paths of one worker group and writes JSON.
+
+    python -m benchmarks.client --paths call,send,inflight --calls 2000 --runs 3 --out x.json
+
+Started by ``benchmarks.run`` in its own process (after the group's worker process is up), so
+that each path's imports and global state (Dramatiq's global broker and encoder, Celery's app)
+stay apart. For each path: wait until the worker answers, warm up, ``--runs`` timed runs of
+``--calls`` calls (``INFO commandstats`` read before and after each run), then
+``--first-samples`` single calls each after ``--idle-gap`` seconds of silence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import Any
+
+import redis
+
+from benchmarks.common import MESSAGE, commands_delta, commandstats, names, progress, redis_url
+
+#: Seconds a single timed call may take before the path is reported as failed.
+CALL_TIMEOUT = 10.0
+
+
+class Path:
+    """One measured path. ``one()`` is a single round trip; ``run(n)`` a timed run."""
+
+    name = ""
+    #: Whether "first call after idle" is measured for this path.
+    first_call = True
+
+    def setup(self) -> None:
+        pass
+
+    def probe(self) -> None:
+        """One call with a short timeout; raises while the worker is not answering yet."""
+        self.one()
+
+    def one(self) -> None:
+        raise NotImplementedError
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        latencies: list[float] = []
+        one = self.one
+        clock = time.perf_counter
+        started = clock()
+        for _ in range(n):
+            t0 = clock()
+            one()
+            latencies.append((clock() - t0) * 1000.0)
+            bar.update(1)
+        elapsed = clock() - started
+        return {"calls": n, "elapsed_s": elapsed, "latencies_ms": latencies}
+
+    def na_reason(self) -> str | None:
+        """Why the path cannot be measured (then it is reported as ``n/a``)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+# -- floors -----------------------------------------------------------------------------------
+
+
+class RawPath(Path):
+    """Client ``LPUSH`` + ``BLPOP`` against ``workers/raw_echo.py`` (``BLPOP`` + ``LPUSH``)."""
+
+    name = "raw"
+
+    def setup(self) -> None:
+        self.r = redis.Redis.from_url(redis_url())
+        self.n = names()
+
+    def _call(self, timeout: float) -> None:
+        key = self.n.raw_reply_prefix + uuid.uuid4().hex
+        payload = json.dumps({"reply_to": key, "message": MESSAGE})
+        self.r.lpush(self.n.raw_requests, payload)
+        if self.r.blpop([key], timeout=timeout) is None:
+            raise TimeoutError("no reply from raw_echo")
+
+    def probe(self) -> None:
+        self._call(1)
+
+    def one(self) -> None:
+        self._call(CALL_TIMEOUT)
+
+    def close(self) -> None:
+        self.r.close()
+
+
+class StreamsRawPath(RawPath):
+    """Client ``XADD`` + ``BLPOP`` against ``workers/streams_raw.py`` (``XREADGROUP BLOCK`` +
+    ``LPUSH`` + ``XACK``)."""
+
+    name = "streams-raw"
+
+    def _call(self, timeout: float) -> None:
+        key = self.n.xraw_reply_prefix + uuid.uuid4().hex
+        payload = json.dumps({"reply_to": key, "message": MESSAGE})
+        self.r.xadd(self.n.xraw_stream, {"payload": payload}, maxlen=10000, approximate=True)
+        if self.r.blpop([key], timeout=timeout) is None:
+            raise TimeoutError("no reply from streams_raw")
+
+
+# -- rpc-tasks --------------------------------------------------------------------------------
+
+_built: dict[str, Any] = {}
+
+
+def _build(kind: str) -> tuple[Any, Any, str]:
+    if kind not in _built:
+        from benchmarks.workers.dramatiq_app import build
+
+        _built[kind] = build(kind)
+    return _built[kind]
+
+
+class CallPath(Path):
+    """``@rpc_actor`` ``.call()``; ``kind`` picks the broker (see ``workers/dramatiq_app.py``)."""
+
+    kind = "blocking"
+    name = "call"
+
+    def setup(self) -> None:
+        from benchmarks.workers.dramatiq_app import EchoParams
+
+        self.broker, self.actor, self.queue = _build(self.kind)
+        self.params = EchoParams(message=MESSAGE)
+
+    def probe(self) -> None:
+        self.actor.call(self.params, timeout=1.0)
+
+    def one(self) -> None:
+        result = self.actor.call(self.params, timeout=CALL_TIMEOUT)
+        if result.message != MESSAGE:
+            raise AssertionError(f"bad echo {result!r}")
+
+
+class CallPlainPath(CallPath):
+    kind = "plain"
+    name = "call-plain"
+
+
+class SendPath(CallPath):
+    """``.send()`` N messages (each ``.send()`` timed: the enqueue round trip), then
+    ``broker.join(queue)`` until the worker has processed (acked) them all."""
+
+    name = "send"
+    first_call = False
+
+    def probe(self) -> None:
+        super().probe()
+        self.broker.join(self.queue, interval=5, timeout=30_000)
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        self.broker.join(self.queue, interval=5, timeout=30_000)
+        latencies: list[float] = []
+        send = self.actor.send
+        params = self.params
+        clock = time.perf_counter
+        started = clock()
+        for _ in range(n):
+            t0 = clock()
+            send(params)
+            latencies.append((clock() - t0) * 1000.0)
+            bar.update(1)
+        sent = clock()
+        self.broker.join(self.queue, interval=5, timeout=120_000)
+        done = clock()
+        return {
+            "calls": n,
+            "elapsed_s": done - started,
+            "latencies_ms": latencies,
+            "enqueue_per_s": n / (sent - started),
+            "drain_after_last_send_s": done - sent,
+        }
+
+
+class InflightPath(CallPath):
+    """``.call_many()``: ``--batch`` calls in flight from one thread, results collected."""
+
+    name = "inflight"
+    first_call = False
+    batch = 100
+
+    def na_reason(self) -> str | None:
+        self.setup()
+        if not callable(getattr(self.actor, "call_many", None)):
+            return "n/a (no call_many yet)"
+        return None
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        batches: list[float] = []
+        clock = time.perf_counter
+        started = clock()
+        left = n
+        while left > 0:
+            size = min(self.batch, left)
+            t0 = clock()
+            results = self.actor.call_many([self.params] * size, timeout=30.0)
+            batches.append((clock() - t0) * 1000.0)
+            if len(results) != size or any(r.message != MESSAGE for r in results):
+                raise AssertionError("call_many returned wrong results")
+            left -= size
+            bar.update(size)
+        return {"calls": n, "elapsed_s": clock() - started, "latencies_ms": [], "batch_ms": batches}
+
+
+# -- other libraries --------------------------------------------------------------------------
+
+
+class DramatiqResultsPath(Path):
+    """Dramatiq's own: ``actor.send(x).get_result(block=True)`` with the Redis result backend."""
+
+    name = "dramatiq-results"
+
+    def setup(self) -> None:
+        import dramatiq
+
+        self.broker, self.actor, self.queue = _build("results")
+        dramatiq.set_broker(self.broker)  # get_result() finds the backend on the global broker
+
+    def probe(self) -> None:
+        self.actor.send(MESSAGE).get_result(block=True, timeout=1000)
+
+    def one(self) -> None:
+        if self.actor.send(MESSAGE).get_result(block=True) != MESSAGE:  # Dramatiq's defaults
+            raise AssertionError("bad echo")
+
+
+class CeleryPath(Path):
+    """Celery 5: ``echo.delay(x).get()`` with Redis broker and result backend."""
+
+    name = "celery"
+
+    def setup(self) -> None:
+        from benchmarks.workers.celery_app import echo
+
+        self.echo = echo
+
+    def probe(self) -> None:
+        self.echo.delay(MESSAGE).get(timeout=1)
+
+    def one(self) -> None:
+        if self.echo.delay(MESSAGE).get(timeout=CALL_TIMEOUT) != MESSAGE:
+            raise AssertionError("bad echo")
+
+
+class StreamsPath(Path):
+    """``WebSocketRPCClient.call("echo", ...)`` against an ``RPCServer`` process."""
+
+    name = "streams"
+
+    def setup(self) -> None:
+        from benchmarks.workers.streams_app import config
+        from rpc_tasks import EchoParams, EchoResult, WebSocketRPCClient
+
+        self.client = WebSocketRPCClient(config())
+        self.params = EchoParams(message=MESSAGE)
+        self.result_model = EchoResult
+
+    def probe(self) -> None:
+        self.client.call("echo", self.params, self.result_model, timeout=1.0)
+
+    def one(self) -> None:
+        result = self.client.call("echo", self.params, self.result_model, timeout=CALL_TIMEOUT)
+        if result.message != MESSAGE:
+            raise AssertionError("bad echo")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+PATHS: dict[str, type[Path]] = {
+    cls.name: cls
+    for cls in (
+        RawPath,
+        CallPath,
+        CallPlainPath,
+        SendPath,
+        InflightPath,
+        DramatiqResultsPath,
+        CeleryPath,
+        StreamsRawPath,
+        StreamsPath,
+    )
+}
+
+
+def wait_ready(path: Path, seconds: float) -> float:
+    """Probe until the worker answers; returns the seconds it took."""
+    started = time.monotonic()
+    last: BaseException | None = None
+    while time.monotonic() - started < seconds:
+        try:
+            path.probe()
+            return time.monotonic() - started
+        except Exception as exc:
+            last = exc
+            time.sleep(0.2)
+    raise TimeoutError(f"worker for {path.name!r} did not answer within {seconds:.0f}s: {last!r}")
+
+
+def measure(path: Path, args: argparse.Namespace, bar: Any, r: redis.Redis) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": path.name, "runs": [], "first_call_ms": []}
+    reason = path.na_reason()
+    if reason:
+        out["na"] = reason
+        bar.update(args.warmup + args.runs * args.calls + args.first_samples)
+        return out
+    path.setup()
+    bar.set_description(f"{path.name} (waiting)", refresh=False)
+    out["ready_s"] = wait_ready(path, args.ready_timeout)
+    bar.set_description(f"{path.name} warm-up", refresh=False)
+    path.run(args.warmup, bar)
+    for i in range(args.runs):
+        bar.set_description(f"{path.name} run {i + 1}/{args.runs}", refresh=False)
+        gc.collect()
+        before = commandstats(r)
+        run = path.run(args.calls, bar)
+        after = commandstats(r)
+        run["commands"] = commands_delta(before, after)
+        out["runs"].append(run)
+    if path.first_call:
+        bar.set_description(f"{path.name} after idle", refresh=False)
+        for _ in range(args.first_samples):
+            time.sleep(args.idle_gap)
+            t0 = time.perf_counter()
+            path.one()
+            out["first_call_ms"].append((time.perf_counter() - t0) * 1000.0)
+            bar.update(1)
+    else:
+        bar.update(args.first_samples)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--paths", required=True, help="comma-separated: " + ",".join(PATHS))
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--first-samples", type=int, default=5)
+    parser.add_argument("--idle-gap", type=float, default=1.5)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--ready-timeout", type=float, default=60.0)
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="hard limit of this process")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    # Bounded in time whatever happens (a hung Redis call, a worker that never answers).
+    timer = threading.Timer(args.max_seconds, lambda: os._exit(3))
+    timer.daemon = True
+    timer.start()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    InflightPath.batch = args.batch
+
+    selected = [p for p in args.paths.split(",") if p]
+    r = redis.Redis.from_url(redis_url())
+    results: dict[str, Any] = {}
+    per_path = args.warmup + args.runs * args.calls + args.first_samples
+    bar = progress(per_path * len(selected), selected[0] if selected else "")
+    try:
+        for name in selected:
+            path = PATHS[name]()
+            try:
+                results[name] = measure(path, args, bar, r)
+            except Exception as exc:
+                traceback.print_exc()
+                results[name] = {"path": name, "error": f"{type(exc).__name__}: {exc}"}
+            finally:
+                try:
+                    path.close()
+                except Exception:
+                    pass
+    finally:
+        bar.close()
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # stopped by the runner (SIGTERM) or Ctrl-C
+        sys.exit(130)

@@ -1,0 +1,294 @@
+"""Helpers shared by the benchmark orchestrator (``benchmarks.run``), the client side
+(``benchmarks.client``) and the worker processes (``benchmarks.workers.*``).
+
+Everything a worker and its client must agree on (queue names, key prefixes, streams) is
+derived from two environment variables set by the orchestrator: ``BENCH_REDIS_URL`` (the
+dedicated Redis DB) and ``BENCH_TAG`` (unique per ``make bench`` run).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+#: Default Redis URL: DB 14 (DB 12 is used by ``benchmarks.ws_fanout``, 9 by the tests). The
+#: orchestrator refuses a DB that holds other keys or has other clients connected.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+#: The payload every path echoes.
+MESSAGE = "hello"
+
+
+def redis_url() -> str:
+    return os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+
+
+def tag() -> str:
+    value = os.environ.get("BENCH_TAG")
+    if not value:
+        raise SystemExit("BENCH_TAG is not set (run through `python -m benchmarks.run`)")
+    return value
+
+
+def redis_db(url: str) -> int:
+    """The DB number of a ``redis://host:port/N`` URL (0 when absent)."""
+    path = urlparse(url).path.strip("/")
+    return int(path) if path else 0
+
+
+@dataclass(frozen=True)
+class Names:
+    """Queue names, key prefixes and streams of one benchmark run."""
+
+    tag: str
+
+    @property
+    def raw_requests(self) -> str:
+        return f"bench:{self.tag}:raw:req"
+
+    @property
+    def raw_reply_prefix(self) -> str:
+        return f"bench:{self.tag}:raw:reply:"
+
+    @property
+    def xraw_stream(self) -> str:
+        return f"bench:{self.tag}:xraw:req"
+
+    @property
+    def xraw_reply_prefix(self) -> str:
+        return f"bench:{self.tag}:xraw:reply:"
+
+    @property
+    def streams_stream(self) -> str:
+        return f"bench:{self.tag}:streams:req"
+
+    @property
+    def streams_reply_prefix(self) -> str:
+        return f"bench:{self.tag}:streams:reply:"
+
+    @property
+    def group(self) -> str:
+        return "bench"
+
+    @property
+    def rpc_reply_prefix(self) -> str:
+        return f"bench:{self.tag}:rpc:reply:"
+
+    def namespace(self, kind: str) -> str:
+        """Dramatiq broker namespace of a worker kind (``blocking``, ``plain``, ``results``)."""
+        return f"bench-{self.tag}-{kind}"
+
+    def queue(self, kind: str) -> str:
+        return f"bench-{self.tag}-{kind}"
+
+
+def names() -> Names:
+    return Names(tag())
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation (numpy's default)."""
+    if not values:
+        return math.nan
+    data = sorted(values)
+    if len(data) == 1:
+        return float(data[0])
+    pos = (len(data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return float(data[lo] + (data[hi] - data[lo]) * (pos - lo))
+
+
+def median(values: Iterable[float]) -> float:
+    data = [v for v in values if v is not None and not math.isnan(v)]
+    return percentile(data, 50) if data else math.nan
+
+
+# -- Redis INFO commandstats ----------------------------------------------------------------
+
+
+def commandstats(client: Any) -> dict[str, int]:
+    """``INFO commandstats`` as ``{command: calls}`` (server-wide, every DB and client)."""
+    info = client.info("commandstats")
+    out: dict[str, int] = {}
+    for key, value in info.items():
+        name = key.removeprefix("cmdstat_")
+        if isinstance(value, dict):
+            out[name] = int(value.get("calls", 0))
+    return out
+
+
+#: Commands the measurement itself sends (not counted).
+NOT_COUNTED = frozenset({"info"})
+
+
+def commands_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Per-command calls between two ``commandstats`` snapshots (INFO itself excluded)."""
+    out = {}
+    for name, calls in after.items():
+        if name in NOT_COUNTED:
+            continue
+        delta = calls - before.get(name, 0)
+        if delta > 0:
+            out[name] = delta
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# -- sharing the Redis server ------------------------------------------------------------------
+
+#: Marker key of a DB the benchmark claimed (so a DB left over by an interrupted run can be
+#: told apart from someone else's data).
+CLAIM_KEY = "rpc-tasks-bench:claim"
+
+
+def foreign_clients(client: Any, db: int, own_name: str) -> list[str]:
+    """Addresses of clients connected to ``db`` other than those named ``own_name``."""
+    out = []
+    for info in client.client_list():
+        if int(info.get("db", -1)) == db and info.get("name") != own_name:
+            out.append(f"{info.get('addr')} (cmd={info.get('cmd')}, age={info.get('age')}s)")
+    return out
+
+
+def cpu_sample() -> tuple[int, int]:
+    """``(total, idle)`` jiffies of all CPUs from ``/proc/stat``."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values[:8]), idle
+
+
+def busy_between(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """Machine-wide CPU busy % (all cores = 100) between two :func:`cpu_sample` s."""
+    total = b[0] - a[0]
+    return 100.0 * (total - (b[1] - a[1])) / total if total > 0 else 0.0
+
+
+def cpu_busy_pct(seconds: float) -> float:
+    """Machine-wide CPU busy % (all cores = 100) over ``seconds``."""
+    first = cpu_sample()
+    time.sleep(seconds)
+    return busy_between(first, cpu_sample())
+
+
+# -- CPU time from /proc ----------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def session_cpu_ticks(session_id: int) -> tuple[int, list[int]]:
+    """CPU ticks (utime + stime + cutime + cstime) of every process in session ``session_id``.
+
+    Each worker is started in its own session, so this covers the process, its children
+    (e.g. Dramatiq's forked worker processes) and children that exited and were reaped (their
+    time moves into the parent's cutime/cstime). Returns ``(ticks, pids)``.
+    """
+    total = 0
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None or len(fields) < 15:
+            continue
+        # After ')': state=0 ppid=1 pgrp=2 session=3 ... utime=11 stime=12 cutime=13 cstime=14
+        if int(fields[3]) != session_id:
+            continue
+        pids.append(int(entry))
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return total, pids
+
+
+def session_cpu_ns(session_id: int) -> int:
+    """On-CPU nanoseconds of every live thread of every process in session ``session_id``
+    (``/proc/<pid>/task/<tid>/schedstat``): a finer cross-check of :func:`session_cpu_ticks`,
+    which counts whole clock ticks. Threads that exit in between are not counted."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None or len(fields) < 4 or int(fields[3]) != session_id:
+            continue
+        try:
+            tids = os.listdir(f"/proc/{entry}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{entry}/task/{tid}/schedstat", encoding="ascii") as fh:
+                    total += int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
+# -- progress bar -----------------------------------------------------------------------------
+
+
+class _TextBar:
+    """A minimal progress bar on stderr (used when tqdm is not installed)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total = max(1, total)
+        self.desc = desc
+        self.n = 0
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+        self._last_pct = -1
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        pct = int(100 * self.n / self.total)
+        if self.tty:
+            if now - self._last >= 0.1 or self.n >= self.total:
+                self._last = now
+                filled = int(30 * self.n / self.total)
+                sys.stderr.write(
+                    f"\r  {self.desc:<18} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}% "
+                    f"{self.n}/{self.total}"
+                )
+                sys.stderr.flush()
+        elif pct // 25 > self._last_pct // 25 or self.n >= self.total:
+            self._last_pct = pct
+            sys.stderr.write(f"  {self.desc}: {pct}% ({self.n}/{self.total})\n")
+            sys.stderr.flush()
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def progress(total: int, desc: str) -> Any:
+    """A progress bar on stderr: tqdm when installed (and stderr is a terminal), else a simple
+    textual one (a line per quarter when stderr is not a terminal, e.g. in CI logs)."""
+    if not sys.stderr.isatty():
+        return _TextBar(total, desc)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _TextBar(total, desc)
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="call", leave=False, dynamic_ncols=True)

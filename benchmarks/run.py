@@ -1,0 +1,568 @@
+"""``make bench``: rpc-tasks against its raw Redis floors, Dramatiq's Results and Celery.
+
+    python -m benchmarks.run [--quick] [--paths raw,call,...] [--calls N] [--runs N]
+
+Every worker is a separate process (started here, one group at a time, each in its own
+session under a hard time limit), every client runs in its own process too; all use the same
+local Redis and one dedicated DB (default 14; it must be empty and unused, never DB 0; flushed
+at the end). For each path: wait for the worker, warm up, several timed runs (the table shows
+medians over runs), then single calls after 1.5 s of idleness; then the worker's idle CPU and
+the Redis commands it sends while idle are measured over 3 s. Results go to
+``benchmarks/results/<timestamp>.json`` with a latency CDF plot next to it. See
+``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from benchmarks import report
+from benchmarks.common import (
+    CLAIM_KEY,
+    CLK_TCK,
+    DEFAULT_REDIS_URL,
+    busy_between,
+    commands_delta,
+    commandstats,
+    cpu_busy_pct,
+    cpu_sample,
+    foreign_clients,
+    redis_db,
+    session_cpu_ns,
+    session_cpu_ticks,
+)
+from benchmarks.procs import Worker, run_bounded
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One worker process (tree) and the paths measured against it."""
+
+    name: str
+    paths: tuple[str, ...]
+
+
+GROUPS = (
+    Group("raw", ("raw",)),
+    Group("rpc", ("call", "send", "inflight")),
+    Group("rpc-plain", ("call-plain",)),
+    Group("dramatiq-results", ("dramatiq-results",)),
+    Group("celery", ("celery",)),
+    Group("streams-raw", ("streams-raw",)),
+    Group("streams", ("streams",)),
+)
+ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
+
+
+def worker_command(group: str, threads: int, lifetime: float, tag: str) -> tuple[list[str], dict[str, str]]:
+    py = sys.executable
+    if group == "raw":
+        return [py, "-m", "benchmarks.workers.raw_echo", "--max-seconds", str(lifetime)], {}
+    if group == "streams-raw":
+        return [py, "-m", "benchmarks.workers.streams_raw", "--max-seconds", str(lifetime)], {}
+    if group in ("rpc", "rpc-plain", "dramatiq-results"):
+        kind = {"rpc": "blocking", "rpc-plain": "plain", "dramatiq-results": "results"}[group]
+        cmd = [
+            py,
+            "-m",
+            "dramatiq",
+            "benchmarks.workers.dramatiq_app",
+            "--processes",
+            "1",
+            "--threads",
+            str(threads),
+            "--worker-shutdown-timeout",
+            "5000",
+        ]
+        return cmd, {"BENCH_DRAMATIQ_KIND": kind}
+    if group == "celery":
+        cmd = [
+            py,
+            "-m",
+            "celery",
+            "-A",
+            "benchmarks.workers.celery_app",
+            "worker",
+            "-P",
+            "solo",
+            "--loglevel",
+            "WARNING",
+            "-n",
+            f"bench-{tag}@%h",
+        ]
+        return cmd, {}
+    if group == "streams":
+        cmd = [
+            py,
+            "-m",
+            "rpc_tasks.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--app",
+            "benchmarks.workers.streams_app:make_server",
+            "--concurrency",
+            str(threads),
+        ]
+        return cmd, {}
+    raise ValueError(group)
+
+
+def measure_idle(worker: Worker, r: redis.Redis, seconds: float) -> dict[str, Any]:
+    """CPU of the worker's whole process tree (``/proc/<pid>/stat``: utime + stime + cutime +
+    cstime, summed over its session) and Redis commands (server-wide) while nobody calls."""
+    time.sleep(0.5)
+    before_cmds = commandstats(r)
+    machine0 = cpu_sample()
+    ticks0, pids = session_cpu_ticks(worker.session_id)
+    ns0 = session_cpu_ns(worker.session_id)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    ticks1, _ = session_cpu_ticks(worker.session_id)
+    ns1 = session_cpu_ns(worker.session_id)
+    t1 = time.monotonic()
+    machine1 = cpu_sample()
+    after_cmds = commandstats(r)
+    delta = commands_delta(before_cmds, after_cmds)
+    elapsed = t1 - t0
+    return {
+        "seconds": round(elapsed, 3),
+        "processes": len(pids),
+        "cpu_pct": (ticks1 - ticks0) / CLK_TCK / elapsed * 100.0,
+        "cpu_resolution_pct": 100.0 / CLK_TCK / elapsed,
+        "cpu_pct_schedstat": (ns1 - ns0) / 1e9 / elapsed * 100.0,
+        "redis_cmds_per_s": sum(delta.values()) / elapsed,
+        "redis_cmds": delta,
+        "machine_cpu_busy_pct": busy_between(machine0, machine1),
+    }
+
+
+def environment(r: redis.Redis, seconds: float = 0.5) -> dict[str, float]:
+    """What else is going on, with none of our processes running: Redis commands/s from other
+    clients (server-wide) and machine-wide CPU busy % (all cores = 100)."""
+    before = commandstats(r)
+    busy = cpu_busy_pct(seconds)
+    delta = commands_delta(before, commandstats(r))
+    return {"redis_cmds_per_s": sum(delta.values()) / seconds, "cpu_busy_pct": busy}
+
+
+#: Above these, a group's numbers are flagged as disturbed by other work on the machine.
+BUSY_REDIS_CMDS_PER_S = 50.0
+BUSY_CPU_PCT = 20.0
+
+
+def is_busy(seen: dict[str, float]) -> bool:
+    return seen["redis_cmds_per_s"] > BUSY_REDIS_CMDS_PER_S or seen["cpu_busy_pct"] > BUSY_CPU_PCT
+
+
+def quiet_environment(r: redis.Redis, max_wait: float) -> dict[str, float]:
+    """:func:`environment`, waiting up to ``max_wait`` s for other work to stop."""
+    deadline = time.monotonic() + max_wait
+    seen = environment(r)
+    if is_busy(seen) and max_wait > 0:
+        print(f"  waiting up to {max_wait:.0f}s for the machine and Redis to be quiet...", flush=True)
+        while is_busy(seen) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            seen = environment(r)
+    return seen
+
+
+def claim_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
+    """Make sure the DB is ours to flush; returns why not, or None (and flushes leftovers of an
+    earlier benchmark run)."""
+    others = foreign_clients(r, db, own_name)
+    if others:
+        return (
+            f"Redis DB {db} is in use by {len(others)} other client(s) ({'; '.join(others[:3])}). "
+            "The benchmark flushes its DB: pick a free one with --redis-url "
+            "redis://127.0.0.1:6379/N (or BENCH_REDIS_URL)."
+        )
+    size = r.dbsize()
+    if size and r.get(CLAIM_KEY) is None:
+        return (
+            f"Redis DB {db} holds {size} keys the benchmark did not create. The benchmark flushes its DB: "
+            "pick an empty one with --redis-url redis://127.0.0.1:6379/N (or BENCH_REDIS_URL)."
+        )
+    if size:
+        r.flushdb()  # left over by an interrupted benchmark run (it carries our claim key)
+    r.set(CLAIM_KEY, tag)
+    return None
+
+
+def release_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
+    """Flush the DB, unless someone else started using it meanwhile: then delete only the keys
+    named after this run's tag and say so."""
+    time.sleep(0.2)  # let Redis notice the connections of the processes we stopped
+    others = foreign_clients(r, db, own_name)
+    claim = r.get(CLAIM_KEY)
+    if not others and claim == tag.encode():
+        r.flushdb()
+        return None
+    deleted = 0
+    for key in r.scan_iter(match=f"*{tag}*", count=1000):
+        deleted += r.delete(key)
+    if claim == tag.encode():
+        r.delete(CLAIM_KEY)
+    return (
+        f"Redis DB {db} was not flushed at the end: {len(others)} other client(s) were using it; deleted the "
+        f"{deleted} keys named after this run (library keys such as celery-task-meta-* may remain)."
+    )
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("rpc-tasks", "dramatiq", "redis", "hiredis", "pydantic", "celery", "kombu"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="300 calls x 1 run (default: 2000 x 3)")
+    parser.add_argument(
+        "--paths", default=",".join(ALL_PATHS), help=f"comma-separated subset of {','.join(ALL_PATHS)}"
+    )
+    parser.add_argument("--calls", type=int, help="calls per run")
+    parser.add_argument("--runs", type=int, help="timed runs per path (medians are reported)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first")
+    parser.add_argument("--first-samples", type=int, help="first-call-after-idle samples per path")
+    parser.add_argument("--idle-gap", type=float, default=1.5, help="idle seconds before each first call")
+    parser.add_argument("--idle-seconds", type=float, default=3.0, help="window of the idle CPU measurement")
+    parser.add_argument("--threads", type=int, default=4, help="worker threads (Dramatiq, RPCServer)")
+    parser.add_argument("--batch", type=int, default=100, help="calls in flight per call_many()")
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
+        help="dedicated DB (flushed!)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each group, wait up to this long for other Redis clients/CPU load to stop",
+    )
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    quick = {"calls": 300, "runs": 1, "warmup": 50, "first_samples": 3}
+    full = {"calls": 2000, "runs": 3, "warmup": 200, "first_samples": 5}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in ALL_PATHS]
+    if unknown:
+        parser.error(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(ALL_PATHS)}")
+    args.path_list = wanted
+    if redis_db(args.redis_url) == 0:
+        parser.error("refusing to use Redis DB 0: the benchmark flushes its DB; pick a dedicated one")
+    return args
+
+
+def client_budget(args: argparse.Namespace, n_paths: int) -> float:
+    """Seconds a client process may take (generous: 50 ms per call, readiness, idle gaps)."""
+    per_path = 60 + (args.warmup + args.runs * args.calls) * 0.05 + args.first_samples * (args.idle_gap + 11)
+    return 30 + n_paths * per_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup runs on SIGTERM as on Ctrl-C
+    tag = uuid.uuid4().hex[:8]
+    own_name = f"rpc-tasks-bench-{tag}"
+    db = redis_db(args.redis_url)
+    r = redis.Redis.from_url(args.redis_url, socket_timeout=10, client_name=own_name)
+    try:
+        problem = claim_db(r, db, own_name, tag)
+    except redis.RedisError as exc:
+        print(f"Redis at {args.redis_url} is not reachable: {exc}", file=sys.stderr)
+        return 1
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    mode = "quick" if args.quick else "default"
+    print(
+        f"rpc-tasks benchmark ({mode}): {args.calls} calls x {args.runs} run(s), warm-up {args.warmup}, "
+        f"{args.first_samples} first-call samples after {args.idle_gap}s idle; Redis {args.redis_url} "
+        f"(flushed after), tag {tag}",
+        flush=True,
+    )
+    env = dict(os.environ)
+    env.update(
+        {
+            "BENCH_REDIS_URL": args.redis_url,
+            "BENCH_TAG": tag,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    notes: list[str] = []
+    raw_results: dict[str, dict[str, Any]] = {}
+    idle_by_group: dict[str, dict[str, Any]] = {}
+    worker: Worker | None = None
+    logdir = tempfile.mkdtemp(prefix=f"bench-{tag}-")
+    groups = [g for g in GROUPS if any(p in args.path_list for p in g.paths)]
+    env_by_group: dict[str, dict[str, float]] = {}
+    try:
+        for i, group in enumerate(groups, 1):
+            paths = [p for p in group.paths if p in args.path_list]
+            if group.name == "celery" and importlib.util.find_spec("celery") is None:
+                msg = "skipped: celery is not installed (pip install 'celery[redis]')"
+                print(f"[{i}/{len(groups)}] celery: {msg}", flush=True)
+                raw_results["celery"] = {"path": "celery", "skipped": msg}
+                continue
+            env_by_group[group.name] = seen = quiet_environment(r, args.wait_quiet)
+            if is_busy(seen):
+                print(
+                    f"  WARNING: before {group.name}: other Redis clients send "
+                    f"{seen['redis_cmds_per_s']:.0f} commands/s, the machine is "
+                    f"{seen['cpu_busy_pct']:.0f} % busy: numbers will be disturbed",
+                    flush=True,
+                )
+            budget = client_budget(args, len(paths))
+            cmd, extra_env = worker_command(group.name, args.threads, budget + 90, tag)
+            print(
+                f"[{i}/{len(groups)}] {group.name}: starting worker; measuring {', '.join(paths)}", flush=True
+            )
+            worker = Worker(
+                group.name,
+                cmd,
+                env={**env, **extra_env},
+                cwd=str(ROOT),
+                log_path=os.path.join(logdir, f"{group.name}.log"),
+                lifetime=budget + 90,
+            )
+            out_file = os.path.join(logdir, f"{group.name}.json")
+            client_cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.client",
+                "--paths",
+                ",".join(paths),
+                "--calls",
+                str(args.calls),
+                "--runs",
+                str(args.runs),
+                "--warmup",
+                str(args.warmup),
+                "--first-samples",
+                str(args.first_samples),
+                "--idle-gap",
+                str(args.idle_gap),
+                "--batch",
+                str(args.batch),
+                "--max-seconds",
+                str(budget),
+                "--out",
+                out_file,
+            ]
+            rc = run_bounded(client_cmd, env=env, cwd=str(ROOT), timeout=budget + 10)
+            got: dict[str, Any] = {}
+            if os.path.exists(out_file):
+                with open(out_file, encoding="utf-8") as fh:
+                    got = json.load(fh)
+            for p in paths:
+                raw_results[p] = got.get(p) or {"path": p, "error": f"client exited with {rc} and no result"}
+            failed = [p for p in paths if "error" in raw_results[p]]
+            if worker.alive():
+                idle_by_group[group.name] = measure_idle(worker, r, args.idle_seconds)
+            else:
+                notes.append(f"{group.name}: the worker exited early (exit code {worker.proc.returncode}).")
+            if failed or not worker.alive():
+                tail = worker.log_tail()
+                print(
+                    f"  {group.name}: {', '.join(failed) or 'worker'} failed; worker log tail:\n{tail}",
+                    flush=True,
+                )
+            worker.stop()
+            worker = None
+            for p in paths:
+                s = raw_results[p]
+                if "error" in s:
+                    print(f"  {p}: ERROR {s['error']}", flush=True)
+                elif "na" in s:
+                    print(f"  {p}: {s['na']}", flush=True)
+                else:
+                    runs = s.get("runs", [])
+                    lat = sorted(v for run in runs for v in run.get("latencies_ms", []))
+                    calls = sum(run["calls"] for run in runs)
+                    secs = sum(run["elapsed_s"] for run in runs)
+                    p50 = f"p50 {lat[len(lat) // 2]:.3f} ms, " if lat else ""
+                    print(f"  {p}: {p50}{calls / secs:.0f} calls/s", flush=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stopping workers and cleaning up (worker logs: {logdir})", file=sys.stderr)
+        return 130
+    finally:
+        if worker is not None:
+            worker.stop()
+        try:
+            note = release_db(r, db, own_name, tag)
+            if note:
+                notes.append(note)
+                print(note, file=sys.stderr)
+        except redis.RedisError as exc:
+            print(f"could not clean Redis DB {db} up: {exc}", file=sys.stderr)
+
+    if any("error" in raw for raw in raw_results.values()) or any("exited early" in n for n in notes):
+        notes.append(f"worker logs kept in {logdir}")
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    group_of = {p: g.name for g in GROUPS for p in g.paths}
+    for name, raw in raw_results.items():
+        summaries[name] = report.summarize(raw, idle_by_group.get(group_of[name]))
+    report.add_ratios(summaries)
+    text = report.table(summaries)
+    disturbed = [
+        f"{g} before ({e['redis_cmds_per_s']:.0f} cmds/s, CPU {e['cpu_busy_pct']:.0f} %)"
+        for g, e in env_by_group.items()
+        if is_busy(e)
+    ]
+    # The idle window doubles as an after-check: our idle worker sends a few commands/s at most.
+    disturbed += [
+        f"{g} after ({i['redis_cmds_per_s']:.0f} cmds/s, CPU {i['machine_cpu_busy_pct']:.0f} %)"
+        for g, i in idle_by_group.items()
+        if i["redis_cmds_per_s"] > BUSY_REDIS_CMDS_PER_S or i["machine_cpu_busy_pct"] > BUSY_CPU_PCT
+    ]
+    if disturbed:
+        notes.insert(
+            0,
+            "WARNING: other work was running on this machine/Redis around these groups (measured "
+            "while our processes were idle): "
+            + ", ".join(disturbed)
+            + ". Their latencies, cmds/call and idle figures are disturbed; run again on a quiet machine "
+            "(--wait-quiet SECONDS helps).",
+        )
+    for name, s in summaries.items():
+        s["environment_before"] = env_by_group.get(group_of[name])
+    notes.extend(_standard_notes(summaries, idle_by_group, args))
+    elapsed = time.monotonic() - started
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stamp}.json"
+    png_path = out_dir / f"{stamp}.png"
+    plot_error = None
+    if args.no_plot:
+        plot_error = "plot skipped (--no-plot)"
+    else:
+        title = (
+            f"rpc-tasks benchmark {stamp} ({mode}: {args.calls} calls x {args.runs} runs, "
+            f"{os.cpu_count()} CPUs, Redis {r.info('server').get('redis_version')})"
+        )
+        plot_error = report.plot(summaries, str(png_path), title)
+    if plot_error:
+        notes.append(plot_error)
+    meta = {
+        "timestamp": stamp,
+        "mode": mode,
+        "calls_per_run": args.calls,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "first_call_samples": args.first_samples,
+        "idle_gap_s": args.idle_gap,
+        "idle_window_s": args.idle_seconds,
+        "worker_threads": args.threads,
+        "inflight_batch": args.batch,
+        "redis_url": args.redis_url,
+        "redis_version": r.info("server").get("redis_version"),
+        "environment_before_each_group": env_by_group,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "versions": versions(),
+        "elapsed_s": round(elapsed, 1),
+        "plot": None if plot_error else str(png_path),
+    }
+    payload = {"meta": meta, "table": text, "notes": notes, "paths": summaries}
+    with open(json_path, "w", encoding="utf-8") as fh:
+        json.dump(_clean_nan(payload), fh, indent=1, default=_json_default, allow_nan=False)
+    print()
+    print(text)
+    print()
+    for note in notes:
+        print(f"* {note}")
+    print(f"\nresults: {json_path}" + ("" if plot_error else f"\nplot:    {png_path}"))
+    print(f"total time: {elapsed:.0f}s")
+    return 0
+
+
+def _json_default(obj: Any) -> Any:
+    return str(obj)
+
+
+def _clean_nan(value: Any) -> Any:
+    """NaN -> null (valid JSON), floats to 4 decimals."""
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else round(value, 4)
+    if isinstance(value, dict):
+        return {k: _clean_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_nan(v) for v in value]
+    return value
+
+
+def _standard_notes(
+    summaries: dict[str, dict[str, Any]], idle: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> list[str]:
+    notes = [
+        "Latencies: medians over runs of each run's percentile. p50/floor: p50 over the raw "
+        "LPUSH/BLPOP floor (streams: over the raw Streams floor); 1st/floor: median first call "
+        "after idle over the floor's.",
+        "cmds/call: INFO commandstats delta over the timed runs / calls, server-wide (commands run "
+        "inside Lua scripts and MULTI/EXEC count too; any other Redis client's traffic as well).",
+        "idle CPU%: worker process tree over the idle window, one core = 100 %; /proc stat ticks "
+        f"give a resolution of {100.0 / CLK_TCK / args.idle_seconds:.2f} % over {args.idle_seconds:g} s. "
+        "idle cmd/s is server-wide.",
+    ]
+    if "send" in summaries and "p50_ms" in summaries["send"]:
+        s = summaries["send"]
+        notes.append(
+            f"send: p50/p95/p99 time one .send() (enqueue only, {s.get('enqueue_per_s', math.nan):.0f} "
+            "msgs/s enqueued); calls/s counts until the worker has processed them all (broker.join)."
+        )
+    if "inflight" in summaries and "batch_p50_ms" in summaries["inflight"]:
+        s = summaries["inflight"]
+        notes.append(
+            f"inflight: call_many() of {args.batch} calls at a time from one thread; one batch took "
+            f"p50 {s['batch_p50_ms']:.1f} ms, p99 {s.get('batch_p99_ms', math.nan):.1f} ms."
+        )
+    if idle:
+        precise = ", ".join(f"{g} {v['cpu_pct_schedstat']:.3f}" for g, v in idle.items())
+        notes.append(f"idle CPU % per worker from schedstat (ns resolution, cross-check): {precise}.")
+    if "rpc" in idle and ("send" in summaries or "inflight" in summaries):
+        notes.append("call, send and inflight share one worker, so they share its idle figures.")
+    return notes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Dramatiq paths, worker side (also imported by the client to declare the same actors).
+
+    BENCH_DRAMATIQ_KIND=blocking dramatiq benchmarks.workers.dramatiq_app --processes 1 --threads 4
+
+Kinds:
+
+* ``blocking``: ``rpc_tasks.setup_broker()``'s default broker (``BlockingRedisBroker``) and an
+  ``@rpc_actor`` echo;
+* ``plain``: Dramatiq's own ``RedisBroker`` passed to ``rpc_tasks.setup_broker(broker)``, same
+  ``@rpc_actor`` echo;
+* ``results``: no rpc-tasks at all: Dramatiq's ``RedisBroker`` + ``Results(backend=RedisBackend)``
+  and a plain ``@dramatiq.actor(store_results=True)`` echo, everything at Dramatiq's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dramatiq
+from pydantic import BaseModel
+
+from benchmarks.common import Names, names, redis_url
+
+KINDS = ("blocking", "plain", "results")
+ACTOR_NAME = "bench_echo"
+
+
+class EchoParams(BaseModel):
+    message: str
+
+
+class EchoResult(BaseModel):
+    message: str
+
+
+def _echo(params: EchoParams) -> EchoResult:
+    return EchoResult(message=params.message)
+
+
+def _plain_echo(message: str) -> str:
+    return message
+
+
+def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dramatiq.Broker, Any, str]:
+    """``(broker, echo actor, queue name)`` of a worker kind; does not touch the global broker."""
+    n = n or names()
+    url = url or redis_url()
+    queue = n.queue(kind)
+    if kind == "results":
+        from dramatiq.brokers.redis import RedisBroker
+        from dramatiq.results import Results
+        from dramatiq.results.backends import RedisBackend
+
+        broker = RedisBroker(url=url, namespace=n.namespace(kind))
+        broker.add_middleware(Results(backend=RedisBackend(url=url)))
+        actor = dramatiq.actor(
+            _plain_echo, actor_name=ACTOR_NAME, queue_name=queue, broker=broker, store_results=True
+        )
+        return broker, actor, queue
+    from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
+
+    config = WebSocketRPCConfig(redis_url=url, response_key_prefix=n.rpc_reply_prefix, rpc_timeout=10)
+    if kind == "blocking":
+        # Exactly what users get by default (namespace "dramatiq"; the queue name is unique).
+        broker = setup_broker(config=config, broker_url=url, set_global=False)
+    elif kind == "plain":
+        from dramatiq.brokers.redis import RedisBroker
+
+        broker = setup_broker(
+            RedisBroker(url=url, namespace=n.namespace(kind)), config=config, set_global=False
+        )
+    else:
+        raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+    actor = rpc_actor(actor_name=ACTOR_NAME, queue_name=queue, broker=broker, max_retries=0)(_echo)
+    return broker, actor, queue
+
+
+broker: dramatiq.Broker | None = None
+if os.environ.get("BENCH_DRAMATIQ_KIND"):
+    # Imported by the dramatiq CLI: declare the worker's broker and actor, make it global.
+    broker, echo, QUEUE = build(os.environ["BENCH_DRAMATIQ_KIND"])
+    dramatiq.set_broker(broker)

@@ -1,0 +1,54 @@
+"""Raw Streams floor, server side: ``XREADGROUP ... BLOCK`` then ``LPUSH <reply_to>`` + ``XACK``
+(pipelined, one round trip).
+
+    python -m benchmarks.workers.streams_raw --max-seconds 600
+
+Plain redis-py, one consumer, one entry at a time. Exits on SIGTERM/SIGINT or after
+``--max-seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+
+import redis
+
+from benchmarks.common import names, redis_url
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-seconds", type=float, default=600.0)
+    args = parser.parse_args()
+    stop = {"now": False}
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    n = names()
+    client = redis.Redis.from_url(redis_url())
+    try:
+        client.xgroup_create(n.xraw_stream, n.group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    ends = time.monotonic() + args.max_seconds
+    while not stop["now"] and time.monotonic() < ends:
+        got = client.xreadgroup(n.group, "raw-1", {n.xraw_stream: ">"}, count=1, block=1000)
+        for _stream, entries in got or []:
+            for entry_id, fields in entries:
+                payload = fields[b"payload"]
+                with client.pipeline(transaction=False) as pipe:
+                    pipe.lpush(json.loads(payload)["reply_to"], payload)
+                    pipe.xack(n.xraw_stream, n.group, entry_id)
+                    pipe.execute()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
