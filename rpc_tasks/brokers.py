@@ -157,7 +157,12 @@ class _BlockingConsumer(_RedisConsumer):
         fetch_expected = not self.message_cache
         message = super().__next__()
         if message is None and fetch_expected and not self.message_cache:
-            if self.broker.wait_for_work(self.queue_name, self._block_for()):
+            block = self._block_for()
+            if self.is_delay_queue and block < self.block_seconds:
+                # Waiting for a known eta: sleep exactly (Redis times out blocking commands only
+                # every 1/hz s, 100 ms by default, which would bunch delayed messages together).
+                time.sleep(block)
+            elif self.broker.wait_for_work(self.queue_name, block):
                 message = super().__next__()
         if message is not None and self.is_delay_queue:
             eta = message.options.get("eta")
