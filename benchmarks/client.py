@@ -152,6 +152,16 @@ class CallPlainPath(CallPath):
     name = "call-plain"
 
 
+class CallRabbitmqPath(CallPath):
+    """Same ``@rpc_actor`` and config, Dramatiq's ``RabbitmqBroker`` (replies still over Redis)."""
+
+    kind = "rabbitmq"
+    name = "call-rabbitmq"
+
+    def close(self) -> None:
+        self.broker.close()
+
+
 class SendPath(CallPath):
     """``.send()`` N messages (each ``.send()`` timed: the enqueue round trip), then
     ``broker.join(queue)`` until the worker has processed (acked) them all."""
@@ -164,27 +174,33 @@ class SendPath(CallPath):
         self.broker.join(self.queue, interval=5, timeout=30_000)
 
     def run(self, n: int, bar: Any) -> dict[str, Any]:
-        self.broker.join(self.queue, interval=5, timeout=30_000)
-        latencies: list[float] = []
-        send = self.actor.send
-        params = self.params
-        clock = time.perf_counter
-        started = clock()
-        for _ in range(n):
-            t0 = clock()
-            send(params)
-            latencies.append((clock() - t0) * 1000.0)
-            bar.update(1)
-        sent = clock()
-        self.broker.join(self.queue, interval=5, timeout=120_000)
-        done = clock()
-        return {
-            "calls": n,
-            "elapsed_s": done - started,
-            "latencies_ms": latencies,
-            "enqueue_per_s": n / (sent - started),
-            "drain_after_last_send_s": done - sent,
-        }
+        return send_and_join(self, n, bar)
+
+
+def send_and_join(path: Any, n: int, bar: Any) -> dict[str, Any]:
+    """The ``send`` measurement, shared with ``dramatiq-send``: ``path.actor.send(path.params)``
+    ``n`` times (each timed), then ``path.broker.join(path.queue)`` until all were processed."""
+    path.broker.join(path.queue, interval=5, timeout=30_000)
+    latencies: list[float] = []
+    send = path.actor.send
+    params = path.params
+    clock = time.perf_counter
+    started = clock()
+    for _ in range(n):
+        t0 = clock()
+        send(params)
+        latencies.append((clock() - t0) * 1000.0)
+        bar.update(1)
+    sent = clock()
+    path.broker.join(path.queue, interval=5, timeout=120_000)
+    done = clock()
+    return {
+        "calls": n,
+        "elapsed_s": done - started,
+        "latencies_ms": latencies,
+        "enqueue_per_s": n / (sent - started),
+        "drain_after_last_send_s": done - sent,
+    }
 
 
 class InflightPath(CallPath):
@@ -239,6 +255,56 @@ class DramatiqResultsPath(Path):
             raise AssertionError("bad echo")
 
 
+class InflightDramatiqPath(DramatiqResultsPath):
+    """Dramatiq's own in flight: ``--batch`` ``actor.send(x)``, then ``get_result(block=True)``
+    of each (Dramatiq's defaults), repeated; on the ``dramatiq-results`` worker."""
+
+    name = "inflight-dramatiq"
+    first_call = False
+    batch = 100
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        batches: list[float] = []
+        send = self.actor.send
+        clock = time.perf_counter
+        started = clock()
+        left = n
+        while left > 0:
+            size = min(self.batch, left)
+            t0 = clock()
+            messages = [send(MESSAGE) for _ in range(size)]
+            results = [m.get_result(block=True) for m in messages]
+            batches.append((clock() - t0) * 1000.0)
+            if any(r != MESSAGE for r in results):
+                raise AssertionError("get_result returned wrong results")
+            left -= size
+            bar.update(size)
+        return {"calls": n, "elapsed_s": clock() - started, "latencies_ms": [], "batch_ms": batches}
+
+
+class DramatiqSendPath(Path):
+    """Dramatiq's own ``actor.send(x)`` (plain ``@dramatiq.actor``, ``RedisBroker``, no
+    rpc-tasks code), measured exactly like ``send``."""
+
+    name = "dramatiq-send"
+    first_call = False
+
+    def setup(self) -> None:
+        self.broker, self.actor, self.queue = _build("dramatiq")
+        self.params = MESSAGE
+
+    def probe(self) -> None:
+        self.actor.send(self.params)
+        # The polling consumer may sleep up to its 1 s back-off before it fetches.
+        self.broker.join(self.queue, interval=5, timeout=3_000)
+
+    def one(self) -> None:
+        self.actor.send(self.params)
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        return send_and_join(self, n, bar)
+
+
 class CeleryPath(Path):
     """Celery 5: ``echo.delay(x).get()`` with Redis broker and result backend."""
 
@@ -288,9 +354,12 @@ PATHS: dict[str, type[Path]] = {
         RawPath,
         CallPath,
         CallPlainPath,
+        CallRabbitmqPath,
         SendPath,
+        DramatiqSendPath,
         InflightPath,
         DramatiqResultsPath,
+        InflightDramatiqPath,
         CeleryPath,
         StreamsRawPath,
         StreamsPath,
@@ -364,7 +433,7 @@ def main() -> int:
     timer.daemon = True
     timer.start()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    InflightPath.batch = args.batch
+    InflightPath.batch = InflightDramatiqPath.batch = args.batch
 
     selected = [p for p in args.paths.split(",") if p]
     r = redis.Redis.from_url(redis_url())

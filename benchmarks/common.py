@@ -20,12 +20,19 @@ from urllib.parse import urlparse
 #: Default Redis URL: DB 14 (DB 12 is used by ``benchmarks.ws_fanout``, 9 by the tests). The
 #: orchestrator refuses a DB that holds other keys or has other clients connected.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+#: RabbitMQ of the ``call-rabbitmq`` path (change it with ``--rabbitmq-url`` or
+#: ``BENCH_RABBITMQ_URL``). The benchmark only creates and deletes its own queues there.
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: The payload every path echoes.
 MESSAGE = "hello"
 
 
 def redis_url() -> str:
     return os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+
+
+def rabbitmq_url() -> str:
+    return os.environ.get("BENCH_RABBITMQ_URL", DEFAULT_RABBITMQ_URL)
 
 
 def tag() -> str:
@@ -85,6 +92,12 @@ class Names:
 
     def queue(self, kind: str) -> str:
         return f"bench-{self.tag}-{kind}"
+
+    def rabbitmq_queues(self) -> tuple[str, str, str]:
+        """The RabbitMQ queues of the ``rabbitmq`` kind: Dramatiq's queue and its delay
+        (``.DQ``) and dead-letter (``.XQ``) queues."""
+        queue = self.queue("rabbitmq")
+        return queue, f"{queue}.DQ", f"{queue}.XQ"
 
 
 def names() -> Names:
@@ -177,6 +190,61 @@ def cpu_busy_pct(seconds: float) -> float:
     first = cpu_sample()
     time.sleep(seconds)
     return busy_between(first, cpu_sample())
+
+
+# -- RabbitMQ (the call-rabbitmq path) -----------------------------------------------------------
+
+
+def _rabbitmq_connection(url: str) -> Any:
+    import pika
+
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.blocked_connection_timeout = 10
+    return pika.BlockingConnection(params)
+
+
+def rabbitmq_check(url: str) -> tuple[str | None, str | None]:
+    """``(problem, server version)``: why RabbitMQ cannot be used (or None) and its version."""
+    try:
+        import pika  # noqa: F401
+    except ImportError:
+        return "pika is not installed (pip install 'rpc-tasks[rabbitmq]')", None
+    try:
+        conn = _rabbitmq_connection(url)
+    except Exception as exc:
+        host = urlparse(url).hostname
+        return (
+            f"RabbitMQ at {host}:{urlparse(url).port or 5672} is not reachable ({type(exc).__name__})",
+            None,
+        )
+    try:
+        version = conn._impl.server_properties.get("version")
+        return None, version.decode() if isinstance(version, bytes) else version
+    finally:
+        conn.close()
+
+
+def delete_rabbitmq_queues(url: str, queues: Sequence[str]) -> list[str]:
+    """Delete ``queues`` (absent ones are fine); returns those that still exist afterwards."""
+    import pika
+
+    conn = _rabbitmq_connection(url)
+    try:
+        channel = conn.channel()
+        for queue in queues:
+            channel.queue_delete(queue=queue)
+        left = []
+        for queue in queues:
+            try:
+                channel.queue_declare(queue=queue, passive=True)
+                left.append(queue)
+            except pika.exceptions.ChannelClosedByBroker:  # 404: gone, as it should be
+                channel = conn.channel()
+        return left
+    finally:
+        conn.close()
 
 
 # -- CPU time from /proc ----------------------------------------------------------------------

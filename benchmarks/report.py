@@ -12,8 +12,11 @@ PATH_ORDER = (
     "raw",
     "call",
     "call-plain",
+    "call-rabbitmq",
     "send",
+    "dramatiq-send",
     "inflight",
+    "inflight-dramatiq",
     "dramatiq-results",
     "celery",
     "streams-raw",
@@ -24,8 +27,13 @@ DESCRIPTIONS = {
     "raw": "floor: client LPUSH+BLPOP, echo process BLPOP+LPUSH (redis-py)",
     "call": "rpc-tasks @rpc_actor .call(), setup_broker() default (BlockingRedisBroker)",
     "call-plain": "rpc-tasks @rpc_actor .call(), setup_broker(dramatiq RedisBroker)",
+    "call-rabbitmq": "rpc-tasks @rpc_actor .call(), setup_broker(dramatiq RabbitmqBroker); replies over "
+    "Redis (cmds/call and idle cmd/s: Redis only)",
     "send": ".send() on the call worker: latency = enqueue only; calls/s = sent + processed",
+    "dramatiq-send": "plain @dramatiq.actor .send(), Dramatiq RedisBroker, measured like send",
     "inflight": ".call_many() batches from one thread (calls/s only)",
+    "inflight-dramatiq": "Dramatiq Results: batches of .send(), then get_result(block=True) of each "
+    "(calls/s only)",
     "dramatiq-results": "Dramatiq Results: @dramatiq.actor(store_results=True), get_result(block=True)",
     "celery": "Celery 5, Redis broker + backend, -P solo, .delay().get()",
     "streams-raw": "Streams floor: client XADD+BLPOP, server XREADGROUP BLOCK+LPUSH+XACK",
@@ -81,6 +89,7 @@ def summarize(raw: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any
         "calls_per_s",
         "redis_cmds_per_call",
         "enqueue_per_s",
+        "drain_after_last_send_s",
         "batch_p50_ms",
         "batch_p99_ms",
     ):
@@ -112,6 +121,111 @@ def add_ratios(summaries: dict[str, dict[str, Any]]) -> None:
         s["first_call_ratio_to_own_p50"] = _ratio(s.get("first_call_p50_ms"), s.get("p50_ms"))
 
 
+#: Goal of ``send`` calls/s over ``dramatiq-send`` calls/s.
+SEND_GOAL = 0.9
+#: Paths measuring a Dramatiq configuration with many calls in flight (results collected).
+DRAMATIQ_INFLIGHT_PATHS = ("inflight-dramatiq",)
+
+
+def _measured(s: dict[str, Any] | None, key: str = "calls_per_s") -> bool:
+    if not s or any(k in s for k in ("error", "na", "skipped")):
+        return False
+    value = s.get(key)
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The headline ratios of a run (only those whose paths were measured)."""
+    out: dict[str, dict[str, Any]] = {}
+    send, dsend = summaries.get("send"), summaries.get("dramatiq-send")
+    if _measured(send) and _measured(dsend):
+        assert send is not None and dsend is not None
+        ratio = _ratio(send["calls_per_s"], dsend["calls_per_s"])
+        out["send_vs_dramatiq_send"] = {
+            "send_calls_per_s": send["calls_per_s"],
+            "dramatiq_send_calls_per_s": dsend["calls_per_s"],
+            "calls_per_s_ratio": ratio,
+            "goal": SEND_GOAL,
+            "goal_met": bool(ratio >= SEND_GOAL),
+            "send_enqueue_per_s": send.get("enqueue_per_s"),
+            "dramatiq_send_enqueue_per_s": dsend.get("enqueue_per_s"),
+            "enqueue_per_s_ratio": _ratio(send.get("enqueue_per_s"), dsend.get("enqueue_per_s")),
+            "send_enqueue_p50_ms": send.get("p50_ms"),
+            "dramatiq_send_enqueue_p50_ms": dsend.get("p50_ms"),
+            "enqueue_p50_ratio": _ratio(send.get("p50_ms"), dsend.get("p50_ms")),
+        }
+    inflight = summaries.get("inflight")
+    if _measured(inflight):
+        assert inflight is not None
+        measured = {
+            p: summaries[p]["calls_per_s"] for p in DRAMATIQ_INFLIGHT_PATHS if _measured(summaries.get(p))
+        }
+        entry: dict[str, Any] = {"inflight_calls_per_s": inflight["calls_per_s"]}
+        if measured:
+            best = max(measured, key=lambda p: measured[p])
+            entry |= {
+                "best_path": best,
+                "best_calls_per_s": measured[best],
+                "ratio": _ratio(inflight["calls_per_s"], measured[best]),
+            }
+        else:
+            entry |= {"ratio": math.nan, "reason": "no Dramatiq in-flight path measured in this run"}
+        out["inflight_vs_best_dramatiq_inflight"] = entry
+    rabbit, raw = summaries.get("call-rabbitmq"), summaries.get("raw")
+    if _measured(rabbit, "p50_ms") and _measured(raw, "p50_ms"):
+        assert rabbit is not None and raw is not None
+        call = summaries.get("call")
+        out["call_rabbitmq_vs_raw"] = {
+            "call_rabbitmq_p50_ms": rabbit["p50_ms"],
+            "raw_p50_ms": raw["p50_ms"],
+            "p50_ratio": _ratio(rabbit["p50_ms"], raw["p50_ms"]),
+            "first_call_ratio": _ratio(rabbit.get("first_call_p50_ms"), raw.get("first_call_p50_ms")),
+            "call_p50_ratio": _ratio(call.get("p50_ms"), raw["p50_ms"])
+            if _measured(call, "p50_ms")
+            else math.nan,
+        }
+    return out
+
+
+def comparison_lines(comp: dict[str, dict[str, Any]]) -> list[str]:
+    """The headline ratios as text (printed under the table)."""
+    lines = []
+    c = comp.get("send_vs_dramatiq_send")
+    if c:
+        verdict = "met" if c["goal_met"] else "NOT met"
+        throughput = (
+            f"calls/s {c['send_calls_per_s']:.0f} / {c['dramatiq_send_calls_per_s']:.0f} = "
+            f"{_f(c['calls_per_s_ratio'], '.2f')} (goal >= {c['goal']}: {verdict})"
+        )
+        enqueue_rate = (
+            f"msgs/s {_f(c['send_enqueue_per_s'], '.0f')} / {_f(c['dramatiq_send_enqueue_per_s'], '.0f')} = "
+            f"{_f(c['enqueue_per_s_ratio'], '.2f')}"
+        )
+        enqueue_p50 = (
+            f"p50 {_f(c['send_enqueue_p50_ms'], '.3f')} / {_f(c['dramatiq_send_enqueue_p50_ms'], '.3f')} "
+            f"ms = {_f(c['enqueue_p50_ratio'], '.2f')}x"
+        )
+        lines.append(f"send vs dramatiq-send: {throughput}; enqueue only: {enqueue_rate}, {enqueue_p50}")
+    c = comp.get("inflight_vs_best_dramatiq_inflight")
+    if c:
+        if "best_path" in c:
+            lines.append(
+                f"inflight vs best Dramatiq in-flight ({c['best_path']}): calls/s "
+                f"{c['inflight_calls_per_s']:.0f} / {c['best_calls_per_s']:.0f} = {_f(c['ratio'], '.2f')}"
+            )
+        else:
+            lines.append(f"inflight vs best Dramatiq in-flight: — ({c['reason']})")
+    c = comp.get("call_rabbitmq_vs_raw")
+    if c:
+        call = _f(c["call_p50_ratio"], ".2f")
+        lines.append(
+            f"call-rabbitmq vs raw floor: p50 {c['call_rabbitmq_p50_ms']:.3f} / {c['raw_p50_ms']:.3f} ms = "
+            f"{_f(c['p50_ratio'], '.2f')}x{'' if call == '—' else f' (call: {call}x)'}; first call after "
+            f"idle {_f(c['first_call_ratio'], '.1f')}x"
+        )
+    return ["Ratios:", *(f"  {line}" for line in lines)] if lines else []
+
+
 def _ratio(a: Any, b: Any) -> float:
     if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b or math.isnan(b):
         return math.nan
@@ -125,7 +239,7 @@ def _f(value: Any, fmt: str) -> str:
 
 
 COLUMNS = (
-    ("path", 16, "<"),
+    ("path", 17, "<"),
     ("p50 ms", 7, ">"),
     ("p95 ms", 7, ">"),
     ("p99 ms", 7, ">"),
@@ -160,7 +274,7 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
             continue
         if "skipped" in s or "na" in s or "error" in s:
             reason = s.get("skipped") or s.get("na") or f"error: {s.get('error')}"
-            lines.append(f"{name:<16}  {str(reason)[:110]}")
+            lines.append(f"{name:<{COLUMNS[0][1]}}  {str(reason)[:110]}")
             continue
         idle = s.get("idle") or {}
         floor = s.get("floor")
@@ -210,8 +324,8 @@ def plot(summaries: dict[str, dict[str, Any]], path: str, title: str) -> str | N
             n = len(data)
             label = f"{name} (p50 {s['p50_ms']:.2f} ms)"
             style = "-"
-            if name == "send":
-                label, style = f"send, enqueue only (p50 {s['p50_ms']:.2f} ms)", "--"
+            if name in ("send", "dramatiq-send"):
+                label, style = f"{name}, enqueue only (p50 {s['p50_ms']:.2f} ms)", "--"
             elif name in ("raw", "streams-raw"):
                 style = ":"
             ax.step(data, [(i + 1) / n for i in range(n)], where="post", label=label, linestyle=style)

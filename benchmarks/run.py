@@ -1,13 +1,14 @@
-"""``make bench``: rpc-tasks against its raw Redis floors, Dramatiq's Results and Celery.
+"""``make bench``: rpc-tasks against its raw Redis floors, plain Dramatiq and Celery.
 
     python -m benchmarks.run [--quick] [--paths raw,call,...] [--calls N] [--runs N]
 
 Every worker is a separate process (started here, one group at a time, each in its own
 session under a hard time limit), every client runs in its own process too; all use the same
 local Redis and one dedicated DB (default 14; it must be empty and unused, never DB 0; flushed
-at the end). For each path: wait for the worker, warm up, several timed runs (the table shows
-medians over runs), then single calls after 1.5 s of idleness; then the worker's idle CPU and
-the Redis commands it sends while idle are measured over 3 s. Results go to
+at the end); ``call-rabbitmq`` also uses the local RabbitMQ (its queues are deleted at the end).
+For each path: wait for the worker, warm up, several timed runs (the table shows medians over
+runs), then single calls after 1.5 s of idleness; then the worker's idle CPU and the Redis
+commands it sends while idle are measured over 3 s. Results go to
 ``benchmarks/results/<timestamp>.json`` with a latency CDF plot next to it. See
 ``benchmarks/README.md``.
 """
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -38,13 +40,17 @@ from benchmarks import report
 from benchmarks.common import (
     CLAIM_KEY,
     CLK_TCK,
+    DEFAULT_RABBITMQ_URL,
     DEFAULT_REDIS_URL,
+    Names,
     busy_between,
     commands_delta,
     commandstats,
     cpu_busy_pct,
     cpu_sample,
+    delete_rabbitmq_queues,
     foreign_clients,
+    rabbitmq_check,
     redis_db,
     session_cpu_ns,
     session_cpu_ticks,
@@ -67,7 +73,9 @@ GROUPS = (
     Group("raw", ("raw",)),
     Group("rpc", ("call", "send", "inflight")),
     Group("rpc-plain", ("call-plain",)),
-    Group("dramatiq-results", ("dramatiq-results",)),
+    Group("rpc-rabbitmq", ("call-rabbitmq",)),
+    Group("dramatiq-plain", ("dramatiq-send",)),
+    Group("dramatiq-results", ("dramatiq-results", "inflight-dramatiq")),
     Group("celery", ("celery",)),
     Group("streams-raw", ("streams-raw",)),
     Group("streams", ("streams",)),
@@ -81,8 +89,15 @@ def worker_command(group: str, threads: int, lifetime: float, tag: str) -> tuple
         return [py, "-m", "benchmarks.workers.raw_echo", "--max-seconds", str(lifetime)], {}
     if group == "streams-raw":
         return [py, "-m", "benchmarks.workers.streams_raw", "--max-seconds", str(lifetime)], {}
-    if group in ("rpc", "rpc-plain", "dramatiq-results"):
-        kind = {"rpc": "blocking", "rpc-plain": "plain", "dramatiq-results": "results"}[group]
+    kinds = {
+        "rpc": "blocking",
+        "rpc-plain": "plain",
+        "rpc-rabbitmq": "rabbitmq",
+        "dramatiq-plain": "dramatiq",
+        "dramatiq-results": "results",
+    }
+    if group in kinds:
+        kind = kinds[group]
         cmd = [
             py,
             "-m",
@@ -232,7 +247,7 @@ def release_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("rpc-tasks", "dramatiq", "redis", "hiredis", "pydantic", "celery", "kombu"):
+    for dist in ("rpc-tasks", "dramatiq", "redis", "hiredis", "pydantic", "pika", "celery", "kombu"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -262,6 +277,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redis-url",
         default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
         help="dedicated DB (flushed!)",
+    )
+    parser.add_argument(
+        "--rabbitmq-url",
+        default=os.environ.get("BENCH_RABBITMQ_URL", DEFAULT_RABBITMQ_URL),
+        help="RabbitMQ of the call-rabbitmq path (its per-run queues are deleted at the end)",
     )
     parser.add_argument(
         "--wait-quiet",
@@ -322,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     env.update(
         {
             "BENCH_REDIS_URL": args.redis_url,
+            "BENCH_RABBITMQ_URL": args.rabbitmq_url,
             "BENCH_TAG": tag,
             "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
             "PYTHONUNBUFFERED": "1",
@@ -334,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     logdir = tempfile.mkdtemp(prefix=f"bench-{tag}-")
     groups = [g for g in GROUPS if any(p in args.path_list for p in g.paths)]
     env_by_group: dict[str, dict[str, float]] = {}
+    rabbitmq_version: str | None = None
+    rabbitmq_queues = Names(tag).rabbitmq_queues()
+    rabbitmq_used = False  # its queues are to be deleted at the end
     try:
         for i, group in enumerate(groups, 1):
             paths = [p for p in group.paths if p in args.path_list]
@@ -342,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(groups)}] celery: {msg}", flush=True)
                 raw_results["celery"] = {"path": "celery", "skipped": msg}
                 continue
+            if group.name == "rpc-rabbitmq":
+                problem, rabbitmq_version = rabbitmq_check(args.rabbitmq_url)
+                if problem:
+                    msg = f"skipped: {problem}"
+                    print(f"[{i}/{len(groups)}] {group.name}: {msg}", flush=True)
+                    for p in paths:
+                        raw_results[p] = {"path": p, "skipped": msg}
+                    continue
+                rabbitmq_used = True
             env_by_group[group.name] = seen = quiet_environment(r, args.wait_quiet)
             if is_busy(seen):
                 print(
@@ -407,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             worker.stop()
             worker = None
+            if group.name == "rpc-rabbitmq":
+                notes.append(_delete_queues(args.rabbitmq_url, rabbitmq_queues))
+                rabbitmq_used = False
             for p in paths:
                 s = raw_results[p]
                 if "error" in s:
@@ -426,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if worker is not None:
             worker.stop()
+        if rabbitmq_used:  # interrupted or failed while the RabbitMQ group ran
+            print(_delete_queues(args.rabbitmq_url, rabbitmq_queues), file=sys.stderr)
         try:
             note = release_db(r, db, own_name, tag)
             if note:
@@ -444,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         summaries[name] = report.summarize(raw, idle_by_group.get(group_of[name]))
     report.add_ratios(summaries)
     text = report.table(summaries)
+    comparisons = report.comparisons(summaries)
+    comparison_text = "\n".join(report.comparison_lines(comparisons))
     disturbed = [
         f"{g} before ({e['redis_cmds_per_s']:.0f} cmds/s, CPU {e['cpu_busy_pct']:.0f} %)"
         for g, e in env_by_group.items()
@@ -496,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         "inflight_batch": args.batch,
         "redis_url": args.redis_url,
         "redis_version": r.info("server").get("redis_version"),
+        "rabbitmq_url": redact(args.rabbitmq_url) if "call-rabbitmq" in args.path_list else None,
+        "rabbitmq_version": rabbitmq_version,
         "environment_before_each_group": env_by_group,
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -503,17 +545,48 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1),
         "plot": None if plot_error else str(png_path),
     }
-    payload = {"meta": meta, "table": text, "notes": notes, "paths": summaries}
+    payload = {
+        "meta": meta,
+        "table": text,
+        "comparisons": comparisons,
+        "comparisons_text": comparison_text,
+        "notes": notes,
+        "paths": summaries,
+    }
     with open(json_path, "w", encoding="utf-8") as fh:
         json.dump(_clean_nan(payload), fh, indent=1, default=_json_default, allow_nan=False)
     print()
     print(text)
     print()
+    if comparison_text:
+        print(comparison_text)
+        print()
     for note in notes:
         print(f"* {note}")
     print(f"\nresults: {json_path}" + ("" if plot_error else f"\nplot:    {png_path}"))
     print(f"total time: {elapsed:.0f}s")
     return 0
+
+
+def _delete_queues(url: str, queues: tuple[str, ...]) -> str:
+    """Delete the run's RabbitMQ queues; returns a note saying so (or what is left)."""
+    try:
+        left = delete_rabbitmq_queues(url, queues)
+    except Exception as exc:
+        return (
+            f"WARNING: could not delete the RabbitMQ queues {', '.join(queues)}: {type(exc).__name__}: {exc}"
+        )
+    if left:
+        return f"WARNING: RabbitMQ queues still present after deleting them: {', '.join(left)}."
+    return f"RabbitMQ queues {', '.join(queues)} deleted."
+
+
+def redact(url: str) -> str:
+    """``url`` without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def _json_default(obj: Any) -> Any:
@@ -548,7 +621,17 @@ def _standard_notes(
         s = summaries["send"]
         notes.append(
             f"send: p50/p95/p99 time one .send() (enqueue only, {s.get('enqueue_per_s', math.nan):.0f} "
-            "msgs/s enqueued); calls/s counts until the worker has processed them all (broker.join)."
+            "msgs/s enqueued); calls/s counts until the worker has processed them all (broker.join; "
+            f"{s.get('drain_after_last_send_s', math.nan) * 1000:.0f} ms after the last send)."
+        )
+    if "dramatiq-send" in summaries and "p50_ms" in summaries["dramatiq-send"]:
+        s = summaries["dramatiq-send"]
+        notes.append(
+            f"dramatiq-send: measured like send, plain @dramatiq.actor on Dramatiq's RedisBroker "
+            f"({s.get('enqueue_per_s', math.nan):.0f} msgs/s enqueued; processed "
+            f"{s.get('drain_after_last_send_s', math.nan) * 1000:.0f} ms after the last send). Its polling "
+            "consumer treats a full prefetch buffer (2 x threads messages) like an empty queue and sleeps "
+            "its back-off (5-10 ms, doubling per miss, up to 1 s) before it fetches again."
         )
     if "inflight" in summaries and "batch_p50_ms" in summaries["inflight"]:
         s = summaries["inflight"]
@@ -556,11 +639,27 @@ def _standard_notes(
             f"inflight: call_many() of {args.batch} calls at a time from one thread; one batch took "
             f"p50 {s['batch_p50_ms']:.1f} ms, p99 {s.get('batch_p99_ms', math.nan):.1f} ms."
         )
+    if "inflight-dramatiq" in summaries and "batch_p50_ms" in summaries["inflight-dramatiq"]:
+        s = summaries["inflight-dramatiq"]
+        notes.append(
+            f"inflight-dramatiq: {args.batch} x actor.send(), then get_result(block=True) of each, from "
+            f"one thread; one batch took p50 {s['batch_p50_ms']:.1f} ms, "
+            f"p99 {s.get('batch_p99_ms', math.nan):.1f} ms."
+        )
+    if "call-rabbitmq" in summaries and "p50_ms" in summaries["call-rabbitmq"]:
+        notes.append(
+            "call-rabbitmq: messages travel over RabbitMQ, replies over Redis; its cmds/call and idle "
+            "cmd/s count only Redis commands (RabbitMQ traffic is not counted)."
+        )
     if idle:
         precise = ", ".join(f"{g} {v['cpu_pct_schedstat']:.3f}" for g, v in idle.items())
         notes.append(f"idle CPU % per worker from schedstat (ns resolution, cross-check): {precise}.")
     if "rpc" in idle and ("send" in summaries or "inflight" in summaries):
         notes.append("call, send and inflight share one worker, so they share its idle figures.")
+    if "dramatiq-results" in idle and "inflight-dramatiq" in summaries:
+        notes.append(
+            "dramatiq-results and inflight-dramatiq share one worker, so they share its idle figures."
+        )
     return notes
 
 

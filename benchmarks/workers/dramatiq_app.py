@@ -8,8 +8,12 @@ Kinds:
   ``@rpc_actor`` echo;
 * ``plain``: Dramatiq's own ``RedisBroker`` passed to ``rpc_tasks.setup_broker(broker)``, same
   ``@rpc_actor`` echo;
+* ``rabbitmq``: Dramatiq's ``RabbitmqBroker`` (``BENCH_RABBITMQ_URL``) passed to
+  ``rpc_tasks.setup_broker(broker)``, same ``@rpc_actor`` echo and config (replies over Redis);
 * ``results``: no rpc-tasks at all: Dramatiq's ``RedisBroker`` + ``Results(backend=RedisBackend)``
-  and a plain ``@dramatiq.actor(store_results=True)`` echo, everything at Dramatiq's defaults.
+  and a plain ``@dramatiq.actor(store_results=True)`` echo, everything at Dramatiq's defaults;
+* ``dramatiq``: no rpc-tasks at all: Dramatiq's ``RedisBroker`` and a plain ``@dramatiq.actor``
+  echo (no result backend), at Dramatiq's defaults.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from typing import Any
 import dramatiq
 from pydantic import BaseModel
 
-from benchmarks.common import Names, names, redis_url
+from benchmarks.common import Names, names, rabbitmq_url, redis_url
 
-KINDS = ("blocking", "plain", "results")
+KINDS = ("blocking", "plain", "rabbitmq", "results", "dramatiq")
 ACTOR_NAME = "bench_echo"
 
 
@@ -58,6 +62,12 @@ def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dr
             _plain_echo, actor_name=ACTOR_NAME, queue_name=queue, broker=broker, store_results=True
         )
         return broker, actor, queue
+    if kind == "dramatiq":
+        from dramatiq.brokers.redis import RedisBroker
+
+        broker = RedisBroker(url=url, namespace=n.namespace(kind))
+        actor = dramatiq.actor(_plain_echo, actor_name=ACTOR_NAME, queue_name=queue, broker=broker)
+        return broker, actor, queue
     from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
 
     config = WebSocketRPCConfig(redis_url=url, response_key_prefix=n.rpc_reply_prefix, rpc_timeout=10)
@@ -70,6 +80,10 @@ def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dr
         broker = setup_broker(
             RedisBroker(url=url, namespace=n.namespace(kind)), config=config, set_global=False
         )
+    elif kind == "rabbitmq":
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker = setup_broker(RabbitmqBroker(url=rabbitmq_url()), config=config, set_global=False)
     else:
         raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
     actor = rpc_actor(actor_name=ACTOR_NAME, queue_name=queue, broker=broker, max_retries=0)(_echo)
