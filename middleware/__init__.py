@@ -8,13 +8,12 @@
 
 from .ratelimits import RPCRateLimits, parse_rate, rate_limit_key
 from .replies import RPCReplies
-from .retries import RPCRetries, is_permanent, rpc_error_of
+from .retries import RPCRetries, rpc_error_of
 
 __all__ = [
     "RPCRateLimits",
     "RPCReplies",
     "RPCRetries",
-    "is_permanent",
     "parse_rate",
     "rate_limit_key",
     "rpc_error_of",

@@ -1,12 +1,13 @@
 """``RPCReplies``: the Dramatiq middleware that sends ``.call()`` results back to callers.
 
 * ``before_process_message``: a ``.call()`` message whose caller's deadline has passed is
-  skipped (not executed, no reply, logged, counted); a message for an actor this worker does
-  not know is failed at once with a ``method_not_found`` reply (Dramatiq would otherwise ack it
-  silently and leave the caller hanging; Dramatiq issue #448).
+  skipped (not executed, no reply, logged, counted).
 * ``after_process_message``: on success, push the success envelope to the reply key.
 * ``after_nack``: the message failed for good (retries exhausted, non-retryable error, bad
-  params): push the structured error envelope. Nothing is pushed while Dramatiq will still retry.
+  params, an actor this worker does not know, a message that could not be decoded): push the
+  structured error envelope (``method_not_found`` / ``invalid_request`` for the last two, which
+  Dramatiq 2.x dead-letters before any worker thread sees them; Dramatiq issue #448). Nothing
+  is pushed while Dramatiq will still retry.
 
 ``.send()`` messages carry no reply address and never get a reply.
 """
@@ -103,24 +104,6 @@ class RPCReplies(Middleware):
                 )
                 context.leave()
                 raise SkipMessage("caller deadline passed")
-        if message.actor_name == UNDECODABLE_ACTOR:
-            context.attach_error(message, _undecodable_error(message))
-            message.fail()
-        elif message.actor_name not in broker.actors:
-            self._count("unknown_actor")
-            logger.error(
-                "Message %s names actor %r, which this worker does not know; failing it.",
-                message.message_id,
-                message.actor_name,
-            )
-            context.attach_error(
-                message,
-                RPCError(
-                    code=RPCErrorCode.METHOD_NOT_FOUND,
-                    message=f"no actor named {message.actor_name!r} on queue {message.queue_name!r}",
-                ),
-            )
-            message.fail()
 
     def after_process_message(
         self,
@@ -131,12 +114,7 @@ class RPCReplies(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         ctx = context.leave()
-        if exception is not None:
-            if type(exception).__name__ == "ActorNotFound" and not message.failed:
-                context.attach_error(message, protocol.error_from_exception(exception))
-                message.fail()
-            return
-        if message.failed:
+        if exception is not None or message.failed:
             return
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
         if reply_to is None:

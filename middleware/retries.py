@@ -36,20 +36,13 @@ from dramatiq.middleware import Retries
 from pydantic import ValidationError
 
 from rpc_tasks import context, metrics, protocol
-from rpc_tasks.exceptions import RPCException, RPCRemoteError
+from rpc_tasks.exceptions import RPCException
 from rpc_tasks.models.errors import RPCError, RPCErrorCode
 
 logger = logging.getLogger("rpc_tasks.retries")
 
 #: Dramatiq refuses delays of 7 days or more.
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 1
-
-
-def is_permanent(exception: BaseException) -> bool:
-    """True for errors that retrying cannot fix (by their own ``retryable`` flag)."""
-    if isinstance(exception, RPCRemoteError):
-        return not exception.is_retryable
-    return type(exception).__name__ == "ActorNotFound"
 
 
 def rpc_error_of(exception: BaseException) -> RPCError | None:

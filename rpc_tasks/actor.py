@@ -193,11 +193,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """
         replies = find_replies_middleware(self.broker)
         config = replies.config
-        if timeout is None:
-            timeout = config.rpc_timeout
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        timeout = float(timeout)
+        timeout = protocol.check_timeout(timeout, config.rpc_timeout)
         started = time.time()
         delay = options.pop("delay", None)
         message = self.message_with_options(args=(params,), **options)
@@ -238,10 +234,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """
         replies = find_replies_middleware(self.broker)
         config = replies.config
-        if timeout is None:
-            timeout = config.rpc_timeout
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = protocol.check_timeout(timeout, config.rpc_timeout)
         started = time.time()
         delay = options.pop("delay", None)
         messages = [self.message_with_options(args=(p,), **options) for p in params_list]
@@ -249,7 +242,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             return []
         channel = replies.channel
         key = channel.key_for(f"batch-{messages[0].message_id}")
-        deadline = protocol.deadline_from_timeout(float(timeout), started)
+        deadline = protocol.deadline_from_timeout(timeout, started)
         extra = {protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: deadline}
         batch = [message.copy(options={**message.options, **extra}) for message in messages]
         enqueue_many = getattr(self.broker, "enqueue_many", None)
@@ -286,7 +279,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         channel.discard(key)
         for i, outcome in enumerate(outcomes):
             if outcome is _PENDING:
-                outcomes[i] = RPCTimeoutError(self.actor_name, float(timeout))
+                outcomes[i] = RPCTimeoutError(self.actor_name, timeout)
         if not return_exceptions:
             for outcome in outcomes:
                 if isinstance(outcome, RPCException):

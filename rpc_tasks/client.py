@@ -68,11 +68,7 @@ class WebSocketRPCClient:
         retry_after), ``pydantic.ValidationError`` (the result does not match
         ``result_model``) or :class:`RPCConnectionError` (any Redis failure).
         """
-        if timeout is None:
-            timeout = self.config.rpc_timeout
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        timeout = float(timeout)
+        timeout = protocol.check_timeout(timeout, self.config.rpc_timeout)
         if timeout > protocol.MAX_REQUEST_TIMEOUT:
             raise ValueError(f"timeout must be at most {protocol.MAX_REQUEST_TIMEOUT} s")
         started = time.monotonic()

@@ -491,6 +491,16 @@ def decode_request(data: bytes | str | None, *, max_bytes: int | None = None) ->
 # -- deadlines ---------------------------------------------------------------------------------
 
 
+def check_timeout(timeout: Any, default: float) -> float:
+    """A caller's timeout in seconds (``None`` means ``default``); raises ``ValueError``
+    unless it is a positive number."""
+    if timeout is None:
+        timeout = default
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
 def deadline_from_timeout(timeout: float, now: float | None = None) -> float:
     """Absolute deadline (epoch seconds) for a call that waits ``timeout`` seconds."""
     return (time.time() if now is None else now) + timeout

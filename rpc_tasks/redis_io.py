@@ -130,63 +130,45 @@ class ReplyChannel:
         pipelined behind the ``BLPOP`` so a duplicate reply (e.g. after a redelivery) does not
         linger, at no extra round trip.
         """
+        responses = self._blocking_pop(key, timeout, ("DEL", key))
+        if responses is None or not responses[0]:
+            return None
+        value = responses[0][1]
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    def wait_many(self, key: str, timeout: float, most: int) -> list[bytes]:
+        """Block up to ``timeout`` s for at least one reply on ``key``, then take up to ``most``
+        in the same round trip (``BLPOP`` + ``LPOP key count``). Empty list on timeout."""
+        responses = self._blocking_pop(key, timeout, ("LPOP", key, most - 1) if most > 1 else None)
+        if responses is None:
+            return []
+        popped, rest = responses[0], (responses[1] if len(responses) > 1 else None)
+        return ([popped[1]] if popped else []) + list(rest or [])
+
+    def _blocking_pop(self, key: str, timeout: float, follow_up: tuple[Any, ...] | None) -> list[Any] | None:
+        """``BLPOP key`` (plus one pipelined follow-up command) with a client-side deadline;
+        the responses, or ``None`` when the deadline passed first."""
         wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
         deadline = time.monotonic() + wait_for
-        server_timeout = round(wait_for + SERVER_SLACK_SECONDS, 3)
+        commands: list[tuple[Any, ...]] = [("BLPOP", key, round(wait_for + SERVER_SLACK_SECONDS, 3))]
+        if follow_up is not None:
+            commands.append(follow_up)
         pool = self.client.connection_pool
         try:
             conn: Any = pool.get_connection()
         except RedisError as exc:
             raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
         try:
-            conn.send_packed_command(conn.pack_commands([("BLPOP", key, server_timeout), ("DEL", key)]))
+            conn.send_packed_command(conn.pack_commands(commands))
             if not _wait_readable(conn, deadline):
                 conn.disconnect()  # cancels the pending BLPOP; the pool reconnects on next use
                 return None
-            popped = conn.read_response()
-            conn.read_response()  # DEL
+            return [conn.read_response() for _ in commands]
         except (RedisError, OSError) as exc:
             conn.disconnect()
             raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
         finally:
             pool.release(conn)
-        if not popped:
-            return None
-        value = popped[1]
-        return value if isinstance(value, bytes) else str(value).encode()
-
-    def wait_many(self, key: str, timeout: float, most: int) -> list[bytes]:
-        """Block up to ``timeout`` s for at least one reply on ``key``, then take up to ``most``
-        in the same round trip (``BLPOP`` + ``LPOP key count``). Empty list on timeout."""
-        wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
-        deadline = time.monotonic() + wait_for
-        server_timeout = round(wait_for + SERVER_SLACK_SECONDS, 3)
-        pool = self.client.connection_pool
-        try:
-            conn: Any = pool.get_connection()
-        except RedisError as exc:
-            raise RPCConnectionError(f"no Redis connection for the replies: {exc}") from exc
-        try:
-            commands: list[tuple[Any, ...]] = [("BLPOP", key, server_timeout)]
-            if most > 1:
-                commands.append(("LPOP", key, most - 1))
-            conn.send_packed_command(conn.pack_commands(commands))
-            if not _wait_readable(conn, deadline):
-                conn.disconnect()
-                return []
-            popped = conn.read_response()
-            rest = conn.read_response() if most > 1 else None
-        except (RedisError, OSError) as exc:
-            conn.disconnect()
-            raise RPCConnectionError(f"lost Redis while waiting for replies: {exc}") from exc
-        finally:
-            pool.release(conn)
-        out: list[bytes] = []
-        if popped:
-            out.append(popped[1])
-        if rest:
-            out.extend(rest)
-        return out
 
     def discard(self, key: str) -> None:
         """Delete a reply key (best effort, e.g. after a caller gave up)."""
@@ -565,9 +547,9 @@ class AsyncWSStore:
         """Record a live connection of ``user_id``."""
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(protocol_ws.conn(connection_id), record, ex=self.ttl)
-                pipe.sadd(protocol_ws.user(user_id), connection_id)
-                pipe.expire(protocol_ws.user(user_id), self.ttl * 4)
+                pipe.set(_protocol.ws_conn_key(connection_id), record, ex=self.ttl)
+                pipe.sadd(_protocol.ws_user_key(user_id), connection_id)
+                pipe.expire(_protocol.ws_user_key(user_id), self.ttl * 4)
                 await pipe.execute()
         except RedisError as exc:
             raise self._fail("presence register", exc) from exc
@@ -576,11 +558,11 @@ class AsyncWSStore:
         """Heartbeat: extend this instance's and its connections' presence."""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(protocol_ws.instance(instance_id), b"1", ex=self.ttl)
+                pipe.set(_protocol.ws_instance_key(instance_id), b"1", ex=self.ttl)
                 for connection_id, user_id, record in records:
-                    pipe.set(protocol_ws.conn(connection_id), record, ex=self.ttl)
-                    pipe.sadd(protocol_ws.user(user_id), connection_id)
-                    pipe.expire(protocol_ws.user(user_id), self.ttl * 4)
+                    pipe.set(_protocol.ws_conn_key(connection_id), record, ex=self.ttl)
+                    pipe.sadd(_protocol.ws_user_key(user_id), connection_id)
+                    pipe.expire(_protocol.ws_user_key(user_id), self.ttl * 4)
                 await pipe.execute()
         except RedisError as exc:
             raise self._fail("presence refresh", exc) from exc
@@ -589,8 +571,8 @@ class AsyncWSStore:
         """Forget a closed connection."""
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.delete(protocol_ws.conn(connection_id))
-                pipe.srem(protocol_ws.user(user_id), connection_id)
+                pipe.delete(_protocol.ws_conn_key(connection_id))
+                pipe.srem(_protocol.ws_user_key(user_id), connection_id)
                 await pipe.execute()
         except RedisError as exc:
             raise self._fail("presence unregister", exc) from exc
@@ -600,46 +582,43 @@ class AsyncWSStore:
         try:
             ids = [
                 i.decode() if isinstance(i, bytes) else str(i)
-                for i in await self.client.smembers(protocol_ws.user(user_id))
+                for i in await self.client.smembers(_protocol.ws_user_key(user_id))
             ]
             if not ids:
                 return []
-            records = await self.client.mget([protocol_ws.conn(i) for i in ids])
+            records = await self.client.mget([_protocol.ws_conn_key(i) for i in ids])
             stale = [i for i, rec in zip(ids, records, strict=True) if rec is None]
             if stale:
-                await self.client.srem(protocol_ws.user(user_id), *stale)
+                await self.client.srem(_protocol.ws_user_key(user_id), *stale)
             return [rec for rec in records if rec is not None]
         except RedisError as exc:
             raise self._fail("presence lookup", exc) from exc
 
     async def room_join(self, room: str, user_id: str) -> int:
         """Add ``user_id`` to ``room``; returns the member count."""
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.sadd(protocol_ws.room(room), user_id)
-                pipe.scard(protocol_ws.room(room))
-                _, count = await pipe.execute()
-            return int(count)
-        except RedisError as exc:
-            raise self._fail("room join", exc) from exc
+        return await self._room_change(room, user_id, join=True)
 
     async def room_leave(self, room: str, user_id: str) -> int:
         """Remove ``user_id`` from ``room``; returns the member count."""
+        return await self._room_change(room, user_id, join=False)
+
+    async def _room_change(self, room: str, user_id: str, *, join: bool) -> int:
+        key = _protocol.ws_room_key(room)
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.srem(protocol_ws.room(room), user_id)
-                pipe.scard(protocol_ws.room(room))
+                (pipe.sadd if join else pipe.srem)(key, user_id)
+                pipe.scard(key)
                 _, count = await pipe.execute()
             return int(count)
         except RedisError as exc:
-            raise self._fail("room leave", exc) from exc
+            raise self._fail("room join" if join else "room leave", exc) from exc
 
     async def room_members(self, room: str) -> set[str]:
         """User ids in ``room``."""
         try:
             return {
                 m.decode() if isinstance(m, bytes) else str(m)
-                for m in await self.client.smembers(protocol_ws.room(room))
+                for m in await self.client.smembers(_protocol.ws_room_key(room))
             }
         except RedisError as exc:
             raise self._fail("room members", exc) from exc
@@ -694,12 +673,3 @@ class AsyncWSStore:
         except RedisError as exc:
             raise self._fail("BLPOP", exc) from exc
         return None if popped is None else popped[1]
-
-
-class protocol_ws:
-    """Key builders of the WebSocket state (defined in :mod:`rpc_tasks.protocol`)."""
-
-    conn = staticmethod(_protocol.ws_conn_key)
-    user = staticmethod(_protocol.ws_user_key)
-    room = staticmethod(_protocol.ws_room_key)
-    instance = staticmethod(_protocol.ws_instance_key)
