@@ -4,19 +4,23 @@ polling.
 Dramatiq's Redis consumer fetches with a Lua script, which cannot block, so an idle consumer
 sleeps with a backoff of up to ``worker_timeout`` (1 s): a message sent to an idle worker waits
 up to a second, and shorter timeouts burn CPU. Here every enqueue also pushes a wake-up token
-on ``<namespace>:<queue>.wake`` (in the same round trip), and an idle consumer waits on that
-list with ``BLPOP`` (up to ``worker_timeout``), then fetches as usual. Everything else, the
-queues, acks, requeue of dead workers' messages, delayed messages, dead letters, is Dramatiq's own
-Lua scripts, unchanged:
+on ``<namespace>:<queue>.wake`` (in the same round trip). A consumer whose last fetch came back
+short (the queue was empty) sends ``BLPOP`` on that list (up to ``worker_timeout``) and
+Dramatiq's fetch script in one pipeline: Redis runs the fetch the moment the ``BLPOP`` returns,
+so waking up and fetching cost one round trip. Everything else, the queues, acks, requeue of
+dead workers' messages, delayed messages, dead letters, is Dramatiq's own Lua scripts,
+unchanged:
 
-* tokens are only hints: a consumer always fetches after waking and only waits when a fetch
-  came back empty, so a lost or extra token costs at most one ``worker_timeout`` or one empty
-  fetch; the wake list is capped (``LTRIM``) so it never grows while consumers are busy;
+* tokens are only hints: a consumer blocks only after a fetch came back short, and a message
+  that arrives without a token (requeued by Dramatiq's maintenance, or sent by a plain
+  ``RedisBroker``) is fetched at the latest when the ``BLPOP`` times out; an extra token costs
+  one empty fetch; the wake list is capped (``LTRIM``) so it never grows while consumers are
+  busy;
 * a consumer that holds its full prefetch waits for one of its messages to be acked instead;
 * the delay-queue consumer never sleeps past the earliest ``eta`` it holds, so delayed messages
   (retries, postponements) are handed over on time.
 
-Idle cost per queue: one ``BLPOP`` and one fetch per ``worker_timeout`` for the queue and for its
+Idle cost per queue: one ``BLPOP`` + fetch pipeline per ``worker_timeout`` for the queue and for its
 delay queue (about 4 Redis commands per second with the default 1 s).
 """
 
@@ -27,18 +31,27 @@ import time
 from typing import Any
 from uuid import uuid4
 
+import redis
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis
+from dramatiq.errors import BrokerConnectionError, ConnectionClosed
 from redis.exceptions import NoScriptError
+
+from .redis_io import pipelined, same_redis
 
 #: Wake-up tokens kept per queue (more would only cause empty fetches).
 WAKE_LIST_LENGTH = 64
 
 
-def _dispatch_and_wake_source() -> bytes:
+def _rpc_dispatch_source() -> bytes:
     """Dramatiq's own ``dispatch.lua`` (loaded from the installed package, not copied), wrapped
-    so that an ``enqueue`` also pushes a capped wake-up token, atomically."""
+    so that, atomically with the wrapped command,
+
+    * an ``enqueue`` also pushes a capped wake-up token;
+    * an ``ack``/``nack`` given three extra arguments (reply key, reply, TTL in seconds) also
+      pushes that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``).
+    """
     from dramatiq.brokers import redis as dramatiq_redis
 
     body = dramatiq_redis._scripts["dispatch"]
@@ -49,6 +62,9 @@ def _dispatch_and_wake_source() -> bytes:
         b"  local wake = KEYS[1] .. ':' .. ARGV[3] .. '.wake'\n"
         b"  redis.call('lpush', wake, '1')\n"
         b"  redis.call('ltrim', wake, 0, " + str(WAKE_LIST_LENGTH - 1).encode() + b")\n"
+        b"elseif (ARGV[1] == 'ack' or ARGV[1] == 'nack') and ARGV[12] then\n"
+        b"  redis.call('lpush', ARGV[10], ARGV[11])\n"
+        b"  redis.call('expire', ARGV[10], ARGV[12])\n"
         b"end\n"
         b"return result\n"
     )
@@ -69,24 +85,29 @@ class BlockingRedisBroker(RedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return _BlockingConsumer(self, queue_name, prefetch, timeout)
 
-    def _enqueue_args(self, queue_name: str, message_id: str, data: bytes) -> list[Any]:
-        # The argument list of Dramatiq's dispatch script for "enqueue" (see RedisBroker._dispatch).
+    def _dispatch_args(self, command: str, queue_name: str, *args: Any) -> list[Any]:
+        # The argument list of Dramatiq's dispatch script (see RedisBroker._dispatch).
         return [
-            "enqueue",
+            command,
             current_millis(),
             queue_name,
             self.broker_id,
             self.heartbeat_timeout,
             self.dead_message_ttl,
-            self._should_do_maintenance("enqueue"),
+            self._should_do_maintenance(command),
             self._max_unpack_size(),
-            message_id,
-            data,
+            *args,
         ]
+
+    def _enqueue_args(self, queue_name: str, message_id: str, data: bytes) -> list[Any]:
+        return self._dispatch_args("enqueue", queue_name, message_id, data)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.scripts["dispatch_wake"] = self.client.register_script(_dispatch_and_wake_source())
+        self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
+        # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
+        self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
+        self._same_redis: dict[int, bool] = {}
 
     def enqueue_many(self, messages: list[Message[Any]]) -> list[Message[Any]]:
         """Enqueue (without delay) many messages in one round trip; same middleware hooks as
@@ -96,7 +117,7 @@ class BlockingRedisBroker(RedisBroker):
             message = message.copy(options={"redis_message_id": str(uuid4())})
             self.emit_before("enqueue", message, None)
             prepared.append(message)
-        script = self.scripts["dispatch_wake"]
+        script = self.scripts["dispatch_rpc"]
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for message in prepared:
@@ -114,29 +135,72 @@ class BlockingRedisBroker(RedisBroker):
 
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
         """Dramatiq's enqueue plus a wake-up token: one script, one round trip."""
-        return self.scripts["dispatch_wake"](
+        return self.scripts["dispatch_rpc"](
             keys=[self.namespace], args=self._enqueue_args(queue_name, message_id, data)
         )
 
-    def wait_for_work(self, queue_name: str, seconds: float) -> bool:
-        """Block up to ``seconds`` for a wake-up token of ``queue_name``."""
-        if seconds <= 0:
+    def defer_reply(self, message: Any, key: str, payload: bytes, ttl: int, client: redis.Redis) -> bool:
+        """Hold a ``.call()`` reply until ``message`` is acked and push it in the same round
+        trip as the ack (one round trip per call less on the worker). Only when the reply
+        channel's ``client`` talks to the same Redis server and database as the broker;
+        returns ``False`` (the caller pushes the reply itself) otherwise."""
+        redis_message_id = message.options.get("redis_message_id")
+        if not isinstance(redis_message_id, str):
             return False
-        popped = self.client.blpop(
-            [wake_key(self.namespace, queue_name)], timeout=max(0.001, round(seconds, 3))
+        same = self._same_redis.get(id(client))
+        if same is None:
+            same = self._same_redis[id(client)] = same_redis(self.client, client)
+        if not same:
+            return False
+        self._pending_replies[redis_message_id] = (key, payload, ttl)
+        return True
+
+    def finish(self, command: str, queue_name: str, redis_message_id: str) -> None:
+        """``ack``/``nack`` a message, pushing its deferred reply (if any) atomically with it."""
+        reply = self._pending_replies.get(redis_message_id)
+        if reply is None:  # Dramatiq's own ack/nack
+            getattr(self, f"do_{command}")(queue_name, redis_message_id)
+            return
+        self.scripts["dispatch_rpc"](
+            keys=[self.namespace], args=self._dispatch_args(command, queue_name, redis_message_id, *reply)
         )
-        return popped is not None
+        self._pending_replies.pop(redis_message_id, None)
+
+    def drop_deferred_reply(self, redis_message_id: str) -> None:
+        """Forget a deferred reply whose ack failed for good."""
+        self._pending_replies.pop(redis_message_id, None)
+
+    def wait_and_fetch(self, queue_name: str, count: int, seconds: float) -> list[bytes]:
+        """Block up to ``seconds`` for a wake-up token of ``queue_name``, then fetch up to
+        ``count`` messages, in one round trip: ``BLPOP`` and Dramatiq's fetch script are
+        pipelined on one connection, so Redis runs the fetch the moment the ``BLPOP`` returns
+        (with a token or on its timeout, which doubles as the idle heartbeat)."""
+        script = self.scripts["dispatch"]
+        timeout = max(0.001, round(seconds, 3))
+        commands = [
+            ("BLPOP", wake_key(self.namespace, queue_name), timeout),
+            ("EVALSHA", script.sha, 1, self.namespace, *self._dispatch_args("fetch", queue_name, count)),
+        ]
+        try:
+            messages = pipelined(self.client, commands)[1]
+        except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
+            messages = self.do_fetch(queue_name, count)
+        return list(messages or [])
 
 
 class _BlockingConsumer(_RedisConsumer):
     def __init__(self, broker: BlockingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         # timeout=0 turns Dramatiq's idle sleep into sleep(0); we block on the wake list instead.
         super().__init__(broker, queue_name, prefetch, 0)
+        self.broker: BlockingRedisBroker = broker
         self.block_seconds = max(0.001, timeout / 1000.0)
         self.is_delay_queue = queue_name.endswith(".DQ")
         self._room = threading.Event()
         self._etas: dict[str, float] = {}
         self._lock = threading.Lock()
+        # True once a fetch returned fewer messages than asked for: the queue was empty then,
+        # and every later enqueue pushes a wake-up token, so the next fetch may block first.
+        self._drained = False
 
     def _block_for(self) -> float:
         if not self.is_delay_queue:
@@ -147,23 +211,41 @@ class _BlockingConsumer(_RedisConsumer):
             return self.block_seconds
         return max(0.0, min(self.block_seconds, earliest - time.time()))
 
-    def __next__(self) -> Any:
-        if not self.message_cache and self.outstanding_message_count >= self.prefetch:
-            # Saturated: wait until one of our messages is acked/nacked (or the timeout).
-            self._room.clear()
-            if self.outstanding_message_count >= self.prefetch:
-                self._room.wait(self._block_for())
+    def _fetch(self, room: int) -> list[bytes] | None:
+        """Fetch up to ``room`` messages; ``None`` when it slept until a delayed message's eta."""
+        if not self._drained:
+            return list(self.broker.do_fetch(self.queue_name, room) or [])
+        block = self._block_for()
+        if self.is_delay_queue and block < self.block_seconds:
+            # Waiting for a known eta: sleep exactly (Redis times out blocking commands only
+            # every 1/hz s, 100 ms by default, which would bunch delayed messages together).
+            time.sleep(block)
+            self._drained = False
             return None
-        fetch_expected = not self.message_cache
+        return self.broker.wait_and_fetch(self.queue_name, room, block)
+
+    def __next__(self) -> Any:
+        if not self.message_cache:
+            room = self.prefetch - self.outstanding_message_count
+            if room <= 0:
+                # Saturated: wait until one of our messages is acked/nacked (or the timeout).
+                self._room.clear()
+                if self.outstanding_message_count >= self.prefetch:
+                    self._room.wait(self._block_for())
+                self._drained = False
+                return None
+            try:
+                messages = self._fetch(room)
+            except redis.ConnectionError as exc:
+                raise ConnectionClosed(exc) from None
+            if messages is None:
+                return None
+            self._drained = len(messages) < room
+            if not messages:
+                return None
+            self.message_cache = messages
+        # Dramatiq's own path takes the message from the cache (decode, bookkeeping).
         message = super().__next__()
-        if message is None and fetch_expected and not self.message_cache:
-            block = self._block_for()
-            if self.is_delay_queue and block < self.block_seconds:
-                # Waiting for a known eta: sleep exactly (Redis times out blocking commands only
-                # every 1/hz s, 100 ms by default, which would bunch delayed messages together).
-                time.sleep(block)
-            elif self.broker.wait_for_work(self.queue_name, block):
-                message = super().__next__()
         if message is not None and self.is_delay_queue:
             eta = message.options.get("eta")
             if isinstance(eta, (int, float)):
@@ -178,13 +260,25 @@ class _BlockingConsumer(_RedisConsumer):
         self._room.set()
 
     def ack(self, message: Any) -> None:
-        try:
-            super().ack(message)
-        finally:
-            self._done(message)
+        self._finish("ack", message)
 
     def nack(self, message: Any) -> None:
+        self._finish("nack", message)
+
+    def _finish(self, command: str, message: Any) -> None:
+        redis_message_id = message.options["redis_message_id"]
         try:
-            super().nack(message)
+            # The current queue may differ from message.queue_name (delayed messages): finish
+            # on the consumer's queue, as Dramatiq does.
+            self.broker.finish(command, self.queue_name, redis_message_id)
+        except redis.ConnectionError as exc:
+            # Dramatiq retries post-processing on connection errors: keep the deferred reply.
+            raise ConnectionClosed(exc) from None
+        except BrokerConnectionError:
+            raise
+        except BaseException:
+            self.broker.drop_deferred_reply(redis_message_id)
+            raise
         finally:
+            self.queued_message_ids.discard(message.message_id)
             self._done(message)

@@ -64,6 +64,52 @@ def client_from_config(config: WebSocketRPCConfig) -> redis.Redis:
     )
 
 
+def same_redis(a: redis.Redis, b: redis.Redis) -> bool:
+    """True when two clients talk to the same Redis server and database (same host/port or
+    socket path, same db, same user)."""
+    if a is b or a.connection_pool is b.connection_pool:
+        return True
+    fields = ("host", "port", "path", "db", "username")
+    ka, kb = a.connection_pool.connection_kwargs, b.connection_pool.connection_kwargs
+    return all(ka.get(f) == kb.get(f) for f in fields) and (
+        a.connection_pool.connection_class is b.connection_pool.connection_class
+    )
+
+
+def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write on one pooled connection and read every reply: a lean
+    non-transactional pipeline (no per-command objects), for the hot paths. A blocking command
+    may come first; the ones after it run when it returns. An error reply is raised after all
+    replies were read (the connection stays usable); a connection error is retried once on a
+    fresh connection (a pooled connection may be stale after a Redis restart)."""
+    pool = client.connection_pool
+    for attempt in (1, 2):
+        conn: Any = pool.get_connection()
+        replies: list[Any] = []
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # fully read: the connection stays usable
+                    replies.append(exc)
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            if attempt == 2:
+                raise
+            continue
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return replies
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _wait_readable(conn: Any, deadline: float) -> bool:
     """Wait until ``conn`` has a reply or ``deadline`` (monotonic) passes; a readiness check
     that returns early (a spurious wake-up) is simply retried with the time left."""
