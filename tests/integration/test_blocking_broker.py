@@ -1,0 +1,161 @@
+"""BlockingRedisBroker specifics against the real Redis: the pipelined wake-up + fetch, messages
+that arrive without a wake-up token, and ``.call()`` replies pushed together with the ack."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from pydantic import BaseModel
+
+from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
+from rpc_tasks.brokers import BlockingRedisBroker, wake_key
+
+from .support import redis_broker, running_worker, unique, wait_until
+
+pytestmark = pytest.mark.redis
+
+
+class EchoParams(BaseModel):
+    message: str
+
+
+class EchoResult(BaseModel):
+    message: str
+
+
+def _echo_actor(broker: dramatiq.Broker, queue: str) -> Any:
+    @rpc_actor(broker=broker, queue_name=queue, actor_name="echo")
+    def echo(params: EchoParams) -> EchoResult:
+        return EchoResult(message=params.message)
+
+    return echo
+
+
+def _commands(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+def test_call_pushes_the_reply_with_the_ack_in_one_script(redis_url: str) -> None:
+    """Same Redis for replies and broker: the reply goes out in the ack's script call, so a call
+    costs no MULTI/EXEC, and the message is acked by the time its reply is read."""
+    broker, config = redis_broker(redis_url)
+    assert isinstance(broker, BlockingRedisBroker)
+    queue = unique("q")
+    echo = _echo_actor(broker, queue)
+    client = redis.Redis.from_url(redis_url)
+    with running_worker(broker, worker_timeout=1000):
+        assert echo.call(EchoParams(message="warm"), timeout=5).message == "warm"
+        before = _commands(client)
+        for i in range(20):
+            assert echo.call(EchoParams(message=f"m{i}"), timeout=5).message == f"m{i}"
+            # Acked atomically with the reply: nothing of this message is left in Redis.
+            assert client.hlen(f"{broker.namespace}:{queue}.msgs") == 0
+        after = _commands(client)
+    assert after.get("exec", 0) - before.get("exec", 0) == 0
+    assert broker._pending_replies == {}
+    client.close()
+
+
+def test_reply_on_another_redis_db_is_pushed_separately(redis_url: str) -> None:
+    """A reply channel on another database cannot share the ack's script: the worker pushes the
+    reply itself, and the call still works."""
+    other_db_url = redis_url.rsplit("/", 1)[0] + "/10"
+    config = WebSocketRPCConfig(redis_url=other_db_url, response_key_prefix=unique("test:resp") + ":")
+    broker = BlockingRedisBroker(url=redis_url, namespace=unique("ns"))
+    setup_broker(broker, config=config, set_global=False)
+    echo = _echo_actor(broker, unique("q"))
+    with running_worker(broker):
+        assert echo.call(EchoParams(message="elsewhere"), timeout=5).message == "elsewhere"
+    assert broker._pending_replies == {}
+
+
+def test_reply_survives_an_ack_that_fails_once(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dramatiq retries post-processing after a connection error; the deferred reply is kept
+    and goes out with the retried ack."""
+    broker, _ = redis_broker(redis_url)
+    assert isinstance(broker, BlockingRedisBroker)
+    echo = _echo_actor(broker, unique("q"))
+    real_finish = BlockingRedisBroker.finish
+    failures: list[str] = []
+
+    def flaky_finish(self: BlockingRedisBroker, command: str, queue_name: str, rid: str) -> None:
+        if not failures:
+            failures.append(rid)
+            raise redis.ConnectionError("simulated: connection lost during ack")
+        real_finish(self, command, queue_name, rid)
+
+    monkeypatch.setattr(BlockingRedisBroker, "finish", flaky_finish)
+    monkeypatch.setattr("dramatiq.worker.POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.05)
+    with running_worker(broker):
+        assert echo.call(EchoParams(message="again"), timeout=5).message == "again"
+    assert len(failures) == 1
+    assert broker._pending_replies == {}
+
+
+def test_message_without_wake_token_is_fetched_within_worker_timeout(redis_url: str) -> None:
+    """Tokens are hints: a message enqueued by Dramatiq's plain RedisBroker (no token) into a
+    queue whose consumer is blocked still runs, at the latest when the wait times out."""
+    namespace = unique("ns")
+    queue = unique("q")
+    blocking = BlockingRedisBroker(url=redis_url, namespace=namespace)
+    setup_broker(blocking, config=WebSocketRPCConfig(redis_url=redis_url), set_global=False)
+    plain = RedisBroker(url=redis_url, namespace=namespace)
+    setup_broker(plain, config=WebSocketRPCConfig(redis_url=redis_url), set_global=False)
+    ran: list[float] = []
+
+    def record(params: EchoParams) -> None:
+        ran.append(time.monotonic())
+
+    rpc_actor(broker=blocking, queue_name=queue, actor_name="record")(record)
+    sender = rpc_actor(broker=plain, queue_name=queue, actor_name="record")(record)
+    with running_worker(blocking, worker_timeout=300):
+        time.sleep(0.4)  # the consumer is blocked on its wake-up list by now
+        sent = time.monotonic()
+        sender.send(EchoParams(message="tokenless"))
+        wait_until(lambda: ran, timeout=5)
+    assert ran[0] - sent < 0.3 + 0.25  # one wait timeout, plus scheduling slack
+
+
+def test_idle_consumer_wakes_at_once_and_tokens_do_not_pile_up(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+    assert isinstance(broker, BlockingRedisBroker)
+    queue = unique("q")
+    echo = _echo_actor(broker, queue)
+    client = redis.Redis.from_url(redis_url)
+    with running_worker(broker, worker_timeout=1000):
+        echo.call(EchoParams(message="warm"), timeout=5)
+        time.sleep(0.3)  # idle: blocked in BLPOP
+        started = time.monotonic()
+        assert echo.call(EchoParams(message="x"), timeout=5).message == "x"
+        assert time.monotonic() - started < 0.5  # not a polling interval
+        messages = [echo.send(EchoParams(message=str(i))) for i in range(200)]
+        assert len(messages) == 200
+        wait_until(lambda: client.hlen(f"{broker.namespace}:{queue}.msgs") == 0, timeout=10)
+        assert client.llen(wake_key(broker.namespace, queue)) <= 64
+    client.close()
+
+
+def test_pipelined_reads_every_reply_and_survives_a_stale_connection(redis_url: str) -> None:
+    from rpc_tasks.redis_io import pipelined, same_redis
+
+    client = redis.Redis.from_url(redis_url)
+    key = unique("test:pipelined")
+    assert pipelined(client, [("RPUSH", key, "a", "b"), ("LRANGE", key, 0, -1)]) == [2, [b"a", b"b"]]
+    with pytest.raises(redis.ResponseError):
+        pipelined(client, [("INCR", key), ("DEL", key)])  # INCR on a list: an error reply
+    assert client.exists(key) == 0  # ...and the command after it still ran
+    # Server-side kill of the pooled connection: the next call reconnects once and succeeds.
+    client_id = pipelined(client, [("CLIENT", "ID")])[0]
+    killer = redis.Redis.from_url(redis_url)
+    assert killer.execute_command("CLIENT", "KILL", "ID", client_id)
+    killer.close()
+    assert pipelined(client, [("PING",)]) == [b"PONG"]
+    assert same_redis(client, redis.Redis.from_url(redis_url))
+    assert not same_redis(client, redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/10"))
+    client.close()
