@@ -203,8 +203,16 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         message = message.copy(
             options={**message.options, protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: deadline}
         )
-        self._enqueue(message, delay)
-        raw = channel.wait(key, deadline - time.time())
+        enqueue_and_wait = getattr(self.broker, "enqueue_and_wait", None)
+        if enqueue_and_wait is not None and delay is None:
+            # BlockingRedisBroker: enqueue and BLPOP in one round trip.
+            try:
+                raw = enqueue_and_wait(message, channel, key, deadline - time.time())
+            except (DramatiqConnectionError, RedisError, OSError) as exc:
+                raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
+        else:
+            self._enqueue(message, delay)
+            raw = channel.wait(key, deadline - time.time())
         if raw is None:
             raise RPCTimeoutError(self.actor_name, timeout)
         response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)

@@ -38,7 +38,7 @@ from dramatiq.common import current_millis
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed
 from redis.exceptions import NoScriptError
 
-from .redis_io import pipelined, same_redis
+from .redis_io import ReplyChannel, pipelined, same_redis
 
 #: Wake-up tokens kept per queue (more would only cause empty fetches).
 WAKE_LIST_LENGTH = 64
@@ -139,6 +139,38 @@ class BlockingRedisBroker(RedisBroker):
             keys=[self.namespace], args=self._enqueue_args(queue_name, message_id, data)
         )
 
+    def _shares_redis(self, client: redis.Redis) -> bool:
+        same = self._same_redis.get(id(client))
+        if same is None:
+            same = self._same_redis[id(client)] = same_redis(self.client, client)
+        return same
+
+    def enqueue_and_wait(
+        self, message: Message[Any], channel: ReplyChannel, key: str, timeout: float
+    ) -> bytes | None:
+        """Enqueue a ``.call()`` message and wait for its reply on ``key``: when the reply
+        channel is on the broker's Redis, the enqueue script and the ``BLPOP`` go out in one
+        write (one round trip for the caller). Same middleware hooks as :meth:`enqueue`.
+        Returns the raw reply, ``None`` on timeout."""
+        if not self._shares_redis(channel.client):
+            self.enqueue(message)
+            return channel.wait(key, timeout)
+        started = time.monotonic()
+        message = message.copy(options={"redis_message_id": str(uuid4())})
+        self.emit_before("enqueue", message, None)
+        rid = message.options["redis_message_id"]
+        data = message.encode()
+        args = self._enqueue_args(message.queue_name, rid, data)
+        enqueue = ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace, *args)
+        try:
+            return channel.wait(
+                key, timeout, first=enqueue, on_first=lambda _: self.emit_after("enqueue", message, None)
+            )
+        except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
+            self.do_enqueue(message.queue_name, rid, data)
+            self.emit_after("enqueue", message, None)
+            return channel.wait(key, timeout - (time.monotonic() - started))
+
     def defer_reply(self, message: Any, key: str, payload: bytes, ttl: int, client: redis.Redis) -> bool:
         """Hold a ``.call()`` reply until ``message`` is acked and push it in the same round
         trip as the ack (one round trip per call less on the worker). Only when the reply
@@ -147,10 +179,7 @@ class BlockingRedisBroker(RedisBroker):
         redis_message_id = message.options.get("redis_message_id")
         if not isinstance(redis_message_id, str):
             return False
-        same = self._same_redis.get(id(client))
-        if same is None:
-            same = self._same_redis[id(client)] = same_redis(self.client, client)
-        if not same:
+        if not self._shares_redis(client):
             return False
         self._pending_replies[redis_message_id] = (key, payload, ttl)
         return True
@@ -201,6 +230,7 @@ class _BlockingConsumer(_RedisConsumer):
         # True once a fetch returned fewer messages than asked for: the queue was empty then,
         # and every later enqueue pushes a wake-up token, so the next fetch may block first.
         self._drained = False
+        self._handed_off = False
 
     def _block_for(self) -> float:
         if not self.is_delay_queue:
@@ -215,6 +245,12 @@ class _BlockingConsumer(_RedisConsumer):
         """Fetch up to ``room`` messages; ``None`` when it slept until a delayed message's eta."""
         if not self._drained:
             return list(self.broker.do_fetch(self.queue_name, room) or [])
+        if self._handed_off:
+            # The last message was just put on the work queue and this thread is about to
+            # block: let the worker thread woken for it take the GIL now rather than at this
+            # thread's next I/O (halves the hand-over here, ~120 -> ~60 us).
+            self._handed_off = False
+            time.sleep(0)  # releases the GIL
         block = self._block_for()
         if self.is_delay_queue and block < self.block_seconds:
             # Waiting for a known eta: sleep exactly (Redis times out blocking commands only
@@ -246,6 +282,7 @@ class _BlockingConsumer(_RedisConsumer):
             self.message_cache = messages
         # Dramatiq's own path takes the message from the cache (decode, bookkeeping).
         message = super().__next__()
+        self._handed_off = message is not None
         if message is not None and self.is_delay_queue:
             eta = message.options.get("eta")
             if isinstance(eta, (int, float)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -166,7 +167,14 @@ class ReplyChannel:
         except RedisError as exc:
             raise RPCConnectionError(f"could not push reply to Redis: {exc}") from exc
 
-    def wait(self, key: str, timeout: float) -> bytes | None:
+    def wait(
+        self,
+        key: str,
+        timeout: float,
+        *,
+        first: tuple[Any, ...] | None = None,
+        on_first: Callable[[Any], None] | None = None,
+    ) -> bytes | None:
         """Block up to ``timeout`` seconds for the reply on ``key``; ``None`` on timeout.
 
         Redis only checks blocking timeouts every ``1/hz`` seconds (100 ms by default), so the
@@ -175,8 +183,13 @@ class ReplyChannel:
         dropped (which also cancels the pending ``BLPOP`` on the server). ``DEL key`` is
         pipelined behind the ``BLPOP`` so a duplicate reply (e.g. after a redelivery) does not
         linger, at no extra round trip.
+
+        ``first`` is one command (e.g. the enqueue of the request) sent ahead of the ``BLPOP``
+        in the same write, so sending the request and waiting for its reply cost one round
+        trip; ``on_first`` gets its reply as soon as it arrives. If that command fails, its
+        ``ResponseError`` is raised and nothing is waited for.
         """
-        responses = self._blocking_pop(key, timeout, ("DEL", key))
+        responses = self._blocking_pop(key, timeout, ("DEL", key), first, on_first)
         if responses is None or not responses[0]:
             return None
         value = responses[0][1]
@@ -191,12 +204,22 @@ class ReplyChannel:
         popped, rest = responses[0], (responses[1] if len(responses) > 1 else None)
         return ([popped[1]] if popped else []) + list(rest or [])
 
-    def _blocking_pop(self, key: str, timeout: float, follow_up: tuple[Any, ...] | None) -> list[Any] | None:
-        """``BLPOP key`` (plus one pipelined follow-up command) with a client-side deadline;
-        the responses, or ``None`` when the deadline passed first."""
+    def _blocking_pop(
+        self,
+        key: str,
+        timeout: float,
+        follow_up: tuple[Any, ...] | None,
+        first: tuple[Any, ...] | None = None,
+        on_first: Callable[[Any], None] | None = None,
+    ) -> list[Any] | None:
+        """``BLPOP key`` (plus one pipelined follow-up command, and optionally one command
+        ahead of it) with a client-side deadline; the ``BLPOP`` and follow-up responses, or
+        ``None`` when the deadline passed first."""
         wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
         deadline = time.monotonic() + wait_for
         commands: list[tuple[Any, ...]] = [("BLPOP", key, round(wait_for + SERVER_SLACK_SECONDS, 3))]
+        if first is not None:
+            commands.insert(0, first)
         if follow_up is not None:
             commands.append(follow_up)
         pool = self.client.connection_pool
@@ -204,13 +227,30 @@ class ReplyChannel:
             conn: Any = pool.get_connection()
         except RedisError as exc:
             raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
+        failed_first: BaseException | None = None
         try:
             conn.send_packed_command(conn.pack_commands(commands))
+            if first is not None:
+                if not _wait_readable(conn, deadline):
+                    conn.disconnect()
+                    return None
+                try:
+                    first_reply = conn.read_response()
+                except redis.ResponseError as exc:
+                    conn.disconnect()  # cancels the BLPOP queued behind the failed command
+                    failed_first = exc
+                    raise
+                if on_first is not None:
+                    on_first(first_reply)
+                commands = commands[1:]
             if not _wait_readable(conn, deadline):
                 conn.disconnect()  # cancels the pending BLPOP; the pool reconnects on next use
                 return None
             return [conn.read_response() for _ in commands]
         except (RedisError, OSError) as exc:
+            if exc is failed_first:
+                raise
+
             conn.disconnect()
             raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
         finally:

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
 from rpc_tasks.brokers import BlockingRedisBroker, wake_key
 
-from .support import redis_broker, running_worker, unique, wait_until
+from .support import PrivateRedis, redis_broker, running_worker, unique, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -159,3 +159,37 @@ def test_pipelined_reads_every_reply_and_survives_a_stale_connection(redis_url: 
     assert same_redis(client, redis.Redis.from_url(redis_url))
     assert not same_redis(client, redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/10"))
     client.close()
+
+
+class _EnqueueHooks(dramatiq.Middleware):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        self.events.append(f"before:{message.options.get('redis_message_id') is not None}")
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        self.events.append("after")
+
+
+def test_call_runs_enqueue_hooks_and_survives_a_lost_script_cache() -> None:
+    """``.call()`` sends the enqueue script and the reply BLPOP together; enqueue hooks still run
+    (after_enqueue once the enqueue is confirmed), and a server that lost its script cache
+    (SCRIPT FLUSH, restart) is handled by loading the script again, without waiting out the
+    timeout. A private redis-server, since SCRIPT FLUSH is server-wide."""
+    with PrivateRedis() as server:
+        url = server.url(db=1)
+        broker, _ = redis_broker(url)
+        hooks = _EnqueueHooks()
+        broker.add_middleware(hooks)
+        echo = _echo_actor(broker, unique("q"))
+        client = redis.Redis.from_url(url)
+        with running_worker(broker):
+            assert echo.call(EchoParams(message="one"), timeout=5).message == "one"
+            assert hooks.events == ["before:True", "after"]
+            client.script_flush()
+            started = time.monotonic()
+            assert echo.call(EchoParams(message="two"), timeout=5).message == "two"
+            assert time.monotonic() - started < 2
+        assert hooks.events == ["before:True", "after", "before:True", "after"]
+        client.close()
