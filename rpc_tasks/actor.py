@@ -111,7 +111,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
 
     def _max_payload_bytes(self) -> int | None:
         try:
-            return find_replies_middleware(self.broker).config.max_payload_bytes
+            return self._replies().config.max_payload_bytes
         except RPCConfigurationError:
             return None
 
@@ -191,7 +191,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         the structured error when the actor failed for good, :class:`RPCConnectionError` when
         Redis/the broker is unreachable.
         """
-        replies = find_replies_middleware(self.broker)
+        replies = self._replies()
         config = replies.config
         timeout = protocol.check_timeout(timeout, config.rpc_timeout)
         started = time.time()
@@ -240,7 +240,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         ``RPCTimeoutError`` takes its place in the list; otherwise the first one (in order) is
         raised after all replies were collected.
         """
-        replies = find_replies_middleware(self.broker)
+        replies = self._replies()
         config = replies.config
         timeout = protocol.check_timeout(timeout, config.rpc_timeout)
         started = time.time()
@@ -329,10 +329,32 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             return protocol.model_to_wire(result)
         return None
 
-    def _has_results_middleware(self) -> bool:
+    def _middleware_view(self) -> tuple[RPCReplies | None, bool]:
+        """(the broker's RPCReplies or None, whether Results is installed), recomputed only when
+        the broker's middleware list changes (this runs for every message)."""
+        middleware = self.broker.middleware
+        key = (id(self.broker), *map(id, middleware))
+        cached = self.__dict__.get("_mw_cache")
+        if cached is not None and cached[0] == key:
+            return cast("tuple[RPCReplies | None, bool]", cached[1])
         from dramatiq.results import Results
 
-        return any(type(m) is Results for m in self.broker.middleware)
+        try:
+            replies: RPCReplies | None = find_replies_middleware(self.broker)
+        except RPCConfigurationError:
+            replies = None
+        view = (replies, any(type(m) is Results for m in middleware))
+        self.__dict__["_mw_cache"] = (key, view)
+        return view
+
+    def _replies(self) -> RPCReplies:
+        replies = self._middleware_view()[0]
+        if replies is None:
+            return find_replies_middleware(self.broker)  # raises the configuration error
+        return replies
+
+    def _has_results_middleware(self) -> bool:
+        return self._middleware_view()[1]
 
 
 def _infer_models(

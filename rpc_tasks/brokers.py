@@ -190,9 +190,12 @@ class BlockingRedisBroker(RedisBroker):
         if reply is None:  # Dramatiq's own ack/nack
             getattr(self, f"do_{command}")(queue_name, redis_message_id)
             return
-        self.scripts["dispatch_rpc"](
-            keys=[self.namespace], args=self._dispatch_args(command, queue_name, redis_message_id, *reply)
-        )
+        script = self.scripts["dispatch_rpc"]
+        args = self._dispatch_args(command, queue_name, redis_message_id, *reply)
+        try:
+            pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *args)], pinned=True)
+        except NoScriptError:  # the server lost its script cache: load it and run it again
+            script(keys=[self.namespace], args=args)
         self._pending_replies.pop(redis_message_id, None)
 
     def drop_deferred_reply(self, redis_message_id: str) -> None:
@@ -211,7 +214,7 @@ class BlockingRedisBroker(RedisBroker):
             ("EVALSHA", script.sha, 1, self.namespace, *self._dispatch_args("fetch", queue_name, count)),
         ]
         try:
-            messages = pipelined(self.client, commands)[1]
+            messages = pipelined(self.client, commands, pinned=True)[1]
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
             messages = self.do_fetch(queue_name, count)
         return list(messages or [])

@@ -9,6 +9,7 @@ Every redis-py exception is turned into :class:`~rpc_tasks.exceptions.RPCConnect
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -77,15 +78,34 @@ def same_redis(a: redis.Redis, b: redis.Redis) -> bool:
     )
 
 
-def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send ``commands`` in one write on one pooled connection and read every reply: a lean
+_pinned = threading.local()
+
+
+def _thread_connection(client: redis.Redis) -> Any:
+    """This thread's own connection of ``client``'s pool, taken once and kept (no pool
+    checkout per command: its health check costs syscalls). For long-lived threads with one
+    job, such as a worker's consumer and worker threads; a new one after a fork."""
+    pool = client.connection_pool
+    table: dict[int, Any] | None = getattr(_pinned, "table", None)
+    if table is None or getattr(_pinned, "pid", None) != os.getpid():
+        table = _pinned.table = {}
+        _pinned.pid = os.getpid()
+    conn = table.get(id(pool))
+    if conn is None:
+        conn = table[id(pool)] = pool.get_connection()
+    return conn
+
+
+def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]], *, pinned: bool = False) -> list[Any]:
+    """Send ``commands`` in one write on one connection and read every reply: a lean
     non-transactional pipeline (no per-command objects), for the hot paths. A blocking command
     may come first; the ones after it run when it returns. An error reply is raised after all
     replies were read (the connection stays usable); a connection error is retried once on a
-    fresh connection (a pooled connection may be stale after a Redis restart)."""
+    fresh connection (a pooled connection may be stale after a Redis restart). ``pinned``: use
+    this thread's own connection (see :func:`_thread_connection`) instead of the pool."""
     pool = client.connection_pool
     for attempt in (1, 2):
-        conn: Any = pool.get_connection()
+        conn: Any = _thread_connection(client) if pinned else pool.get_connection()
         replies: list[Any] = []
         try:
             conn.send_packed_command(conn.pack_commands(commands))
@@ -95,7 +115,7 @@ def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]
                 except redis.ResponseError as exc:  # fully read: the connection stays usable
                     replies.append(exc)
         except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
+            conn.disconnect()  # a pinned connection reconnects on its next send
             if attempt == 2:
                 raise
             continue
@@ -103,7 +123,8 @@ def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]
             conn.disconnect()
             raise
         finally:
-            pool.release(conn)
+            if not pinned:
+                pool.release(conn)
         for reply in replies:
             if isinstance(reply, redis.ResponseError):
                 raise reply
