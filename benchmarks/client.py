@@ -3,10 +3,11 @@
     python -m benchmarks.client --paths call,send,inflight --calls 2000 --runs 3 --out x.json
 
 Started by ``benchmarks.run`` in its own process (after the group's worker process is up), so
-that each path's imports and global state (Dramatiq's global broker and encoder, Celery's app)
-stay apart. For each path: wait until the worker answers, warm up, ``--runs`` timed runs of
-``--calls`` calls (``INFO commandstats`` read before and after each run), then
-``--first-samples`` single calls each after ``--idle-gap`` seconds of silence.
+that each group's imports and global state (Dramatiq's global broker and encoder, Celery's app)
+stay apart. For each path: wait until the worker answers and warm up; then ``--runs`` timed runs
+of ``--calls`` calls (``INFO commandstats`` read before and after each run), interleaved across
+the group's paths (run 1 of each, run 2 of each, ...); then ``--first-samples`` single calls
+each after ``--idle-gap`` seconds of silence.
 """
 
 from __future__ import annotations
@@ -175,6 +176,24 @@ class SendPath(CallPath):
 
     def run(self, n: int, bar: Any) -> dict[str, Any]:
         return send_and_join(self, n, bar)
+
+
+class PlainSendPath(SendPath):
+    """A plain ``@dramatiq.actor``'s ``.send(x)`` on the *same* broker and worker as ``send``
+    (no params model, no validation), measured exactly like ``send``."""
+
+    name = "plain-send"
+
+    def setup(self) -> None:
+        from benchmarks.workers.dramatiq_app import plain_actor
+
+        super().setup()
+        self.actor = plain_actor(self.broker)
+        self.params = MESSAGE
+
+    def probe(self) -> None:
+        self.actor.send(self.params)
+        self.broker.join(self.queue, interval=5, timeout=30_000)
 
 
 def send_and_join(path: Any, n: int, bar: Any) -> dict[str, Any]:
@@ -356,6 +375,7 @@ PATHS: dict[str, type[Path]] = {
         CallPlainPath,
         CallRabbitmqPath,
         SendPath,
+        PlainSendPath,
         DramatiqSendPath,
         InflightPath,
         DramatiqResultsPath,
@@ -381,7 +401,8 @@ def wait_ready(path: Path, seconds: float) -> float:
     raise TimeoutError(f"worker for {path.name!r} did not answer within {seconds:.0f}s: {last!r}")
 
 
-def measure(path: Path, args: argparse.Namespace, bar: Any, r: redis.Redis) -> dict[str, Any]:
+def prepare(path: Path, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
+    """Set a path up, wait for its worker and warm it up; its result record."""
     out: dict[str, Any] = {"path": path.name, "runs": [], "first_call_ms": []}
     reason = path.na_reason()
     if reason:
@@ -393,25 +414,76 @@ def measure(path: Path, args: argparse.Namespace, bar: Any, r: redis.Redis) -> d
     out["ready_s"] = wait_ready(path, args.ready_timeout)
     bar.set_description(f"{path.name} warm-up", refresh=False)
     path.run(args.warmup, bar)
-    for i in range(args.runs):
-        bar.set_description(f"{path.name} run {i + 1}/{args.runs}", refresh=False)
-        gc.collect()
-        before = commandstats(r)
-        run = path.run(args.calls, bar)
-        after = commandstats(r)
-        run["commands"] = commands_delta(before, after)
-        out["runs"].append(run)
-    if path.first_call:
-        bar.set_description(f"{path.name} after idle", refresh=False)
-        for _ in range(args.first_samples):
-            time.sleep(args.idle_gap)
-            t0 = time.perf_counter()
-            path.one()
-            out["first_call_ms"].append((time.perf_counter() - t0) * 1000.0)
-            bar.update(1)
-    else:
-        bar.update(args.first_samples)
     return out
+
+
+def timed_run(
+    path: Path, args: argparse.Namespace, bar: Any, r: redis.Redis, i: int, out: dict[str, Any]
+) -> None:
+    bar.set_description(f"{path.name} run {i + 1}/{args.runs}", refresh=False)
+    gc.collect()
+    before = commandstats(r)
+    run = path.run(args.calls, bar)
+    after = commandstats(r)
+    run["commands"] = commands_delta(before, after)
+    out["runs"].append(run)
+
+
+def first_calls(path: Path, args: argparse.Namespace, bar: Any, out: dict[str, Any]) -> None:
+    if not path.first_call:
+        bar.update(args.first_samples)
+        return
+    bar.set_description(f"{path.name} after idle", refresh=False)
+    for _ in range(args.first_samples):
+        time.sleep(args.idle_gap)
+        t0 = time.perf_counter()
+        path.one()
+        out["first_call_ms"].append((time.perf_counter() - t0) * 1000.0)
+        bar.update(1)
+
+
+def measure_group(names: list[str], args: argparse.Namespace, bar: Any, r: redis.Redis) -> dict[str, Any]:
+    """Measure the paths of one worker group with their timed runs *interleaved* (run 1 of
+    every path, then run 2, ...), so that paths compared with each other (``send`` and
+    ``plain-send``) see the same machine conditions."""
+    results: dict[str, Any] = {}
+    live: dict[str, Path] = {}
+
+    def fail(name: str, exc: Exception) -> None:
+        traceback.print_exc()
+        results[name] = {"path": name, "error": f"{type(exc).__name__}: {exc}"}
+        path = live.pop(name, None)
+        if path is not None:
+            try:
+                path.close()
+            except Exception:
+                pass
+
+    for name in names:
+        path = live[name] = PATHS[name]()
+        try:
+            results[name] = prepare(path, args, bar)
+            if "na" in results[name]:
+                live.pop(name).close()
+        except Exception as exc:
+            fail(name, exc)
+    for i in range(args.runs):
+        for name in list(live):
+            try:
+                timed_run(live[name], args, bar, r, i, results[name])
+            except Exception as exc:
+                fail(name, exc)
+    for name in list(live):
+        try:
+            first_calls(live[name], args, bar, results[name])
+        except Exception as exc:
+            fail(name, exc)
+    for path in live.values():
+        try:
+            path.close()
+        except Exception:
+            pass
+    return results
 
 
 def main() -> int:
@@ -441,18 +513,7 @@ def main() -> int:
     per_path = args.warmup + args.runs * args.calls + args.first_samples
     bar = progress(per_path * len(selected), selected[0] if selected else "")
     try:
-        for name in selected:
-            path = PATHS[name]()
-            try:
-                results[name] = measure(path, args, bar, r)
-            except Exception as exc:
-                traceback.print_exc()
-                results[name] = {"path": name, "error": f"{type(exc).__name__}: {exc}"}
-            finally:
-                try:
-                    path.close()
-                except Exception:
-                    pass
+        results = measure_group(selected, args, bar, r)
     finally:
         bar.close()
     with open(args.out, "w", encoding="utf-8") as fh:

@@ -14,6 +14,7 @@ PATH_ORDER = (
     "call-plain",
     "call-rabbitmq",
     "send",
+    "plain-send",
     "dramatiq-send",
     "inflight",
     "inflight-dramatiq",
@@ -30,6 +31,7 @@ DESCRIPTIONS = {
     "call-rabbitmq": "rpc-tasks @rpc_actor .call(), setup_broker(dramatiq RabbitmqBroker); replies over "
     "Redis (cmds/call and idle cmd/s: Redis only)",
     "send": ".send() on the call worker: latency = enqueue only; calls/s = sent + processed",
+    "plain-send": "plain @dramatiq.actor .send() on the same broker and worker as send, measured like send",
     "dramatiq-send": "plain @dramatiq.actor .send(), Dramatiq RedisBroker, measured like send",
     "inflight": ".call_many() batches from one thread (calls/s only)",
     "inflight-dramatiq": "Dramatiq Results: batches of .send(), then get_result(block=True) of each "
@@ -154,6 +156,19 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             "dramatiq_send_enqueue_p50_ms": dsend.get("p50_ms"),
             "enqueue_p50_ratio": _ratio(send.get("p50_ms"), dsend.get("p50_ms")),
         }
+    psend = summaries.get("plain-send")
+    if _measured(send) and _measured(psend):
+        assert send is not None and psend is not None
+        ratio = _ratio(send.get("enqueue_per_s"), psend.get("enqueue_per_s"))
+        out["send_vs_plain_send_same_broker"] = {
+            "send_enqueue_per_s": send.get("enqueue_per_s"),
+            "plain_send_enqueue_per_s": psend.get("enqueue_per_s"),
+            "enqueue_per_s_ratio": ratio,
+            "goal": SEND_GOAL,
+            "goal_met": bool(ratio >= SEND_GOAL),
+            "calls_per_s_ratio": _ratio(send["calls_per_s"], psend["calls_per_s"]),
+            "enqueue_p50_ratio": _ratio(send.get("p50_ms"), psend.get("p50_ms")),
+        }
     inflight = summaries.get("inflight")
     if _measured(inflight):
         assert inflight is not None
@@ -206,6 +221,15 @@ def comparison_lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"ms = {_f(c['enqueue_p50_ratio'], '.2f')}x"
         )
         lines.append(f"send vs dramatiq-send: {throughput}; enqueue only: {enqueue_rate}, {enqueue_p50}")
+    c = comp.get("send_vs_plain_send_same_broker")
+    if c:
+        verdict = "met" if c["goal_met"] else "NOT met"
+        lines.append(
+            f"send vs plain-send (same broker and worker): enqueue msgs/s "
+            f"{_f(c['send_enqueue_per_s'], '.0f')} / {_f(c['plain_send_enqueue_per_s'], '.0f')} = "
+            f"{_f(c['enqueue_per_s_ratio'], '.2f')} (goal >= {c['goal']}: {verdict}); "
+            f"calls/s {_f(c['calls_per_s_ratio'], '.2f')}x; enqueue p50 {_f(c['enqueue_p50_ratio'], '.2f')}x"
+        )
     c = comp.get("inflight_vs_best_dramatiq_inflight")
     if c:
         if "best_path" in c:
@@ -324,7 +348,7 @@ def plot(summaries: dict[str, dict[str, Any]], path: str, title: str) -> str | N
             n = len(data)
             label = f"{name} (p50 {s['p50_ms']:.2f} ms)"
             style = "-"
-            if name in ("send", "dramatiq-send"):
+            if name in ("send", "plain-send", "dramatiq-send"):
                 label, style = f"{name}, enqueue only (p50 {s['p50_ms']:.2f} ms)", "--"
             elif name in ("raw", "streams-raw"):
                 style = ":"

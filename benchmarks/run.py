@@ -71,7 +71,7 @@ class Group:
 
 GROUPS = (
     Group("raw", ("raw",)),
-    Group("rpc", ("call", "send", "inflight")),
+    Group("rpc", ("call", "send", "plain-send", "inflight")),
     Group("rpc-plain", ("call-plain",)),
     Group("rpc-rabbitmq", ("call-rabbitmq",)),
     Group("dramatiq-plain", ("dramatiq-send",)),

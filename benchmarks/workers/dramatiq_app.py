@@ -5,7 +5,7 @@
 Kinds:
 
 * ``blocking``: ``rpc_tasks.setup_broker()``'s default broker (``BlockingRedisBroker``) and an
-  ``@rpc_actor`` echo;
+  ``@rpc_actor`` echo, plus a plain ``@dramatiq.actor`` echo on the same queue;
 * ``plain``: Dramatiq's own ``RedisBroker`` passed to ``rpc_tasks.setup_broker(broker)``, same
   ``@rpc_actor`` echo;
 * ``rabbitmq``: Dramatiq's ``RabbitmqBroker`` (``BENCH_RABBITMQ_URL``) passed to
@@ -28,6 +28,9 @@ from benchmarks.common import Names, names, rabbitmq_url, redis_url
 
 KINDS = ("blocking", "plain", "rabbitmq", "results", "dramatiq")
 ACTOR_NAME = "bench_echo"
+#: A plain ``@dramatiq.actor`` declared next to the ``@rpc_actor`` echo on the ``blocking``
+#: broker and queue (the ``plain-send`` path: ``.send()`` without validation, same broker).
+PLAIN_ACTOR_NAME = "bench_plain_echo"
 
 
 class EchoParams(BaseModel):
@@ -87,7 +90,14 @@ def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dr
     else:
         raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
     actor = rpc_actor(actor_name=ACTOR_NAME, queue_name=queue, broker=broker, max_retries=0)(_echo)
+    if kind == "blocking":
+        dramatiq.actor(_plain_echo, actor_name=PLAIN_ACTOR_NAME, queue_name=queue, broker=broker)
     return broker, actor, queue
+
+
+def plain_actor(broker: dramatiq.Broker) -> Any:
+    """The plain ``@dramatiq.actor`` of the ``blocking`` kind (declared by :func:`build`)."""
+    return broker.get_actor(PLAIN_ACTOR_NAME)
 
 
 broker: dramatiq.Broker | None = None
