@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: install demo django-demo test test-unit lint bench clean
 
@@ -13,6 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Celery, matplotlib and tqdm for the benchmark's comparison paths, plot and progress bar.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
 
 ## Run the quick-start demo: a worker, .send(), .call(), a remote error, a timeout.
 demo: $(STAMP)
@@ -36,7 +42,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 ## Benchmarks against the raw Redis floors, Dramatiq's Results and Celery (BENCH_ARGS=--quick).
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:

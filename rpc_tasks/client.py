@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, TypeVar
 
+import redis
 from pydantic import BaseModel
 
 from . import protocol
@@ -85,8 +86,14 @@ class WebSocketRPCClient:
         )
         outcome = "error"
         try:
-            self.streams.add_request(self.config.request_stream, payload, self.config.stream_maxlen)
-            raw = self.replies.wait(reply_to, timeout - (time.monotonic() - started))
+            # XADD and the reply's BLPOP go out in one write: one round trip for the caller.
+            request = self.streams.request_command(
+                self.config.request_stream, payload, self.config.stream_maxlen
+            )
+            try:
+                raw = self.replies.wait(reply_to, timeout - (time.monotonic() - started), first=request)
+            except redis.ResponseError as exc:
+                raise self.streams.failed("XADD", exc) from exc
             if raw is None:
                 outcome = "timeout"
                 raise RPCTimeoutError(method, timeout)

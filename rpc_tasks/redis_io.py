@@ -477,6 +477,16 @@ class StreamIO:
             raise self._fail("XADD", exc) from exc
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
+    @staticmethod
+    def request_command(stream: str, payload: bytes, maxlen: int) -> tuple[Any, ...]:
+        """The ``XADD`` of :meth:`add_request` as a raw command, to send ahead of the reply's
+        ``BLPOP`` in one write (:meth:`ReplyChannel.wait` ``first=``)."""
+        return ("XADD", stream, "MAXLEN", "~", maxlen, "*", "payload", payload)
+
+    def failed(self, what: str, exc: Exception) -> RPCConnectionError:
+        """The :class:`RPCConnectionError` for a failed ``what`` (secrets redacted)."""
+        return self._fail(what, exc)
+
     def publish(self, channel: str, data: bytes) -> int:
         """``PUBLISH``; returns the number of subscribers that got it."""
         try:

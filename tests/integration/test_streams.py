@@ -464,3 +464,16 @@ def test_slow_handler_is_not_reclaimed_by_a_live_peer(
         for srv in servers:
             srv.stop(10)
     assert len(runs) == 1, runs
+
+
+def test_call_whose_request_cannot_be_added_fails_at_once(config: WebSocketRPCConfig) -> None:
+    """The request's XADD and the reply's BLPOP go out in one write; if the XADD fails (here the
+    stream name holds a string), the caller gets RPCConnectionError at once, not a timeout."""
+    client = WebSocketRPCClient(config)
+    client.redis.set(config.request_stream, "not a stream")
+    started = time.monotonic()
+    with pytest.raises(RPCConnectionError, match="XADD"):
+        client.call("add", Add(a=1, b=2), Sum, timeout=5)
+    assert time.monotonic() - started < 1
+    client.redis.delete(config.request_stream)
+    assert reply_keys(config.redis_url, config.response_key_prefix) == []
