@@ -20,6 +20,17 @@ unchanged:
 * the delay-queue consumer never sleeps past the earliest ``eta`` it holds, so delayed messages
   (retries, postponements) are handed over on time.
 
+For ``.call()`` (when the reply channel is on the broker's Redis server and database):
+
+* :meth:`BlockingRedisBroker.enqueue_and_wait` sends the enqueue script and the reply's ``BLPOP``
+  in one write, so the caller pays one round trip;
+* :meth:`BlockingRedisBroker.defer_reply` holds a success reply until the message's ack, and the
+  ack script pushes it (``LPUSH`` + ``EXPIRE``) atomically with the ack: one round trip for the
+  worker thread instead of two.
+
+The consumer's fetch and the worker threads' acks run on a connection each thread keeps (see
+:func:`rpc_tasks.redis_io.pipelined`).
+
 Idle cost per queue: one ``BLPOP`` + fetch pipeline per ``worker_timeout`` for the queue and for its
 delay queue (about 4 Redis commands per second with the default 1 s).
 """
