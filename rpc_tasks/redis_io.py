@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.exceptions import RedisError
@@ -129,6 +129,27 @@ def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]], *, pinned: b
             if isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def pinned_command(client: redis.Redis, *args: Any) -> Any:
+    """One command on this thread's own connection (see :func:`_thread_connection`), its reply
+    parsed exactly as ``client.execute_command`` would (response callbacks included). A
+    connection error is retried once on a fresh connection."""
+    for attempt in (1, 2):
+        conn = _thread_connection(client)
+        try:
+            conn.send_command(*args)
+            return cast(Any, client).parse_response(conn, str(args[0]).upper())
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            if attempt == 2:
+                raise
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            conn.disconnect()
+            raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -460,10 +481,16 @@ class StreamIO:
     """Every Redis call of the Streams protocol: requests, consumer groups, replies, acks,
     dead letters and Pub/Sub broadcasts."""
 
-    def __init__(self, client: redis.Redis, *, reply_ttl: int = 60, dead_maxlen: int = 100_000) -> None:
+    def __init__(
+        self, client: redis.Redis, *, reply_ttl: int = 60, dead_maxlen: int = 100_000, pin: bool = False
+    ) -> None:
         self.client = client
         self.reply_ttl = reply_ttl
         self.dead_maxlen = dead_maxlen
+        #: Server side: run :meth:`read` and :meth:`finish` on a connection each (long-lived)
+        #: thread keeps, instead of a pool checkout per command. Needs a pool with room for
+        #: one connection per server thread.
+        self.pin = pin
 
     def _fail(self, what: str, exc: Exception) -> RPCConnectionError:
         return RPCConnectionError(f"Redis {what} failed: {exc}")
@@ -507,8 +534,14 @@ class StreamIO:
 
     def read(self, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[StreamEntry]:
         """New entries for ``consumer`` (``XREADGROUP ... >``), blocking up to ``block_ms``."""
+        command = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block_ms)
         try:
-            got: Any = self.client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+            args = (*command, "STREAMS", stream, ">")
+            got: Any = (
+                pinned_command(self.client, *args)
+                if self.pin
+                else cast(Any, self.client).execute_command(*args)
+            )
         except RedisError as exc:
             raise self._fail("XREADGROUP", exc) from exc
         entries: list[StreamEntry] = []
@@ -574,15 +607,19 @@ class StreamIO:
         reply_to: str | None = None,
         payload: bytes | None = None,
     ) -> None:
-        """Reply (if any) and ``XACK`` in one transaction."""
+        """Reply (if any) and ``XACK`` in one transaction (``MULTI``/``EXEC``), on this
+        thread's own connection (the server's pool threads are long-lived)."""
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        if reply_to is not None and payload is not None:
+            commands += [("LPUSH", reply_to, payload), ("EXPIRE", reply_to, self.reply_ttl)]
+        commands += [("XACK", stream, group, entry_id), ("EXEC",)]
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                if reply_to is not None and payload is not None:
-                    queue_reply(pipe, reply_to, payload, self.reply_ttl)
-                pipe.xack(stream, group, entry_id)
-                pipe.execute()
+            replies = pipelined(self.client, commands, pinned=self.pin)
         except RedisError as exc:
             raise self._fail("reply/XACK", exc) from exc
+        failed = [r for r in replies[-1] or [] if isinstance(r, Exception)]
+        if replies[-1] is None or failed:
+            raise self._fail("reply/XACK", failed[0] if failed else RedisError("transaction aborted"))
 
     def dead_letter(
         self,

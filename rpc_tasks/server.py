@@ -167,7 +167,12 @@ class RPCServer:
         """Redis access (connection pool created on first use)."""
         if self._io is None:
             client = self._redis_client or client_from_config(self.config)
-            self._io = StreamIO(client, reply_ttl=self.config.response_key_ttl)
+            # One kept connection per reader/handler thread (plus the reclaim pool's), if the
+            # pool has room for them; otherwise a pool checkout per command.
+            room = getattr(client.connection_pool, "max_connections", 0) or 0
+            self._io = StreamIO(
+                client, reply_ttl=self.config.response_key_ttl, pin=room >= 2 * self.concurrency + 4
+            )
         return self._io
 
     # -- registration --------------------------------------------------------------------------
@@ -412,7 +417,72 @@ class RPCServer:
             )
 
     def serve_forever(self) -> None:
-        """Consume until :meth:`stop` is called (or SIGTERM/SIGINT via the CLI)."""
+        """Consume until :meth:`stop` is called (or SIGTERM/SIGINT via the CLI).
+
+        With room in the Redis pool for a connection per thread (``redis_max_connections`` >=
+        2 x ``concurrency`` + 4, the default for ``concurrency`` <= 23), ``concurrency`` reader
+        threads each read and run their own entries (no hand-over between threads); otherwise
+        one reader hands entries to a pool of ``concurrency`` handler threads.
+        """
+        if self.io.pin:
+            self._serve_with_readers()
+        else:
+            self._serve_with_one_reader()
+
+    def _serve_with_readers(self) -> None:
+        """``concurrency`` reader threads each block on ``XREADGROUP ... COUNT 1`` and run the
+        entry they get themselves (no hand-over between threads); this thread refreshes
+        in-flight entries, reclaims dead consumers' entries (run on a small pool) and watches
+        the backlog every ``claim_interval``. A shared semaphore keeps the handlers running at
+        once at ``concurrency``.
+        """
+        self._stopping.clear()
+        self._stopped.clear()
+        slots = threading.Semaphore(self.concurrency)
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="rpc-server-claimed")
+        logger.info(
+            "RPC server %s consuming %s (group %s, %d methods)",
+            self.consumer_name,
+            self.stream,
+            self.group,
+            len(self.handlers),
+        )
+        readers: list[threading.Thread] = []
+        backoff = 0.1
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self.io.ensure_group(self.stream, self.group)
+                    if not readers:
+                        readers = [
+                            threading.Thread(
+                                target=self._read_loop, args=(slots,), name=f"rpc-server-{i}", daemon=True
+                            )
+                            for i in range(self.concurrency)
+                        ]
+                        for reader in readers:
+                            reader.start()
+                    with self._counter_lock:
+                        busy = sorted(self._in_flight)
+                    self.io.touch(self.stream, self.group, self.consumer_name, busy)
+                    self._reclaim(pool, slots)
+                    self._check_backlog()
+                    backoff = 0.1
+                    self._stopping.wait(self.claim_interval)
+                except RPCException as exc:
+                    logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            self._stopping.set()
+            for reader in readers:
+                reader.join()  # each finishes (and acks) the entry it holds
+            pool.shutdown(wait=True)
+            self._stopped.set()
+            logger.info("RPC server %s stopped", self.consumer_name)
+
+    def _serve_with_one_reader(self) -> None:
+        """One reader thread (this one) hands entries to ``concurrency`` handler threads."""
         self._stopping.clear()
         self._stopped.clear()
         slots = threading.Semaphore(self.concurrency)
@@ -446,6 +516,10 @@ class RPCServer:
                         self._submit(pool, entry, 1, slots)
                     for _ in range(free - len(entries)):
                         slots.release()
+                    if entries:
+                        # Let the handler thread woken for the entry take the GIL now rather
+                        # than at this thread's next blocking read (a shorter hand-over).
+                        time.sleep(0)
                     backoff = 0.1
                 except RPCException as exc:
                     logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
@@ -456,6 +530,26 @@ class RPCServer:
             pool.shutdown(wait=True)  # finish (and ack) what is in flight
             self._stopped.set()
             logger.info("RPC server %s stopped", self.consumer_name)
+
+    def _read_loop(self, slots: threading.Semaphore) -> None:
+        # No slot is held while blocked in XREADGROUP (the reclaim pool needs them too): a
+        # reader takes one once it holds an entry, so handlers stay at most ``concurrency``.
+        block = max(1, min(self.block_ms, int(self.claim_interval * 1000)))
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                entries = self.io.read(self.stream, self.group, self.consumer_name, 1, block)
+            except RPCException as exc:
+                logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            for entry in entries:
+                with self._counter_lock:
+                    self._in_flight.add(entry[0])
+                slots.acquire()
+                self._run_one(entry, 1, slots)  # releases the slot
 
     def start(self) -> threading.Thread:
         """Run :meth:`serve_forever` in a background thread."""

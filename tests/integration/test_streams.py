@@ -52,13 +52,17 @@ class Other(BaseModel):
     something_else: str
 
 
-@pytest.fixture
-def config(redis_url: str) -> WebSocketRPCConfig:
+@pytest.fixture(params=["readers", "one-reader"])
+def config(redis_url: str, request: pytest.FixtureRequest) -> WebSocketRPCConfig:
+    """Every server test runs in both serving modes: a reader thread per handler (the pool has
+    room for a connection per thread) and one reader handing entries to handler threads (a
+    pool too small for that: 12 < 2 x 8 + 4)."""
     return WebSocketRPCConfig(
         redis_url=redis_url,
         request_stream=unique("stream"),
         response_key_prefix=unique("resp") + ":",
         consumer_group=unique("group"),
+        redis_max_connections=50 if request.param == "readers" else 12,
     )
 
 
@@ -477,3 +481,8 @@ def test_call_whose_request_cannot_be_added_fails_at_once(config: WebSocketRPCCo
     assert time.monotonic() - started < 1
     client.redis.delete(config.request_stream)
     assert reply_keys(config.redis_url, config.response_key_prefix) == []
+
+
+def test_serving_mode_follows_the_pool_size(config: WebSocketRPCConfig) -> None:
+    server = RPCServer(config, concurrency=8)
+    assert server.io.pin is (config.redis_max_connections >= 20)
