@@ -209,6 +209,24 @@ class BlockingRedisBroker(RedisBroker):
             script(keys=[self.namespace], args=args)
         self._pending_replies.pop(redis_message_id, None)
 
+    def _dispatch_pinned(self, command: str, queue_name: str, *args: Any) -> Any:
+        """Dramatiq's dispatch script on this thread's own connection (worker and consumer
+        threads are long-lived; a pool checkout costs a readiness poll and two getpid calls)."""
+        script = self.scripts["dispatch"]
+        full = self._dispatch_args(command, queue_name, *args)
+        try:
+            return pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *full)], pinned=True)[0]
+        except NoScriptError:  # the server lost its script cache: load it and run it again
+            return script(keys=[self.namespace], args=full)
+
+    def do_ack(self, queue_name: str, redis_message_id: str) -> Any:
+        """Dramatiq's ``ack`` (same script), on the calling thread's own connection."""
+        return self._dispatch_pinned("ack", queue_name, redis_message_id)
+
+    def do_nack(self, queue_name: str, redis_message_id: str) -> Any:
+        """Dramatiq's ``nack`` (same script), on the calling thread's own connection."""
+        return self._dispatch_pinned("nack", queue_name, redis_message_id)
+
     def drop_deferred_reply(self, redis_message_id: str) -> None:
         """Forget a deferred reply whose ack failed for good."""
         self._pending_replies.pop(redis_message_id, None)

@@ -49,6 +49,11 @@ def _plain_echo(message: str) -> str:
     return message
 
 
+def _plain_sink(message: str) -> None:
+    """The plain actor of the send paths: returns nothing (a value without a result backend
+    would make Dramatiq log a warning per message, slowing the worker down)."""
+
+
 def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dramatiq.Broker, Any, str]:
     """``(broker, echo actor, queue name)`` of a worker kind; does not touch the global broker."""
     n = n or names()
@@ -69,7 +74,7 @@ def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dr
         from dramatiq.brokers.redis import RedisBroker
 
         broker = RedisBroker(url=url, namespace=n.namespace(kind))
-        actor = dramatiq.actor(_plain_echo, actor_name=ACTOR_NAME, queue_name=queue, broker=broker)
+        actor = dramatiq.actor(_plain_sink, actor_name=ACTOR_NAME, queue_name=queue, broker=broker)
         return broker, actor, queue
     from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
 
@@ -91,7 +96,7 @@ def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dr
         raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
     actor = rpc_actor(actor_name=ACTOR_NAME, queue_name=queue, broker=broker, max_retries=0)(_echo)
     if kind == "blocking":
-        dramatiq.actor(_plain_echo, actor_name=PLAIN_ACTOR_NAME, queue_name=queue, broker=broker)
+        dramatiq.actor(_plain_sink, actor_name=PLAIN_ACTOR_NAME, queue_name=queue, broker=broker)
     return broker, actor, queue
 
 
