@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -79,20 +80,32 @@ def same_redis(a: redis.Redis, b: redis.Redis) -> bool:
 
 
 _pinned = threading.local()
+#: Bumped in a forked child, so that it never uses its parent's pinned connections.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _thread_connection(client: redis.Redis) -> Any:
     """This thread's own connection of ``client``'s pool, taken once and kept (no pool
     checkout per command: its health check costs syscalls). For long-lived threads with one
-    job, such as a worker's consumer and worker threads; a new one after a fork."""
+    job, such as a worker's consumer and worker threads. Keyed by the pool object itself (weakly:
+    a pool that is gone takes its entry with it), renewed after a fork."""
     pool = client.connection_pool
-    table: dict[int, Any] | None = getattr(_pinned, "table", None)
-    if table is None or getattr(_pinned, "pid", None) != os.getpid():
-        table = _pinned.table = {}
-        _pinned.pid = os.getpid()
-    conn = table.get(id(pool))
+    state = _pinned.__dict__
+    if state.get("generation") != _fork_generation:
+        state["table"] = weakref.WeakKeyDictionary()
+        state["generation"] = _fork_generation
+    table: weakref.WeakKeyDictionary[Any, Any] = state["table"]
+    conn = table.get(pool)
     if conn is None:
-        conn = table[id(pool)] = pool.get_connection()
+        conn = table[pool] = pool.get_connection()
     return conn
 
 

@@ -193,3 +193,28 @@ def test_call_runs_enqueue_hooks_and_survives_a_lost_script_cache() -> None:
             assert time.monotonic() - started < 2
         assert hooks.events == ["before:True", "after", "before:True", "after"]
         client.close()
+
+
+def test_pinned_connections_belong_to_their_own_pool(redis_url: str) -> None:
+    """A thread keeps one connection per pool; a pool that is gone does not hand its connection
+    to a later pool (which could sit at the same address)."""
+    import gc
+
+    from rpc_tasks.redis_io import pipelined
+
+    other_url = redis_url.rsplit("/", 1)[0] + "/10"
+
+    def db_of(client: redis.Redis) -> int:
+        info = pipelined(client, [("CLIENT", "INFO")], pinned=True)[0]
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return int(text.split(" db=")[1].split()[0])
+
+    base_db = int(redis_url.rsplit("/", 1)[1])
+    for _ in range(20):
+        a = redis.Redis.from_url(redis_url)
+        b = redis.Redis.from_url(other_url)
+        assert db_of(a) == base_db and db_of(b) == 10
+        a.close()
+        b.close()
+        del a, b
+        gc.collect()
