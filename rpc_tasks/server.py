@@ -544,6 +544,11 @@ class RPCServer:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except Exception:  # pragma: no cover - a bug; keep this reader alive
+                logger.exception("Unexpected failure reading %s", self.stream)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             backoff = 0.1
             for entry in entries:
                 with self._counter_lock:
