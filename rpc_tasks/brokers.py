@@ -197,6 +197,8 @@ class BlockingRedisBroker(RedisBroker):
 
     def finish(self, command: str, queue_name: str, redis_message_id: str) -> None:
         """``ack``/``nack`` a message, pushing its deferred reply (if any) atomically with it."""
+        if command != "ack":  # a message that failed after all: its success reply must not go out
+            self._pending_replies.pop(redis_message_id, None)
         reply = self._pending_replies.get(redis_message_id)
         if reply is None:  # Dramatiq's own ack/nack
             getattr(self, f"do_{command}")(queue_name, redis_message_id)

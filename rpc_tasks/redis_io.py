@@ -308,6 +308,11 @@ class ReplyChannel:
 
             conn.disconnect()
             raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
+        except BaseException:
+            # e.g. Dramatiq's TimeLimitExceeded raised into a caller mid-wait: never give the
+            # pool a connection with replies still in flight.
+            conn.disconnect()
+            raise
         finally:
             pool.release(conn)
 
