@@ -60,8 +60,8 @@ def _rpc_dispatch_source() -> bytes:
     so that, atomically with the wrapped command,
 
     * an ``enqueue`` also pushes a capped wake-up token;
-    * an ``ack``/``nack`` given three extra arguments (reply key, reply, TTL in seconds) also
-      pushes that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``).
+    * an ``ack`` given three extra arguments (reply key, reply, TTL in seconds) also pushes
+      that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``).
     """
     from dramatiq.brokers import redis as dramatiq_redis
 
@@ -73,7 +73,7 @@ def _rpc_dispatch_source() -> bytes:
         b"  local wake = KEYS[1] .. ':' .. ARGV[3] .. '.wake'\n"
         b"  redis.call('lpush', wake, '1')\n"
         b"  redis.call('ltrim', wake, 0, " + str(WAKE_LIST_LENGTH - 1).encode() + b")\n"
-        b"elseif (ARGV[1] == 'ack' or ARGV[1] == 'nack') and ARGV[12] then\n"
+        b"elseif ARGV[1] == 'ack' and ARGV[12] then\n"
         b"  redis.call('lpush', ARGV[10], ARGV[11])\n"
         b"  redis.call('expire', ARGV[10], ARGV[12])\n"
         b"end\n"
@@ -203,18 +203,16 @@ class BlockingRedisBroker(RedisBroker):
         if reply is None:  # Dramatiq's own ack/nack
             getattr(self, f"do_{command}")(queue_name, redis_message_id)
             return
-        script = self.scripts["dispatch_rpc"]
-        args = self._dispatch_args(command, queue_name, redis_message_id, *reply)
-        try:
-            pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *args)], pinned=True)
-        except NoScriptError:  # the server lost its script cache: load it and run it again
-            script(keys=[self.namespace], args=args)
+        self._dispatch_pinned(command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc")
         self._pending_replies.pop(redis_message_id, None)
 
-    def _dispatch_pinned(self, command: str, queue_name: str, *args: Any) -> Any:
-        """Dramatiq's dispatch script on this thread's own connection (worker and consumer
-        threads are long-lived; a pool checkout costs a readiness poll and two getpid calls)."""
-        script = self.scripts["dispatch"]
+    def _dispatch_pinned(
+        self, command: str, queue_name: str, *args: Any, script_name: str = "dispatch"
+    ) -> Any:
+        """Dramatiq's dispatch script (or our wrapper of it) on this thread's own connection
+        (worker and consumer threads are long-lived; a pool checkout costs a readiness poll and
+        two getpid calls)."""
+        script = self.scripts[script_name]
         full = self._dispatch_args(command, queue_name, *args)
         try:
             return pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *full)], pinned=True)[0]

@@ -424,22 +424,8 @@ class RPCServer:
         threads each read and run their own entries (no hand-over between threads); otherwise
         one reader hands entries to a pool of ``concurrency`` handler threads.
         """
-        if self.io.pin:
-            self._serve_with_readers()
-        else:
-            self._serve_with_one_reader()
-
-    def _serve_with_readers(self) -> None:
-        """``concurrency`` reader threads each block on ``XREADGROUP ... COUNT 1`` and run the
-        entry they get themselves (no hand-over between threads); this thread refreshes
-        in-flight entries, reclaims dead consumers' entries (run on a small pool) and watches
-        the backlog every ``claim_interval``. A shared semaphore keeps the handlers running at
-        once at ``concurrency``.
-        """
         self._stopping.clear()
         self._stopped.clear()
-        slots = threading.Semaphore(self.concurrency)
-        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="rpc-server-claimed")
         logger.info(
             "RPC server %s consuming %s (group %s, %d methods)",
             self.consumer_name,
@@ -447,12 +433,36 @@ class RPCServer:
             self.group,
             len(self.handlers),
         )
+        slots = threading.Semaphore(self.concurrency)
+        if self.io.pin:
+            self._serve_with_readers(slots)
+        else:
+            self._serve_with_one_reader(slots)
+
+    def _maintain(self, pool: ThreadPoolExecutor, slots: threading.Semaphore) -> None:
+        """Every ``claim_interval``: (re)create the group, refresh in-flight entries, reclaim
+        dead consumers' entries, watch the backlog."""
+        self.io.ensure_group(self.stream, self.group)
+        with self._counter_lock:
+            busy = sorted(self._in_flight)
+        self.io.touch(self.stream, self.group, self.consumer_name, busy)
+        self._reclaim(pool, slots)
+        self._check_backlog()
+
+    def _serve_with_readers(self, slots: threading.Semaphore) -> None:
+        """``concurrency`` reader threads each block on ``XREADGROUP ... COUNT 1`` and run the
+        entry they get themselves (no hand-over between threads); this thread refreshes
+        in-flight entries, reclaims dead consumers' entries (run on a small pool) and watches
+        the backlog every ``claim_interval``. A shared semaphore keeps the handlers running at
+        once at ``concurrency``.
+        """
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="rpc-server-claimed")
         readers: list[threading.Thread] = []
         backoff = 0.1
         try:
             while not self._stopping.is_set():
                 try:
-                    self.io.ensure_group(self.stream, self.group)
+                    self._maintain(pool, slots)
                     if not readers:
                         readers = [
                             threading.Thread(
@@ -462,11 +472,6 @@ class RPCServer:
                         ]
                         for reader in readers:
                             reader.start()
-                    with self._counter_lock:
-                        busy = sorted(self._in_flight)
-                    self.io.touch(self.stream, self.group, self.consumer_name, busy)
-                    self._reclaim(pool, slots)
-                    self._check_backlog()
                     backoff = 0.1
                     self._stopping.wait(self.claim_interval)
                 except RPCException as exc:
@@ -481,31 +486,16 @@ class RPCServer:
             self._stopped.set()
             logger.info("RPC server %s stopped", self.consumer_name)
 
-    def _serve_with_one_reader(self) -> None:
+    def _serve_with_one_reader(self, slots: threading.Semaphore) -> None:
         """One reader thread (this one) hands entries to ``concurrency`` handler threads."""
-        self._stopping.clear()
-        self._stopped.clear()
-        slots = threading.Semaphore(self.concurrency)
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="rpc-server")
-        logger.info(
-            "RPC server %s consuming %s (group %s, %d methods)",
-            self.consumer_name,
-            self.stream,
-            self.group,
-            len(self.handlers),
-        )
         next_claim = 0.0
         backoff = 0.1
         try:
             while not self._stopping.is_set():
                 try:
                     if next_claim <= time.monotonic():
-                        self.io.ensure_group(self.stream, self.group)
-                        with self._counter_lock:
-                            busy = sorted(self._in_flight)
-                        self.io.touch(self.stream, self.group, self.consumer_name, busy)
-                        self._reclaim(pool, slots)
-                        self._check_backlog()
+                        self._maintain(pool, slots)
                         next_claim = time.monotonic() + self.claim_interval
                     if not slots.acquire(timeout=0.2):
                         continue
