@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any
 from uuid import uuid4
 
@@ -82,7 +83,8 @@ def _rpc_dispatch_source() -> bytes:
 
 
 def wake_key(namespace: str, queue_name: str) -> str:
-    """The wake-up list of ``queue_name`` (also for its ``.DQ`` delay queue)."""
+    """The wake-up list of ``queue_name`` (a delay queue ``<queue>.DQ`` has its own,
+    ``<queue>.DQ.wake``, pushed when a delayed message is enqueued)."""
     return f"{namespace}:{queue_name}.wake"
 
 
@@ -118,7 +120,11 @@ class BlockingRedisBroker(RedisBroker):
         self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
         self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
-        self._same_redis: dict[int, bool] = {}
+        self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
+        # A blocking read must return before the socket times out (``socket_timeout`` in the
+        # URL or client): block at most half of it.
+        socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        self.max_block_seconds: float | None = float(socket_timeout) / 2 if socket_timeout else None
 
     def enqueue_many(self, messages: list[Message[Any]]) -> list[Message[Any]]:
         """Enqueue (without delay) many messages in one round trip; same middleware hooks as
@@ -129,17 +135,19 @@ class BlockingRedisBroker(RedisBroker):
             self.emit_before("enqueue", message, None)
             prepared.append(message)
         script = self.scripts["dispatch_rpc"]
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for message in prepared:
-                    args = self._enqueue_args(
-                        message.queue_name, message.options["redis_message_id"], message.encode()
-                    )
-                    pipe.evalsha(script.sha, 1, self.namespace, *args)
-                pipe.execute()
-        except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
+        with self.client.pipeline(transaction=False) as pipe:
             for message in prepared:
+                rid = message.options["redis_message_id"]
+                args = self._enqueue_args(message.queue_name, rid, message.encode())
+                pipe.evalsha(script.sha, 1, self.namespace, *args)
+            results = pipe.execute(raise_on_error=False)
+        for message, result in zip(prepared, results, strict=True):
+            if isinstance(result, NoScriptError):
+                # The server lost its script cache (restart, SCRIPT FLUSH): enqueue again only
+                # the messages that did not go in (the script loads itself on this call).
                 self.do_enqueue(message.queue_name, message.options["redis_message_id"], message.encode())
+            elif isinstance(result, Exception):
+                raise result
         for message in prepared:
             self.emit_after("enqueue", message, None)
         return prepared
@@ -151,9 +159,9 @@ class BlockingRedisBroker(RedisBroker):
         )
 
     def _shares_redis(self, client: redis.Redis) -> bool:
-        same = self._same_redis.get(id(client))
+        same = self._same_redis.get(client)
         if same is None:
-            same = self._same_redis[id(client)] = same_redis(self.client, client)
+            same = self._same_redis[client] = same_redis(self.client, client)
         return same
 
     def enqueue_and_wait(
@@ -237,6 +245,8 @@ class BlockingRedisBroker(RedisBroker):
         pipelined on one connection, so Redis runs the fetch the moment the ``BLPOP`` returns
         (with a token or on its timeout, which doubles as the idle heartbeat)."""
         script = self.scripts["dispatch"]
+        if self.max_block_seconds is not None:
+            seconds = min(seconds, self.max_block_seconds)
         timeout = max(0.001, round(seconds, 3))
         commands = [
             ("BLPOP", wake_key(self.namespace, queue_name), timeout),
@@ -304,7 +314,7 @@ class _BlockingConsumer(_RedisConsumer):
                 return None
             try:
                 messages = self._fetch(room)
-            except redis.ConnectionError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise ConnectionClosed(exc) from None
             if messages is None:
                 return None
@@ -340,7 +350,7 @@ class _BlockingConsumer(_RedisConsumer):
             # The current queue may differ from message.queue_name (delayed messages): finish
             # on the consumer's queue, as Dramatiq does.
             self.broker.finish(command, self.queue_name, redis_message_id)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Dramatiq retries post-processing on connection errors: keep the deferred reply.
             raise ConnectionClosed(exc) from None
         except BrokerConnectionError:

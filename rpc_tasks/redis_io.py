@@ -67,16 +67,26 @@ def client_from_config(config: WebSocketRPCConfig) -> redis.Redis:
     )
 
 
+#: Pool and connection classes whose ``connection_kwargs`` name the server they talk to.
+#: Other pools (e.g. Sentinel's, which discovers its server) never count as "the same Redis".
+_PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
+_PLAIN_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
+
+
 def same_redis(a: redis.Redis, b: redis.Redis) -> bool:
     """True when two clients talk to the same Redis server and database (same host/port or
-    socket path, same db, same user)."""
-    if a is b or a.connection_pool is b.connection_pool:
+    socket path, same db, same user, same connection class). Conservative: pools whose server
+    is not fixed in their settings (Sentinel, custom pools) are only "the same" when they are
+    the same pool object; ``localhost`` and ``127.0.0.1`` count as different."""
+    pa, pb = a.connection_pool, b.connection_pool
+    if a is b or pa is pb:
         return True
+    for pool in (pa, pb):
+        if type(pool) not in _PLAIN_POOLS or pool.connection_class not in _PLAIN_CONNECTIONS:
+            return False
     fields = ("host", "port", "path", "db", "username")
-    ka, kb = a.connection_pool.connection_kwargs, b.connection_pool.connection_kwargs
-    return all(ka.get(f) == kb.get(f) for f in fields) and (
-        a.connection_pool.connection_class is b.connection_pool.connection_class
-    )
+    ka, kb = pa.connection_kwargs, pb.connection_kwargs
+    return pa.connection_class is pb.connection_class and all(ka.get(f) == kb.get(f) for f in fields)
 
 
 _pinned = threading.local()
@@ -92,21 +102,53 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _ThreadPins:
+    """One thread's kept connections (pool -> connection, weakly keyed by the pool). They go
+    back to their pools when the thread ends (its thread-local state is dropped) or on
+    :func:`release_thread_connections`; a forked child never hands back its parent's."""
+
+    __slots__ = ("generation", "table")
+
+    def __init__(self) -> None:
+        self.generation = _fork_generation
+        self.table: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def release(self) -> None:
+        table, self.table = self.table, weakref.WeakKeyDictionary()
+        if self.generation != _fork_generation:
+            return  # the parent process's connections: not ours to give back
+        for pool, conn in list(table.items()):
+            try:
+                pool.release(conn)
+            except Exception:  # pragma: no cover - best effort (e.g. at interpreter exit)
+                logger.debug("could not return a kept connection to its pool", exc_info=True)
+
+    def __del__(self) -> None:
+        self.release()
+
+
 def _thread_connection(client: redis.Redis) -> Any:
     """This thread's own connection of ``client``'s pool, taken once and kept (no pool
     checkout per command: its health check costs syscalls). For long-lived threads with one
-    job, such as a worker's consumer and worker threads. Keyed by the pool object itself (weakly:
-    a pool that is gone takes its entry with it), renewed after a fork."""
+    job, such as a worker's consumer and worker threads; the connection goes back to the pool
+    when the thread ends. Keyed by the pool object itself (weakly: a pool that is gone takes
+    its entry with it), renewed after a fork."""
     pool = client.connection_pool
-    state = _pinned.__dict__
-    if state.get("generation") != _fork_generation:
-        state["table"] = weakref.WeakKeyDictionary()
-        state["generation"] = _fork_generation
-    table: weakref.WeakKeyDictionary[Any, Any] = state["table"]
-    conn = table.get(pool)
+    pins: _ThreadPins | None = getattr(_pinned, "pins", None)
+    if pins is None or pins.generation != _fork_generation:
+        pins = _pinned.pins = _ThreadPins()
+    conn = pins.table.get(pool)
     if conn is None:
-        conn = table[pool] = pool.get_connection()
+        conn = pins.table[pool] = pool.get_connection()
     return conn
+
+
+def release_thread_connections() -> None:
+    """Give the calling thread's kept connections (see :func:`_thread_connection`) back to
+    their pools now, e.g. before a thread that used them goes idle in a thread pool."""
+    pins: _ThreadPins | None = getattr(_pinned, "pins", None)
+    if pins is not None:
+        pins.release()
 
 
 def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]], *, pinned: bool = False) -> list[Any]:
@@ -147,8 +189,9 @@ def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]], *, pinned: b
 
 def pinned_command(client: redis.Redis, *args: Any) -> Any:
     """One command on this thread's own connection (see :func:`_thread_connection`), its reply
-    parsed exactly as ``client.execute_command`` would (response callbacks included). A
-    connection error is retried once on a fresh connection."""
+    parsed by ``client``'s response callbacks as ``client.execute_command`` parses it (no
+    command options, no retry policy of the client). A connection error is retried once on a
+    fresh connection."""
     for attempt in (1, 2):
         conn = _thread_connection(client)
         try:
@@ -241,8 +284,9 @@ class ReplyChannel:
 
         ``first`` is one command (e.g. the enqueue of the request) sent ahead of the ``BLPOP``
         in the same write, so sending the request and waiting for its reply cost one round
-        trip; ``on_first`` gets its reply as soon as it arrives. If that command fails, its
-        ``ResponseError`` is raised and nothing is waited for.
+        trip; ``on_first`` gets its reply as soon as it arrives (even if that is a little after
+        the deadline). If that command fails, its ``ResponseError`` is raised and nothing is
+        waited for.
         """
         responses = self._blocking_pop(key, timeout, ("DEL", key), first, on_first)
         if responses is None or not responses[0]:
@@ -286,7 +330,9 @@ class ReplyChannel:
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             if first is not None:
-                if not _wait_readable(conn, deadline):
+                # The outcome of ``first`` (e.g. "enqueued") is read even when the deadline
+                # passes before it (a very short timeout), so that ``on_first`` still runs.
+                if not _wait_readable(conn, deadline + SERVER_SLACK_SECONDS):
                     conn.disconnect()
                     return None
                 try:
@@ -440,8 +486,12 @@ class RateStore:
                 self._view = fresh
                 self._view_ready.set()
                 backoff = 0.1
-                for message in pubsub.listen():
-                    if message.get("type") != "message":
+                # Wait in slices shorter than the client's socket timeout (if it has one).
+                socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+                wait = min(1.0, float(socket_timeout) / 2) if socket_timeout else 1.0
+                while True:
+                    message = pubsub.get_message(timeout=wait)
+                    if message is None or message.get("type") != "message":
                         continue
                     data = (
                         message["data"].decode()

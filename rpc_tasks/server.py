@@ -55,7 +55,7 @@ from .actor import _MISSING, _infer_models
 from .config import WebSocketRPCConfig, get_config
 from .exceptions import RPCException
 from .models.errors import RPCError, RPCErrorCode
-from .redis_io import StreamEntry, StreamIO, client_from_config
+from .redis_io import StreamEntry, StreamIO, client_from_config, release_thread_connections
 
 logger = logging.getLogger("rpc_tasks.server")
 
@@ -345,7 +345,14 @@ class RPCServer:
     ) -> None:
         with self._counter_lock:
             self._in_flight.add(entry[0])
-        pool.submit(self._run_one, entry, deliveries, slots)
+        pool.submit(self._run_pooled, entry, deliveries, slots)
+
+    def _run_pooled(self, entry: StreamEntry, deliveries: int, slots: threading.Semaphore) -> None:
+        # A pool thread may sit idle for long: it keeps no connection of its own.
+        try:
+            self._run_one(entry, deliveries, slots)
+        finally:
+            release_thread_connections()
 
     def _run_one(self, entry: StreamEntry, deliveries: int, slots: threading.Semaphore) -> None:
         entry_id, fields = entry
@@ -355,9 +362,9 @@ class RPCServer:
             # Redis is unreachable: the entry stays pending and is reclaimed later.
             self._count("redis_errors")
             logger.warning("Could not finish entry %s; it stays pending for reclaim", entry_id, exc_info=True)
-        except Exception:  # pragma: no cover - a bug; keep the consumer alive
+        except BaseException:  # a bug, or e.g. SystemExit from a handler: keep this thread alive
             self._count("internal_errors")
-            logger.exception("Unexpected failure on entry %s", entry_id)
+            logger.exception("Unexpected failure on entry %s; it stays pending for reclaim", entry_id)
         finally:
             with self._counter_lock:
                 self._in_flight.discard(entry_id)
@@ -524,6 +531,12 @@ class RPCServer:
     def _read_loop(self, slots: threading.Semaphore) -> None:
         # No slot is held while blocked in XREADGROUP (the reclaim pool needs them too): a
         # reader takes one once it holds an entry, so handlers stay at most ``concurrency``.
+        try:
+            self._read_entries(slots)
+        finally:
+            release_thread_connections()  # else a restarted server could find its pool used up
+
+    def _read_entries(self, slots: threading.Semaphore) -> None:
         block = max(1, min(self.block_ms, int(self.claim_interval * 1000)))
         backoff = 0.1
         while not self._stopping.is_set():

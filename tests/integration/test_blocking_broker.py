@@ -3,6 +3,7 @@ that arrive without a wake-up token, and ``.call()`` replies pushed together wit
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -218,3 +219,72 @@ def test_pinned_connections_belong_to_their_own_pool(redis_url: str) -> None:
         b.close()
         del a, b
         gc.collect()
+
+
+def test_worker_restarts_give_their_kept_connections_back(redis_url: str) -> None:
+    """Consumer and worker threads keep a connection each; a stopped worker gives them back,
+    so restarting workers in one process on a bounded pool never runs out of connections."""
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=2)
+    broker = BlockingRedisBroker(client=redis.Redis(connection_pool=pool), namespace=unique("ns"))
+    config = WebSocketRPCConfig(redis_url=redis_url, response_key_prefix=unique("test:resp") + ":")
+    setup_broker(broker, config=config, set_global=False)
+    echo = _echo_actor(broker, unique("q"))
+    for round_ in range(5):  # each run keeps 4 connections (2 consumers + 2 worker threads)
+        with running_worker(broker, threads=2):
+            assert echo.call(EchoParams(message=f"r{round_}"), timeout=5).message == f"r{round_}"
+    probe = pool.get_connection()  # a connection is still free after all the runs
+    pool.release(probe)
+    pool.disconnect()
+
+
+def test_socket_timeout_shorter_than_worker_timeout(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker whose sockets time out (``socket_timeout`` in the URL) before ``worker_timeout``:
+    the idle consumer blocks for less than the socket timeout instead of failing every read."""
+    broker, _ = redis_broker(redis_url + "?socket_timeout=0.3")
+    echo = _echo_actor(broker, unique("q"))
+    with caplog.at_level("WARNING"), running_worker(broker, worker_timeout=1000):
+        time.sleep(1.2)  # several idle waits
+        assert echo.call(EchoParams(message="after idle"), timeout=5).message == "after idle"
+    problems = [r for r in caplog.records if r.name.startswith("dramatiq") and r.levelno >= logging.WARNING]
+    assert problems == [], [r.getMessage() for r in problems]
+
+
+def test_call_many_after_a_lost_script_cache_runs_each_message_once() -> None:
+    """``call_many`` enqueues in one pipeline; if the server lost its scripts (SCRIPT FLUSH,
+    restart), the messages that did not go in are enqueued again, and none twice."""
+    with PrivateRedis() as server:
+        url = server.url(db=1)
+        broker, _ = redis_broker(url)
+        queue = unique("q")
+        seen: list[str] = []
+
+        @rpc_actor(broker=broker, queue_name=queue, actor_name="record")
+        def record(params: EchoParams) -> EchoResult:
+            seen.append(params.message)
+            return EchoResult(message=params.message)
+
+        client = redis.Redis.from_url(url)
+        with running_worker(broker):
+            assert record.call(EchoParams(message="warm"), timeout=5).message == "warm"
+            client.script_flush()
+            messages = [f"m{i}" for i in range(10)]
+            results = record.call_many([EchoParams(message=m) for m in messages], timeout=5)
+            assert [r.message for r in results] == messages
+            time.sleep(0.3)  # a duplicate would have run by now
+        assert sorted(seen) == sorted(["warm", *messages])
+        client.close()
+
+
+def test_call_with_a_tiny_timeout_still_runs_after_enqueue_hooks(redis_url: str) -> None:
+    """A deadline that passes before Redis confirmed the enqueue still reads the confirmation:
+    ``after_enqueue`` runs once for every message that went in."""
+    from rpc_tasks import RPCTimeoutError
+
+    broker, _ = redis_broker(redis_url)
+    hooks = _EnqueueHooks()
+    broker.add_middleware(hooks)
+    echo = _echo_actor(broker, unique("q"))  # no worker: every call times out
+    for _ in range(20):
+        with pytest.raises(RPCTimeoutError):
+            echo.call(EchoParams(message="x"), timeout=0.0001)
+    assert hooks.events == ["before:True", "after"] * 20

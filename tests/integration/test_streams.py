@@ -486,3 +486,19 @@ def test_call_whose_request_cannot_be_added_fails_at_once(config: WebSocketRPCCo
 def test_serving_mode_follows_the_pool_size(config: WebSocketRPCConfig) -> None:
     server = RPCServer(config, concurrency=8)
     assert server.io.pin is (config.redis_max_connections >= 20)
+
+
+def test_restarting_a_server_in_one_process_reuses_its_connections(config: WebSocketRPCConfig) -> None:
+    """Reader threads keep a connection each and give it back when the server stops: a pool
+    exactly as large as the reader-per-thread mode needs survives many stop/start cycles."""
+    small = config.model_copy(update={"redis_max_connections": 2 * 3 + 4, "redis_pool_timeout": 1.0})
+    server = make_server(small, concurrency=3, claim_interval=0.2)
+    assert server.io.pin
+    client = WebSocketRPCClient(small)
+    try:
+        for round_ in range(6):
+            server.start()
+            assert client.call("add", Add(a=round_, b=1), Sum, timeout=5).total == round_ + 1
+            assert server.stop(10)
+    finally:
+        client.close()

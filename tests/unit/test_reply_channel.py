@@ -215,3 +215,27 @@ def test_make_redis_bad_url_is_connection_error_without_password() -> None:
     with pytest.raises(RPCConnectionError) as info:
         make_redis("http://user:hunter2-s3cret@localhost:6379/0")
     assert "hunter2-s3cret" not in str(info.value)
+
+
+def test_same_redis_only_for_a_known_server_and_database() -> None:
+    """Used to decide whether a reply may share the broker's scripts: only clients whose
+    settings name the same server, database and user count as the same Redis."""
+    from redis.sentinel import Sentinel, SentinelConnectionPool
+
+    from rpc_tasks.redis_io import same_redis
+
+    a = redis.Redis.from_url("redis://127.0.0.1:6379/3")
+    assert same_redis(a, a)
+    assert same_redis(a, redis.Redis.from_url("redis://127.0.0.1:6379/3"))
+    assert same_redis(a, make_redis("redis://127.0.0.1:6379/3"))  # blocking pool, same server
+    assert not same_redis(a, redis.Redis.from_url("redis://127.0.0.1:6379/4"))
+    assert not same_redis(a, redis.Redis.from_url("redis://127.0.0.1:6380/3"))
+    assert not same_redis(a, redis.Redis.from_url("redis://other:x@127.0.0.1:6379/3"))
+    assert not same_redis(a, redis.Redis.from_url("rediss://127.0.0.1:6379/3"))
+    assert not same_redis(a, redis.Redis.from_url("unix:///tmp/redis.sock?db=3"))
+    # Sentinel pools find their server at run time: two services are never "the same".
+    sentinel = Sentinel([("127.0.0.1", 26379)])
+    one = redis.Redis(connection_pool=SentinelConnectionPool("one", sentinel, db=3))
+    two = redis.Redis(connection_pool=SentinelConnectionPool("two", sentinel, db=3))
+    assert not same_redis(one, two)
+    assert same_redis(one, redis.Redis(connection_pool=one.connection_pool))
