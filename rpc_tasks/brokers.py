@@ -121,10 +121,6 @@ class BlockingRedisBroker(RedisBroker):
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
         self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
         self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
-        # A blocking read must return before the socket times out (``socket_timeout`` in the
-        # URL or client): block at most half of it.
-        socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
-        self.max_block_seconds: float | None = float(socket_timeout) / 2 if socket_timeout else None
 
     def enqueue_many(self, messages: list[Message[Any]]) -> list[Message[Any]]:
         """Enqueue (without delay) many messages in one round trip; same middleware hooks as
@@ -141,13 +137,16 @@ class BlockingRedisBroker(RedisBroker):
                 args = self._enqueue_args(message.queue_name, rid, message.encode())
                 pipe.evalsha(script.sha, 1, self.namespace, *args)
             results = pipe.execute(raise_on_error=False)
+        failed: Exception | None = None
         for message, result in zip(prepared, results, strict=True):
             if isinstance(result, NoScriptError):
                 # The server lost its script cache (restart, SCRIPT FLUSH): enqueue again only
                 # the messages that did not go in (the script loads itself on this call).
                 self.do_enqueue(message.queue_name, message.options["redis_message_id"], message.encode())
-            elif isinstance(result, Exception):
-                raise result
+            elif isinstance(result, Exception) and failed is None:
+                failed = result
+        if failed is not None:
+            raise failed
         for message in prepared:
             self.emit_after("enqueue", message, None)
         return prepared
@@ -245,15 +244,14 @@ class BlockingRedisBroker(RedisBroker):
         pipelined on one connection, so Redis runs the fetch the moment the ``BLPOP`` returns
         (with a token or on its timeout, which doubles as the idle heartbeat)."""
         script = self.scripts["dispatch"]
-        if self.max_block_seconds is not None:
-            seconds = min(seconds, self.max_block_seconds)
         timeout = max(0.001, round(seconds, 3))
         commands = [
             ("BLPOP", wake_key(self.namespace, queue_name), timeout),
             ("EVALSHA", script.sha, 1, self.namespace, *self._dispatch_args("fetch", queue_name, count)),
         ]
         try:
-            messages = pipelined(self.client, commands, pinned=True)[1]
+            # Waited for with the BLPOP's own timeout, whatever the client's socket_timeout.
+            messages = pipelined(self.client, commands, pinned=True, wait=timeout)[1]
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
             messages = self.do_fetch(queue_name, count)
         return list(messages or [])

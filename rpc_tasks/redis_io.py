@@ -105,17 +105,20 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class _ThreadPins:
     """One thread's kept connections (pool -> connection, weakly keyed by the pool). They go
     back to their pools when the thread ends (its thread-local state is dropped) or on
-    :func:`release_thread_connections`; a forked child never hands back its parent's."""
+    :func:`release_thread_connections`; a forked child never hands back its parent's (in a
+    child, the parent's other threads' state is dropped during the fork itself, before any
+    at-fork hook ran: hence the pid check)."""
 
-    __slots__ = ("generation", "table")
+    __slots__ = ("generation", "pid", "table")
 
     def __init__(self) -> None:
         self.generation = _fork_generation
+        self.pid = os.getpid()
         self.table: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def release(self) -> None:
         table, self.table = self.table, weakref.WeakKeyDictionary()
-        if self.generation != _fork_generation:
+        if self.pid != os.getpid() or self.generation != _fork_generation:
             return  # the parent process's connections: not ours to give back
         for pool, conn in list(table.items()):
             try:
@@ -127,6 +130,13 @@ class _ThreadPins:
         self.release()
 
 
+def _thread_pins() -> _ThreadPins:
+    pins: _ThreadPins | None = getattr(_pinned, "pins", None)
+    if pins is None or pins.generation != _fork_generation:
+        pins = _pinned.pins = _ThreadPins()
+    return pins
+
+
 def _thread_connection(client: redis.Redis) -> Any:
     """This thread's own connection of ``client``'s pool, taken once and kept (no pool
     checkout per command: its health check costs syscalls). For long-lived threads with one
@@ -134,12 +144,12 @@ def _thread_connection(client: redis.Redis) -> Any:
     when the thread ends. Keyed by the pool object itself (weakly: a pool that is gone takes
     its entry with it), renewed after a fork."""
     pool = client.connection_pool
-    pins: _ThreadPins | None = getattr(_pinned, "pins", None)
-    if pins is None or pins.generation != _fork_generation:
-        pins = _pinned.pins = _ThreadPins()
-    conn = pins.table.get(pool)
+    conn = _thread_pins().table.get(pool)
     if conn is None:
-        conn = pins.table[pool] = pool.get_connection()
+        # No reference to the pins object is held across the checkout: an exception here must
+        # not tie it into a reference cycle (freed later by the GC, it could lose its entries).
+        conn = pool.get_connection()
+        _thread_pins().table[pool] = conn
     return conn
 
 
@@ -151,25 +161,41 @@ def release_thread_connections() -> None:
         pins.release()
 
 
-def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]], *, pinned: bool = False) -> list[Any]:
+def _await_reply(conn: Any, wait: float | None) -> None:
+    """After sending a command that blocks on the server for up to ``wait`` seconds: wait for
+    its reply with some slack, whatever the client's ``socket_timeout`` (which would otherwise
+    cut every long block short). No reply by then: ``redis.TimeoutError``."""
+    if wait is not None and not _wait_readable(conn, time.monotonic() + wait + SERVER_SLACK_SECONDS):
+        raise redis.TimeoutError(f"no reply from Redis within {wait + SERVER_SLACK_SECONDS:.3f}s")
+
+
+def pipelined(
+    client: redis.Redis,
+    commands: list[tuple[Any, ...]],
+    *,
+    pinned: bool = False,
+    wait: float | None = None,
+) -> list[Any]:
     """Send ``commands`` in one write on one connection and read every reply: a lean
     non-transactional pipeline (no per-command objects), for the hot paths. A blocking command
-    may come first; the ones after it run when it returns. An error reply is raised after all
-    replies were read (the connection stays usable); a connection error is retried once on a
-    fresh connection (a pooled connection may be stale after a Redis restart). ``pinned``: use
-    this thread's own connection (see :func:`_thread_connection`) instead of the pool."""
+    may come first (give its server-side timeout as ``wait``); the ones after it run when it
+    returns. An error reply is raised after all replies were read (the connection stays
+    usable). A connection error is retried once on a fresh connection (a pooled connection may
+    be stale after a Redis restart); a timeout is not (the commands may have run). ``pinned``:
+    use this thread's own connection (see :func:`_thread_connection`) instead of the pool."""
     pool = client.connection_pool
     for attempt in (1, 2):
         conn: Any = _thread_connection(client) if pinned else pool.get_connection()
         replies: list[Any] = []
         try:
             conn.send_packed_command(conn.pack_commands(commands))
+            _await_reply(conn, wait)
             for _ in commands:
                 try:
                     replies.append(conn.read_response())
                 except redis.ResponseError as exc:  # fully read: the connection stays usable
                     replies.append(exc)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except redis.ConnectionError:
             conn.disconnect()  # a pinned connection reconnects on its next send
             if attempt == 2:
                 raise
@@ -187,17 +213,21 @@ def pipelined(client: redis.Redis, commands: list[tuple[Any, ...]], *, pinned: b
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def pinned_command(client: redis.Redis, *args: Any) -> Any:
-    """One command on this thread's own connection (see :func:`_thread_connection`), its reply
-    parsed by ``client``'s response callbacks as ``client.execute_command`` parses it (no
-    command options, no retry policy of the client). A connection error is retried once on a
-    fresh connection."""
+def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool = False) -> Any:
+    """One command that blocks on the server for up to ``wait`` seconds (e.g. ``XREADGROUP
+    ... BLOCK``), waited for whatever the client's ``socket_timeout``; its reply parsed by
+    ``client``'s response callbacks as ``client.execute_command`` parses it (no command
+    options, no retry policy of the client). A connection error is retried once on a fresh
+    connection; a timeout is not. ``pinned``: on this thread's own connection (see
+    :func:`_thread_connection`)."""
+    pool = client.connection_pool
     for attempt in (1, 2):
-        conn = _thread_connection(client)
+        conn: Any = _thread_connection(client) if pinned else pool.get_connection()
         try:
             conn.send_command(*args)
+            _await_reply(conn, wait)
             return cast(Any, client).parse_response(conn, str(args[0]).upper())
-        except (redis.ConnectionError, redis.TimeoutError):
+        except redis.ConnectionError:
             conn.disconnect()
             if attempt == 2:
                 raise
@@ -206,6 +236,9 @@ def pinned_command(client: redis.Redis, *args: Any) -> Any:
         except BaseException:
             conn.disconnect()
             raise
+        finally:
+            if not pinned:
+                pool.release(conn)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -605,11 +638,7 @@ class StreamIO:
         command = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block_ms)
         try:
             args = (*command, "STREAMS", stream, ">")
-            got: Any = (
-                pinned_command(self.client, *args)
-                if self.pin
-                else cast(Any, self.client).execute_command(*args)
-            )
+            got: Any = blocking_command(self.client, *args, wait=block_ms / 1000, pinned=self.pin)
         except RedisError as exc:
             raise self._fail("XREADGROUP", exc) from exc
         entries: list[StreamEntry] = []

@@ -280,7 +280,9 @@ class RPCServer:
             result = handler.fn(params)
             if handler.result_model is not None and not isinstance(result, handler.result_model):
                 result = handler.result_model.model_validate(result)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit from a handler too: an error reply, not a redelivery
             if not isinstance(exc, (RPCException, ValidationError)):
                 logger.exception("Handler %r failed on %s", request.method, entry_id)
             return self._reply(entry_id, request, reply_to, error=protocol.error_from_exception(exc))

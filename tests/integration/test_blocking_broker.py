@@ -238,9 +238,11 @@ def test_worker_restarts_give_their_kept_connections_back(redis_url: str) -> Non
 
 
 def test_socket_timeout_shorter_than_worker_timeout(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A broker whose sockets time out (``socket_timeout`` in the URL) before ``worker_timeout``:
-    the idle consumer blocks for less than the socket timeout instead of failing every read."""
-    broker, _ = redis_broker(redis_url + "?socket_timeout=0.3")
+    """A broker whose sockets time out (``socket_timeout`` in the URL) long before
+    ``worker_timeout``: the idle consumer's blocking read is waited for with its own timeout
+    instead of failing every time."""
+    # 0.1 s: shorter than Redis's own timer tick for blocking commands (1/hz = 100 ms)
+    broker, _ = redis_broker(redis_url + "?socket_timeout=0.1")
     echo = _echo_actor(broker, unique("q"))
     with caplog.at_level("WARNING"), running_worker(broker, worker_timeout=1000):
         time.sleep(1.2)  # several idle waits
@@ -288,3 +290,52 @@ def test_call_with_a_tiny_timeout_still_runs_after_enqueue_hooks(redis_url: str)
         with pytest.raises(RPCTimeoutError):
             echo.call(EchoParams(message="x"), timeout=0.0001)
     assert hooks.events == ["before:True", "after"] * 20
+
+
+def test_fork_while_other_threads_keep_connections(redis_url: str) -> None:
+    """A process forked while other threads keep connections (and one holds the pool's lock)
+    returns from ``fork()`` in the child: the child never hands the parent's connections back."""
+    import os
+    import threading
+
+    from rpc_tasks.redis_io import pipelined
+
+    pool = redis.ConnectionPool.from_url(redis_url)
+    client = redis.Redis(connection_pool=pool)
+    stop = threading.Event()
+    ready = threading.Barrier(3)
+
+    def keeper() -> None:
+        pipelined(client, [("PING",)], pinned=True)
+        ready.wait()
+        stop.wait()
+
+    def lock_holder() -> None:  # a thread inside the pool at the moment of the fork
+        with pool._lock:
+            ready.wait()
+            stop.wait()
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (keeper, lock_holder)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in fork()")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        pool.disconnect()

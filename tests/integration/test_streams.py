@@ -84,6 +84,10 @@ def make_server(config: WebSocketRPCConfig, **kwargs: Any) -> RPCServer:
     def crash(params: Add) -> Sum:
         raise ZeroDivisionError("division by zero")
 
+    @server.method("exits")
+    def exits(params: Add) -> Sum:
+        raise SystemExit(3)
+
     @server.method("slow")
     def slow(params: Add) -> Sum:
         time.sleep(params.a / 1000)
@@ -502,3 +506,40 @@ def test_restarting_a_server_in_one_process_reuses_its_connections(config: WebSo
             assert server.stop(10)
     finally:
         client.close()
+
+
+def test_handler_raising_system_exit_gets_an_error_reply(
+    server: RPCServer, client: WebSocketRPCClient
+) -> None:
+    """A handler that calls ``sys.exit()`` answers with an internal error at once (no
+    redelivery loop), and the server keeps serving."""
+    started = time.monotonic()
+    with pytest.raises(RPCRemoteError) as info:
+        client.call("exits", Add(a=1, b=2), Sum, timeout=5)
+    assert info.value.error.code == RPCErrorCode.INTERNAL_ERROR
+    assert "SystemExit" in info.value.error.message
+    assert time.monotonic() - started < 2
+    assert client.call("add", Add(a=1, b=2), Sum, timeout=5).total == 3
+
+
+def test_server_on_a_client_with_a_short_socket_timeout(
+    config: WebSocketRPCConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis client whose socket_timeout (0.1 s) is far shorter than the server's blocking
+    read (1 s): idle readers wait for their reads instead of failing every time."""
+    from rpc_tasks.redis_io import make_redis
+
+    redis_client = make_redis(
+        config.redis_url, max_connections=config.redis_max_connections, socket_timeout=0.1
+    )
+    server = make_server(config, redis_client=redis_client, concurrency=2, claim_interval=1.0)
+    client = WebSocketRPCClient(config)
+    with caplog.at_level(logging.WARNING, logger="rpc_tasks"):
+        server.start()
+        try:
+            time.sleep(1.5)  # idle: several blocking reads
+            assert client.call("add", Add(a=2, b=3), Sum, timeout=5).total == 5
+        finally:
+            assert server.stop(10)
+            client.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "rpc_tasks.server"] == []
