@@ -164,9 +164,16 @@ def release_thread_connections() -> None:
 def _await_reply(conn: Any, wait: float | None) -> None:
     """After sending a command that blocks on the server for up to ``wait`` seconds: wait for
     its reply with some slack, whatever the client's ``socket_timeout`` (which would otherwise
-    cut every long block short). No reply by then: ``redis.TimeoutError``."""
-    if wait is not None and not _wait_readable(conn, time.monotonic() + wait + SERVER_SLACK_SECONDS):
-        raise redis.TimeoutError(f"no reply from Redis within {wait + SERVER_SLACK_SECONDS:.3f}s")
+    cut every long block short). No reply by then: ``redis.TimeoutError``. Without a socket
+    timeout that short, the read simply blocks (no extra readiness poll)."""
+    if wait is None:
+        return
+    limit = wait + SERVER_SLACK_SECONDS
+    socket_timeout = getattr(conn, "socket_timeout", None)
+    if socket_timeout is None or socket_timeout >= limit:
+        return
+    if not _wait_readable(conn, time.monotonic() + limit):
+        raise redis.TimeoutError(f"no reply from Redis within {limit:.3f}s")
 
 
 def pipelined(
