@@ -114,6 +114,48 @@ class StreamsRawPath(RawPath):
             raise TimeoutError("no reply from streams_raw")
 
 
+class ScriptsFloorPath(RawPath):
+    """The round trips of a ``.call()`` on ``BlockingRedisBroker`` with Dramatiq's own scripts
+    and message JSON, but no Dramatiq (worker, middleware) or rpc-tasks (validation) code:
+    ``EVALSHA`` enqueue + ``BLPOP`` + ``DEL`` in one write, against
+    ``workers/scripts_echo.py``."""
+
+    name = "scripts-floor"
+
+    def setup(self) -> None:
+        from benchmarks.workers import scripts_echo
+        from rpc_tasks.redis_io import pipelined
+
+        self.n = names()
+        self.b = scripts_echo.broker()
+        self.queue = self.n.queue(scripts_echo.KIND)
+        self.pipelined = pipelined
+        script = self.b.scripts["dispatch_rpc"]
+        script(keys=[self.b.namespace], args=self.b._dispatch_args("fetch", self.queue, 0))  # load it
+        self.sha = script.sha
+
+    def _call(self, timeout: float) -> None:
+        key = self.n.raw_reply_prefix + uuid.uuid4().hex
+        rid = str(uuid.uuid4())
+        message = {
+            "queue_name": self.queue,
+            "actor_name": "echo",
+            "args": [{"message": MESSAGE}],
+            "kwargs": {},
+            "options": {"redis_message_id": rid, "reply_to": key},
+            "message_id": str(uuid.uuid4()),
+            "message_timestamp": int(time.time() * 1000),
+        }
+        data = json.dumps(message, separators=(",", ":")).encode()
+        enqueue = ("EVALSHA", self.sha, 1, self.b.namespace, *self.b._enqueue_args(self.queue, rid, data))
+        replies = self.pipelined(self.b.client, [enqueue, ("BLPOP", key, timeout), ("DEL", key)])
+        if replies[1] is None:
+            raise TimeoutError("no reply from scripts_echo")
+
+    def close(self) -> None:
+        self.b.close()
+
+
 # -- rpc-tasks --------------------------------------------------------------------------------
 
 _built: dict[str, Any] = {}
@@ -371,6 +413,7 @@ PATHS: dict[str, type[Path]] = {
     cls.name: cls
     for cls in (
         RawPath,
+        ScriptsFloorPath,
         CallPath,
         CallPlainPath,
         CallRabbitmqPath,

@@ -10,6 +10,7 @@ from benchmarks.common import median, percentile
 #: Table order and what each path is compared with ("floor").
 PATH_ORDER = (
     "raw",
+    "scripts-floor",
     "call",
     "call-plain",
     "call-rabbitmq",
@@ -26,6 +27,8 @@ PATH_ORDER = (
 FLOOR_OF = {"raw": "raw", "streams": "streams-raw"}
 DESCRIPTIONS = {
     "raw": "floor: client LPUSH+BLPOP, echo process BLPOP+LPUSH (redis-py)",
+    "scripts-floor": "a .call()'s round trips with Dramatiq's Lua scripts and message JSON, no Dramatiq "
+    "worker/middleware or rpc-tasks code (client EVALSHA enqueue+BLPOP; echo BLPOP wake+fetch, ack+reply)",
     "call": "rpc-tasks @rpc_actor .call(), setup_broker() default (BlockingRedisBroker)",
     "call-plain": "rpc-tasks @rpc_actor .call(), setup_broker(dramatiq RedisBroker)",
     "call-rabbitmq": "rpc-tasks @rpc_actor .call(), setup_broker(dramatiq RabbitmqBroker); replies over "
@@ -199,6 +202,19 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             if _measured(call, "p50_ms")
             else math.nan,
         }
+    scripts, call = summaries.get("scripts-floor"), summaries.get("call")
+    if _measured(scripts, "p50_ms") and _measured(raw, "p50_ms"):
+        assert scripts is not None and raw is not None
+        out["call_vs_scripts_floor"] = {
+            "scripts_floor_p50_ms": scripts["p50_ms"],
+            "raw_p50_ms": raw["p50_ms"],
+            "scripts_floor_vs_raw": _ratio(scripts["p50_ms"], raw["p50_ms"]),
+            "call_p50_ms": call.get("p50_ms") if call else math.nan,
+            "call_vs_scripts_floor": _ratio(call.get("p50_ms"), scripts["p50_ms"]) if call else math.nan,
+            "call_minus_scripts_floor_ms": (call["p50_ms"] - scripts["p50_ms"])
+            if _measured(call, "p50_ms") and call is not None
+            else math.nan,
+        }
     return out
 
 
@@ -246,6 +262,15 @@ def comparison_lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"call-rabbitmq vs raw floor: p50 {c['call_rabbitmq_p50_ms']:.3f} / {c['raw_p50_ms']:.3f} ms = "
             f"{_f(c['p50_ratio'], '.2f')}x{'' if call == '—' else f' (call: {call}x)'}; first call after "
             f"idle {_f(c['first_call_ratio'], '.1f')}x"
+        )
+    c = comp.get("call_vs_scripts_floor")
+    if c:
+        lines.append(
+            f"scripts-floor (Dramatiq's scripts, no worker) vs raw floor: p50 "
+            f"{c['scripts_floor_p50_ms']:.3f} / {c['raw_p50_ms']:.3f} ms = "
+            f"{_f(c['scripts_floor_vs_raw'], '.2f')}x; call vs scripts-floor: "
+            f"{_f(c['call_vs_scripts_floor'], '.2f')}x (+{_f(c['call_minus_scripts_floor_ms'], '.3f')} ms: "
+            f"Dramatiq's worker, middleware and validation)"
         )
     return ["Ratios:", *(f"  {line}" for line in lines)] if lines else []
 

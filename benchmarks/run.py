@@ -71,6 +71,7 @@ class Group:
 
 GROUPS = (
     Group("raw", ("raw",)),
+    Group("scripts-floor", ("scripts-floor",)),
     Group("rpc", ("call", "send", "plain-send", "inflight")),
     Group("rpc-plain", ("call-plain",)),
     Group("rpc-rabbitmq", ("call-rabbitmq",)),
@@ -89,6 +90,8 @@ def worker_command(group: str, threads: int, lifetime: float, tag: str) -> tuple
         return [py, "-m", "benchmarks.workers.raw_echo", "--max-seconds", str(lifetime)], {}
     if group == "streams-raw":
         return [py, "-m", "benchmarks.workers.streams_raw", "--max-seconds", str(lifetime)], {}
+    if group == "scripts-floor":
+        return [py, "-m", "benchmarks.workers.scripts_echo", "--max-seconds", str(lifetime)], {}
     kinds = {
         "rpc": "blocking",
         "rpc-plain": "plain",
