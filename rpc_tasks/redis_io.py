@@ -8,6 +8,7 @@ Every redis-py exception is turned into :class:`~rpc_tasks.exceptions.RPCConnect
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -161,19 +162,38 @@ def release_thread_connections() -> None:
         pins.release()
 
 
-def _await_reply(conn: Any, wait: float | None) -> None:
-    """After sending a command that blocks on the server for up to ``wait`` seconds: wait for
-    its reply with some slack, whatever the client's ``socket_timeout`` (which would otherwise
-    cut every long block short). No reply by then: ``redis.TimeoutError``. Without a socket
-    timeout that short, the read simply blocks (no extra readiness poll)."""
+_READ_TAKES_TIMEOUT: dict[type, bool] = {}
+
+
+def _read_takes_timeout(conn: Any) -> bool:
+    """Whether this redis-py connection class's ``read_response`` accepts ``timeout=``."""
+    cls = type(conn)
+    known = _READ_TAKES_TIMEOUT.get(cls)
+    if known is None:
+        try:
+            known = "timeout" in inspect.signature(cls.read_response).parameters
+        except (TypeError, ValueError):  # pragma: no cover - not introspectable
+            known = False
+        _READ_TAKES_TIMEOUT[cls] = known
+    return known
+
+
+def _read_blocking_reply(conn: Any, wait: float | None) -> Any:
+    """Read the reply of a command that blocks on the server for up to ``wait`` seconds, with
+    some slack, whatever the client's ``socket_timeout`` (which would otherwise cut every long
+    block short): no reply by then raises ``redis.TimeoutError``. Without a socket timeout that
+    short it is a plain read (no extra syscalls)."""
     if wait is None:
-        return
+        return conn.read_response()
     limit = wait + SERVER_SLACK_SECONDS
     socket_timeout = getattr(conn, "socket_timeout", None)
     if socket_timeout is None or socket_timeout >= limit:
-        return
-    if not _wait_readable(conn, time.monotonic() + limit):
+        return conn.read_response()
+    if _read_takes_timeout(conn):  # redis-py 8: the whole reply is read with that timeout
+        return conn.read_response(timeout=limit)
+    if not _wait_readable(conn, time.monotonic() + limit):  # older redis-py: the first bytes
         raise redis.TimeoutError(f"no reply from Redis within {limit:.3f}s")
+    return conn.read_response()
 
 
 def pipelined(
@@ -196,10 +216,9 @@ def pipelined(
         replies: list[Any] = []
         try:
             conn.send_packed_command(conn.pack_commands(commands))
-            _await_reply(conn, wait)
-            for _ in commands:
+            for index in range(len(commands)):
                 try:
-                    replies.append(conn.read_response())
+                    replies.append(_read_blocking_reply(conn, wait) if index == 0 else conn.read_response())
                 except redis.ResponseError as exc:  # fully read: the connection stays usable
                     replies.append(exc)
         except redis.ConnectionError:
@@ -223,8 +242,8 @@ def pipelined(
 def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool = False) -> Any:
     """One command that blocks on the server for up to ``wait`` seconds (e.g. ``XREADGROUP
     ... BLOCK``), waited for whatever the client's ``socket_timeout``; its reply parsed by
-    ``client``'s response callbacks as ``client.execute_command`` parses it (no command
-    options, no retry policy of the client). A connection error is retried once on a fresh
+    ``client``'s response callback for the command, as ``client.execute_command`` parses it
+    without options (no retry policy of the client either). A connection error is retried once on a fresh
     connection; a timeout is not. ``pinned``: on this thread's own connection (see
     :func:`_thread_connection`)."""
     pool = client.connection_pool
@@ -232,8 +251,9 @@ def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool 
         conn: Any = _thread_connection(client) if pinned else pool.get_connection()
         try:
             conn.send_command(*args)
-            _await_reply(conn, wait)
-            return cast(Any, client).parse_response(conn, str(args[0]).upper())
+            response = _read_blocking_reply(conn, wait)
+            callback = cast(Any, client).response_callbacks.get(str(args[0]).upper())
+            return callback(response) if callback is not None else response
         except redis.ConnectionError:
             conn.disconnect()
             if attempt == 2:
@@ -648,8 +668,14 @@ class StreamIO:
             got: Any = blocking_command(self.client, *args, wait=block_ms / 1000, pinned=self.pin)
         except RedisError as exc:
             raise self._fail("XREADGROUP", exc) from exc
+        # RESP2: [[stream, [entry, ...]]]; RESP3 (protocol=3): {stream: [[entry, ...]]}.
+        streams = (
+            [items[0] if items else [] for items in got.values()]
+            if isinstance(got, dict)
+            else [items for _name, items in got or []]
+        )
         entries: list[StreamEntry] = []
-        for _name, items in got or []:
+        for items in streams:
             entries.extend(_entry(item) for item in items if item and item[1] is not None)
         return entries
 

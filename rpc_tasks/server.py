@@ -378,40 +378,42 @@ class RPCServer:
             free = _take_slots(slots, self.concurrency)
             if free == 0:
                 return
-            start, entries, deleted = self.io.autoclaim(
-                self.stream, self.group, self.consumer_name, int(self.claim_idle * 1000), start, free
-            )
-            for gone in deleted:
-                self._count("trimmed")
-                logger.error(
-                    "Pending entry %s was trimmed from %s before it was processed (stream_maxlen "
-                    "too small for the backlog)",
-                    gone,
-                    self.stream,
+            submitted = 0
+            try:
+                start, entries, deleted = self.io.autoclaim(
+                    self.stream, self.group, self.consumer_name, int(self.claim_idle * 1000), start, free
                 )
-                self.io.dead_letter(
-                    self.stream,
-                    self.group,
-                    gone,
-                    self.dead_letter_stream,
-                    {
-                        "entry_id": gone,
-                        "stream": self.stream,
-                        "reason": "trimmed",
-                        "consumer": self.consumer_name,
-                    },
-                )
-            with self._counter_lock:
-                mine = set(self._in_flight)
-            fresh = [e for e in entries if e[0] not in mine]
-            counts = self.io.deliveries(self.stream, self.group, [e[0] for e in fresh])
-            for entry in fresh:
-                self._count("reclaimed")
-                self._submit(pool, entry, counts.get(entry[0], self.max_deliveries + 1), slots)
-            for _ in range(free - len(fresh)):
-                slots.release()
+                for gone in deleted:
+                    self._dead_letter_trimmed(gone)
+                with self._counter_lock:
+                    mine = set(self._in_flight)
+                fresh = [e for e in entries if e[0] not in mine]
+                counts = self.io.deliveries(self.stream, self.group, [e[0] for e in fresh])
+                for entry in fresh:
+                    self._count("reclaimed")
+                    self._submit(pool, entry, counts.get(entry[0], self.max_deliveries + 1), slots)
+                    submitted += 1  # its handler gives the slot back
+            finally:
+                for _ in range(free - submitted):  # a Redis error must not cost handler slots
+                    slots.release()
             if start in ("0-0", "0") or not entries:
                 return
+
+    def _dead_letter_trimmed(self, gone: str) -> None:
+        self._count("trimmed")
+        logger.error(
+            "Pending entry %s was trimmed from %s before it was processed (stream_maxlen too small "
+            "for the backlog)",
+            gone,
+            self.stream,
+        )
+        self.io.dead_letter(
+            self.stream,
+            self.group,
+            gone,
+            self.dead_letter_stream,
+            {"entry_id": gone, "stream": self.stream, "reason": "trimmed", "consumer": self.consumer_name},
+        )
 
     def _check_backlog(self) -> None:
         pending, lag = self.io.backlog(self.stream, self.group)
@@ -510,7 +512,12 @@ class RPCServer:
                         continue
                     free = 1 + _take_slots(slots, self.concurrency - 1)
                     block = max(1, min(self.block_ms, int(self.claim_interval * 1000)))
-                    entries = self.io.read(self.stream, self.group, self.consumer_name, free, block)
+                    try:
+                        entries = self.io.read(self.stream, self.group, self.consumer_name, free, block)
+                    except BaseException:
+                        for _ in range(free):  # a failed read must not cost handler slots
+                            slots.release()
+                        raise
                     for entry in entries:
                         self._submit(pool, entry, 1, slots)
                     for _ in range(free - len(entries)):
@@ -522,6 +529,11 @@ class RPCServer:
                     backoff = 0.1
                 except RPCException as exc:
                     logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    next_claim = 0.0
+                except Exception:  # a bug: log it and keep serving (as the readers mode does)
+                    logger.exception("Unexpected failure reading %s", self.stream)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     next_claim = 0.0

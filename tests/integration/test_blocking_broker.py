@@ -339,3 +339,13 @@ def test_fork_while_other_threads_keep_connections(redis_url: str) -> None:
         for thread in threads:
             thread.join(5)
         pool.disconnect()
+
+
+def test_call_and_call_many_over_resp3(redis_url: str) -> None:
+    """``?protocol=3`` in the Redis URL (RESP3 replies): ``.call()`` and ``call_many`` work."""
+    broker, _ = redis_broker(redis_url + "?protocol=3")
+    echo = _echo_actor(broker, unique("q"))
+    with running_worker(broker):
+        assert echo.call(EchoParams(message="three"), timeout=5).message == "three"
+        results = echo.call_many([EchoParams(message=m) for m in ("a", "b", "c")], timeout=5)
+        assert [r.message for r in results] == ["a", "b", "c"]

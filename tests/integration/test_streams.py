@@ -88,9 +88,18 @@ def make_server(config: WebSocketRPCConfig, **kwargs: Any) -> RPCServer:
     def exits(params: Add) -> Sum:
         raise SystemExit(3)
 
+    gauge = {"active": 0, "peak": 0}
+    gauge_lock = threading.Lock()
+    server.gauge = gauge  # type: ignore[attr-defined]
+
     @server.method("slow")
     def slow(params: Add) -> Sum:
+        with gauge_lock:
+            gauge["active"] += 1
+            gauge["peak"] = max(gauge["peak"], gauge["active"])
         time.sleep(params.a / 1000)
+        with gauge_lock:
+            gauge["active"] -= 1
         return Sum(total=params.a)
 
     return server
@@ -543,3 +552,95 @@ def test_server_on_a_client_with_a_short_socket_timeout(
             assert server.stop(10)
             client.close()
     assert [r.getMessage() for r in caplog.records if r.name == "rpc_tasks.server"] == []
+
+
+@pytest.mark.parametrize("max_connections", [50, 12], ids=["readers", "one-reader"])
+def test_server_recovers_after_redis_restart(max_connections: int) -> None:
+    """Redis killed under a running RPCServer and started again (same port, empty data): the
+    server keeps retrying, recreates its group and serves again, in both serving modes."""
+    from .support import PrivateRedis
+
+    with PrivateRedis() as redis_server:
+        cfg = WebSocketRPCConfig(
+            redis_url=redis_server.url(db=1),
+            request_stream=unique("stream"),
+            response_key_prefix=unique("resp") + ":",
+            consumer_group=unique("group"),
+            redis_max_connections=max_connections,
+        )
+        server = make_server(cfg, concurrency=8, claim_interval=0.3)
+        client = WebSocketRPCClient(cfg)
+        server.start()
+        try:
+            assert client.call("add", Add(a=1, b=1), Sum, timeout=5).total == 2
+            redis_server.kill()
+            time.sleep(1.5)  # several failed reads and maintenance passes
+            redis_server.start()
+
+            def serves() -> bool:
+                try:
+                    return client.call("add", Add(a=2, b=2), Sum, timeout=1).total == 4
+                except Exception:
+                    return False
+
+            assert wait_until(serves, timeout=20, interval=0.2)
+            assert_full_concurrency(server, client, 8)
+        finally:
+            assert server.stop(10)
+            client.close()
+
+
+def assert_full_concurrency(server: RPCServer, client: WebSocketRPCClient, concurrency: int) -> None:
+    """``concurrency`` slow requests at once all run at the same time (no handler slot lost)."""
+    gauge = server.gauge  # type: ignore[attr-defined]
+    gauge["peak"] = 0
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(
+            pool.map(lambda _: client.call("slow", Add(a=400, b=0), Sum, timeout=10), range(concurrency))
+        )
+    assert [r.total for r in results] == [400] * concurrency
+    assert gauge["peak"] == concurrency
+
+
+def test_failed_reclaim_pass_keeps_every_handler_slot(
+    config: WebSocketRPCConfig, client: WebSocketRPCClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing in the middle of a maintenance pass (after the pass took the free handler
+    slots to reclaim entries) gives the slots back: the server still runs ``concurrency``
+    requests at once afterwards."""
+    from rpc_tasks import RPCConnectionError as ConnErr
+
+    server = make_server(config, concurrency=4, claim_interval=0.2)
+    real_autoclaim = server.io.autoclaim
+    failures = {"left": 3}
+
+    def flaky_autoclaim(*args: Any, **kwargs: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise ConnErr("Redis XAUTOCLAIM failed: injected")
+        return real_autoclaim(*args, **kwargs)
+
+    monkeypatch.setattr(server.io, "autoclaim", flaky_autoclaim)
+    server.start()
+    try:
+        wait_until(lambda: failures["left"] == 0, timeout=10)
+        assert_full_concurrency(server, client, 4)
+    finally:
+        assert server.stop(10)
+
+
+def test_client_and_server_over_resp3(config: WebSocketRPCConfig) -> None:
+    """``?protocol=3`` in the Redis URL (RESP3 replies, e.g. dicts for XREADGROUP): calls,
+    errors and health checks work as over RESP2."""
+    cfg = config.model_copy(update={"redis_url": config.redis_url + "?protocol=3"})
+    server = make_server(cfg, concurrency=2, claim_interval=0.5)
+    client = WebSocketRPCClient(cfg)
+    server.start()
+    try:
+        assert client.call("add", Add(a=20, b=22), Sum, timeout=5).total == 42
+        with pytest.raises(RPCRemoteError):
+            client.call("crash", Add(a=1, b=1), Sum, timeout=5)
+        assert client.health_check(timeout=5)
+    finally:
+        assert server.stop(10)
+        client.close()
