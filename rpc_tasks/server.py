@@ -158,6 +158,7 @@ class RPCServer:
         self._stopped.set()
         self._thread: threading.Thread | None = None
         self._in_flight: set[str] = set()
+        self._quiet_until = 0.0
         if builtins:
             self.register("ping", self._ping, params_model=PingParams, result_model=PingResult)
             self.register("echo", _echo, params_model=EchoParams, result_model=EchoResult)
@@ -349,6 +350,21 @@ class RPCServer:
             self._in_flight.add(entry[0])
         pool.submit(self._run_pooled, entry, deliveries, slots)
 
+    def _unavailable(self, exc: Exception, backoff: float) -> None:
+        """Log a Redis outage: every reader thread sees it, so one warning per 5 s for the
+        whole server (the others at DEBUG) instead of one per thread per retry."""
+        now = time.monotonic()
+        with self._counter_lock:
+            loud = now >= self._quiet_until
+            if loud:
+                self._quiet_until = now + 5.0
+        logger.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "Redis unavailable (%s); retrying in %.1fs",
+            exc,
+            backoff,
+        )
+
     def _run_pooled(self, entry: StreamEntry, deliveries: int, slots: threading.Semaphore) -> None:
         # A pool thread may sit idle for long: it keeps no connection of its own.
         try:
@@ -486,7 +502,7 @@ class RPCServer:
                     backoff = 0.1
                     self._stopping.wait(self.claim_interval)
                 except RPCException as exc:
-                    logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self._unavailable(exc, backoff)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
@@ -528,7 +544,7 @@ class RPCServer:
                         time.sleep(0)
                     backoff = 0.1
                 except RPCException as exc:
-                    logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self._unavailable(exc, backoff)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     next_claim = 0.0
@@ -557,7 +573,7 @@ class RPCServer:
             try:
                 entries = self.io.read(self.stream, self.group, self.consumer_name, 1, block)
             except RPCException as exc:
-                logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                self._unavailable(exc, backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

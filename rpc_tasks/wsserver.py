@@ -28,6 +28,7 @@ Frames from browsers: ``{"type": "ping"}`` or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -42,6 +43,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, Field, ValidationError
+from redis.exceptions import RedisError
 
 from . import protocol
 from .auth import TokenClaims, TokenError, verify_token
@@ -173,6 +175,7 @@ class WebSocketServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._store: AsyncWSStore | None = None
         self._stop: asyncio.Event | None = None
+        self._resync = asyncio.Event()  # set: refresh presence now (Redis came back)
         self.bound_port: int | None = None
 
     @property
@@ -433,17 +436,37 @@ class WebSocketServer:
     # -- pub/sub -------------------------------------------------------------------------------
 
     async def _listen(self, ready: asyncio.Event) -> None:
-        pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(protocol.ws_instance_channel(self.instance_id), self.config.broadcast_channel)
-        ready.set()
-        try:
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                asyncio.get_running_loop().create_task(self._on_pubsub(message))
-        finally:
-            await pubsub.aclose()
+        """Subscribe to this instance's channel and the broadcast channel. A Redis failure
+        (restart, network) ends the subscription: subscribe again on a new connection, with
+        backoff, instead of letting this task die (which silently stopped broadcasts and
+        cross-instance delivery for the rest of the process's life)."""
+        backoff = 0.1
+        lost = False
+        while True:
+            pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(
+                    protocol.ws_instance_channel(self.instance_id), self.config.broadcast_channel
+                )
+                if lost:
+                    logger.warning("Pub/Sub subscription restored")
+                    self._resync.set()  # Redis may have restarted empty: re-register presence now
+                lost, backoff = False, 0.1
+                ready.set()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    asyncio.get_running_loop().create_task(self._on_pubsub(message))
+            except (RedisError, OSError) as exc:
+                if not lost:
+                    logger.warning("Pub/Sub connection lost (%s); resubscribing", exc)
+                lost = True
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     async def _on_pubsub(self, message: dict[str, Any]) -> None:
         try:
@@ -592,6 +615,8 @@ class WebSocketServer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        period = max(0.2, self.presence_ttl / 3)
+        retry = 0.5
         while True:
             records = []
             for conn in list(self._conns.values()):
@@ -599,9 +624,15 @@ class WebSocketServer:
                 records.append((conn.id, conn.user_id, conn.info.model_dump_json().encode()))
             try:
                 await self.store.refresh(self.instance_id, records)
+                wait, retry = period, 0.5
             except RPCException as exc:
+                # Retry sooner than a full period: after a Redis restart (no presence left)
+                # users would look offline until the next successful refresh.
                 logger.warning("presence heartbeat failed: %s", exc)
-            await asyncio.sleep(max(0.2, self.presence_ttl / 3))
+                wait, retry = min(retry, period), min(retry * 2, period)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._resync.wait(), wait)
+            self._resync.clear()
 
     async def serve(self, stop: asyncio.Event | None = None, started: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set."""

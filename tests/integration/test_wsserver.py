@@ -35,7 +35,7 @@ from rpc_tasks import (
 from rpc_tasks.auth import make_token
 from rpc_tasks.wsserver import BridgeParams, PresenceQuery, PresenceResponse, RoomRequest, RoomResponse
 
-from .support import free_port, unique, wait_until
+from .support import PrivateRedis, free_port, unique, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,9 @@ def config(redis_url: str) -> WebSocketRPCConfig:
 
 
 class Instance:
-    def __init__(self, config: WebSocketRPCConfig, *extra: str, presence_ttl: int = 30) -> None:
+    def __init__(
+        self, config: WebSocketRPCConfig, *extra: str, presence_ttl: int = 30, log: Any = None
+    ) -> None:
         self.port = free_port()
         env = dict(os.environ)
         for key, value in config.model_dump(mode="json").items():
@@ -83,6 +85,7 @@ class Instance:
             cwd=ROOT,
             env=env,
             start_new_session=True,
+            stderr=log,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -444,3 +447,135 @@ def test_many_sockets_share_a_small_redis_pool(config: WebSocketRPCConfig, insta
             await asyncio.gather(*(ws.close() for ws in sockets))
 
     asyncio.run(scenario())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def until_ok(fn: Any, *args: Any, timeout: float = 20.0) -> Any:
+    """Call ``fn(*args)`` in a thread until it returns something truthy (errors count as no)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = await asyncio.to_thread(fn, *args)
+            if last:
+                return last
+        except Exception as exc:  # Redis still coming back, group not yet recreated, ...
+            last = exc
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not recovered within {timeout}s: {last!r}")
+
+
+async def frame_of(ws: Any, kind: str, frame_id: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """The next frame of ``kind`` (and ``frame_id``), skipping late ones of earlier attempts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = await recv_json(ws, max(0.01, deadline - time.monotonic()))
+        if frame["type"] == kind and (frame_id is None or frame["id"] == frame_id):
+            return frame
+
+
+def test_server_survives_a_redis_restart(tmp_path: Path) -> None:
+    """Redis dies for ~1.5 s and comes back empty (no presence, groups, streams): sockets stay
+    up, the heartbeat re-registers presence, Pub/Sub (broadcasts) and the bridge work again,
+    and the server neither spins nor floods its log while Redis is down."""
+    with PrivateRedis() as redis_server:
+        config = WebSocketRPCConfig(
+            redis_url=redis_server.url(db=1),
+            websocket_secret=SECRET,
+            request_stream=unique("ws:req"),
+            response_key_prefix=unique("ws:resp") + ":",
+            broadcast_channel=unique("ws:bcast"),
+            enable_bridge=True,
+            bridge_stream=unique("ws:bridge"),
+            bridge_consumer_name=unique("bridge"),
+        )
+        log_path = tmp_path / "ws.log"
+        log = log_path.open("wb")
+        inst = Instance(config, log=log)  # default presence_ttl: a heartbeat every 10 s
+        client = WebSocketRPCClient(config)
+        django_side = RPCServer(
+            config, stream=config.bridge_stream, group=config.bridge_consumer_name, concurrency=2
+        )
+
+        @django_side.method("whoami")
+        def whoami(params: BridgeParams) -> WhoAmI:
+            return WhoAmI(user_id=params.user_id, connection_id=params.connection_id, data=params.data)
+
+        django_side.start()
+
+        def bcast() -> int:
+            return client.broadcast(config.broadcast_channel, BroadcastRequest(event_type="e", payload={}))
+
+        def notify_quick(user: str) -> NotificationResponse | None:
+            result = client.call(
+                "send_notification",
+                NotificationRequest(user_id=user, notification_type="t", title="T", message="m"),
+                NotificationResponse,
+                timeout=2,
+            )
+            return result if result.delivered else None
+
+        async def bridge(ws: Any, frame_id: str) -> dict[str, Any]:
+            await ws.send(json.dumps({"type": "request", "id": frame_id, "method": "whoami", "params": {}}))
+            return await frame_of(ws, "response", frame_id, timeout=10)
+
+        async def scenario() -> dict[str, float]:
+            timings: dict[str, float] = {}
+            async with connect(inst.url("before")) as before:
+                await welcome(before)
+                sent = await asyncio.to_thread(notify, client, "before")
+                assert sent.delivered
+                await frame_of(before, "notification", sent.notification_id)
+                assert await asyncio.to_thread(bcast) == 1
+                await frame_of(before, "broadcast")
+                assert (await bridge(before, "b0"))["payload"]["result"]["user_id"] == "before"
+
+                lines_before = len(log_path.read_bytes().splitlines())
+                cpu_before = _cpu_seconds(inst.proc.pid)
+                redis_server.kill()
+                await asyncio.sleep(1.5)
+                cpu_down = _cpu_seconds(inst.proc.pid) - cpu_before
+                redis_server.start()  # same port, no data
+                restarted = time.monotonic()
+                assert inst.proc.poll() is None, "the server died with Redis"
+
+                # (a) a socket connected before the outage gets notifications again
+                sent = await until_ok(notify_quick, "before")
+                await frame_of(before, "notification", sent.notification_id)
+                timings["notify"] = time.monotonic() - restarted
+                # (b) a new socket works
+                async with connect(inst.url("after")) as after:
+                    await welcome(after)
+                    sent = await until_ok(notify_quick, "after")
+                    await frame_of(after, "notification", sent.notification_id)
+                    # (c) broadcasts (Pub/Sub) reach both, both ways they are sent
+                    assert await until_ok(bcast, timeout=20 - (time.monotonic() - restarted)) == 1
+                    await frame_of(before, "broadcast")
+                    await frame_of(after, "broadcast")
+                    via_rpc = await asyncio.to_thread(
+                        client.call, "broadcast", BroadcastRequest(event_type="x"), BroadcastResponse, 10
+                    )
+                    assert via_rpc.recipients == 2 and via_rpc.users == 2
+                    # (c) the bridge towards Django
+                    assert (await bridge(after, "b1"))["payload"]["result"]["user_id"] == "after"
+                    assert (await bridge(before, "b2"))["payload"]["result"]["user_id"] == "before"
+                timings["recovered"] = time.monotonic() - restarted
+                assert timings["recovered"] < 20, timings
+                timings["cpu_down"] = cpu_down
+                timings["log_lines"] = len(log_path.read_bytes().splitlines()) - lines_before
+            return timings
+
+        try:
+            timings = asyncio.run(scenario())
+        finally:
+            django_side.stop(10)
+            inst.stop()
+            log.close()
+        logged = log_path.read_text(errors="replace")
+        print(timings, "\n", logged[-3000:])
+        assert timings["cpu_down"] < 0.5, timings  # no busy loop while Redis is down
+        assert timings["log_lines"] <= 20, logged[-3000:]  # a bounded number of warnings
