@@ -162,6 +162,46 @@ def release_thread_connections() -> None:
         pins.release()
 
 
+_HIREDIS = bool(getattr(redis.utils, "HIREDIS_AVAILABLE", False))
+#: Arguments at least this long are sent as their own buffer, not copied into the packet.
+_BIG_ARG = 16_384
+
+
+def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
+    """RESP-encode ``commands`` for ``conn.send_packed_command``: the same bytes as
+    ``conn.pack_commands``, in a fraction of the time of redis-py's pure-Python packer (the hot
+    paths send 10-20 arguments per call). Falls back to redis-py for hiredis's C packer, a
+    non-UTF-8 encoder or an argument type other than bytes/str/int/float."""
+    encoder = getattr(conn, "encoder", None)
+    if _HIREDIS or encoder is None or encoder.encoding.lower() not in ("utf-8", "utf8"):
+        return list(conn.pack_commands(commands))
+    out: list[bytes] = []
+    parts: list[bytes] = []
+    for command in commands:
+        parts.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            kind = type(arg)
+            if kind is bytes:
+                data = arg
+            elif kind is str:
+                data = arg.encode("utf-8", encoder.encoding_errors)
+            elif kind is int:
+                data = b"%d" % arg
+            elif kind is float:
+                data = repr(arg).encode()
+            else:
+                return list(conn.pack_commands(commands))
+            if len(data) >= _BIG_ARG:
+                parts.append(b"$%d\r\n" % len(data))
+                out.append(b"".join(parts))
+                out.append(data)
+                parts = [b"\r\n"]
+            else:
+                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    out.append(b"".join(parts))
+    return out
+
+
 _READ_TAKES_TIMEOUT: dict[type, bool] = {}
 
 
@@ -215,7 +255,7 @@ def pipelined(
         conn: Any = _thread_connection(client) if pinned else pool.get_connection()
         replies: list[Any] = []
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(_pack(conn, commands))
             for index in range(len(commands)):
                 try:
                     replies.append(_read_blocking_reply(conn, wait) if index == 0 else conn.read_response())
@@ -250,7 +290,7 @@ def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool 
     for attempt in (1, 2):
         conn: Any = _thread_connection(client) if pinned else pool.get_connection()
         try:
-            conn.send_command(*args)
+            conn.send_packed_command(_pack(conn, [args]))
             response = _read_blocking_reply(conn, wait)
             callback = cast(Any, client).response_callbacks.get(str(args[0]).upper())
             return callback(response) if callback is not None else response
@@ -388,7 +428,7 @@ class ReplyChannel:
             raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
         failed_first: BaseException | None = None
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(_pack(conn, commands))
             if first is not None:
                 # The outcome of ``first`` (e.g. "enqueued") is read even when the deadline
                 # passes before it (a very short timeout), so that ``on_first`` still runs.

@@ -239,3 +239,22 @@ def test_same_redis_only_for_a_known_server_and_database() -> None:
     two = redis.Redis(connection_pool=SentinelConnectionPool("two", sentinel, db=3))
     assert not same_redis(one, two)
     assert same_redis(one, redis.Redis(connection_pool=one.connection_pool))
+
+
+def test_fast_packer_sends_exactly_what_redis_py_would() -> None:
+    """The hot paths pack commands themselves; the bytes must be redis-py's, for every argument
+    type they use (including big and binary values sent as separate buffers)."""
+    from rpc_tasks.redis_io import _pack
+
+    conn = redis.Connection()  # packing needs no server
+    cases: list[list[tuple[Any, ...]]] = [
+        [("BLPOP", "ns:q.wake", 1.5), ("EVALSHA", "a" * 40, 1, "ns", "fetch", 1795734854361, "q", 0, -4)],
+        [("SET", b"x" * 20_000, "é" * 10_000), ("GET", "k")],
+        [("LPUSH", "k", b"\x00\r\n" * 9_000, 3, 0.1, "\u2603")],
+        [("PING",)],
+    ]
+    for commands in cases:
+        assert b"".join(_pack(conn, commands)) == b"".join(conn.pack_commands(commands))
+    # anything else goes through redis-py (which knows how to refuse it)
+    with pytest.raises(redis.DataError):
+        _pack(conn, [("SET", "k", None)])
