@@ -66,8 +66,19 @@ class Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def pause(self) -> None:
+        """SIGSTOP the whole session (e.g. while another worker's idle cost is measured)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the whole session."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self, grace: float = 8.0) -> None:
         """SIGTERM the whole session, SIGKILL whatever is left after ``grace`` seconds."""
+        self.resume()  # a paused process would not see its SIGTERM
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:

@@ -2,8 +2,9 @@
 
     python -m benchmarks.run [--quick] [--paths raw,call,...] [--calls N] [--runs N]
 
-Every worker is a separate process (started here, one group at a time, each in its own
-session under a hard time limit), every client runs in its own process too; all use the same
+Every worker is a separate process (started here, one group of paths at a time with all the
+workers the group needs, each in its own session under a hard time limit; the floors share a
+group with the paths measured against them), every client runs in its own process too; all use the same
 local Redis and one dedicated DB (default 14; it must be empty and unused, never DB 0; flushed
 at the end); ``call-rabbitmq`` also uses the local RabbitMQ (its queues are deleted at the end).
 For each path: wait for the worker, warm up, several timed runs (the table shows medians over
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -63,28 +65,46 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 @dataclass(frozen=True)
 class Group:
-    """One worker process (tree) and the paths measured against it."""
+    """Paths measured together, their timed runs interleaved by one client process, against
+    the worker processes they need (all running at once)."""
 
     name: str
     paths: tuple[str, ...]
 
 
+#: The worker process (tree) each path is measured against.
+WORKER_OF = {
+    "raw": "raw",
+    "scripts-floor": "scripts-floor",
+    "call": "rpc",
+    "send": "rpc",
+    "plain-send": "rpc",
+    "inflight": "rpc",
+    "call-plain": "rpc-plain",
+    "call-rabbitmq": "rpc-rabbitmq",
+    "dramatiq-send": "dramatiq-plain",
+    "dramatiq-results": "dramatiq-results",
+    "inflight-dramatiq": "dramatiq-results",
+    "celery": "celery",
+    "streams-raw": "streams-raw",
+    "streams": "streams",
+}
+#: The floors share a group (and so interleaved runs) with the paths whose goals are ratios to
+#: them: on a noisy machine, ratios of runs minutes apart move with the machine, not the code.
 GROUPS = (
-    Group("raw", ("raw",)),
-    Group("scripts-floor", ("scripts-floor",)),
-    Group("rpc", ("call", "send", "plain-send", "inflight")),
+    Group("rpc", ("raw", "scripts-floor", "call", "send", "plain-send", "inflight")),
     Group("rpc-plain", ("call-plain",)),
     Group("rpc-rabbitmq", ("call-rabbitmq",)),
     Group("dramatiq-plain", ("dramatiq-send",)),
     Group("dramatiq-results", ("dramatiq-results", "inflight-dramatiq")),
     Group("celery", ("celery",)),
-    Group("streams-raw", ("streams-raw",)),
-    Group("streams", ("streams",)),
+    Group("streams", ("streams-raw", "streams")),
 )
 ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
 
 
-def worker_command(group: str, threads: int, lifetime: float, tag: str) -> tuple[list[str], dict[str, str]]:
+def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[list[str], dict[str, str]]:
+    group = kind  # the worker kinds of WORKER_OF
     py = sys.executable
     if group == "raw":
         return [py, "-m", "benchmarks.workers.raw_echo", "--max-seconds", str(lifetime)], {}
@@ -147,9 +167,27 @@ def worker_command(group: str, threads: int, lifetime: float, tag: str) -> tuple
     raise ValueError(group)
 
 
-def measure_idle(worker: Worker, r: redis.Redis, seconds: float) -> dict[str, Any]:
+def measure_idle(
+    worker: Worker, r: redis.Redis, seconds: float, others: Sequence[Worker] = ()
+) -> dict[str, Any]:
     """CPU of the worker's whole process tree (``/proc/<pid>/stat``: utime + stime + cutime +
-    cstime, summed over its session) and Redis commands (server-wide) while nobody calls."""
+    cstime, summed over its session) and Redis commands (server-wide) while nobody calls. The
+    ``others`` (the group's other workers) are paused (SIGSTOP) meanwhile, so that the Redis
+    commands counted are this worker's own."""
+    for other in others:
+        other.pause()
+    if others:
+        # A paused worker's last blocking read (up to 1 s) still ends on the server, which
+        # then runs the commands pipelined behind it: let that happen before counting.
+        time.sleep(1.5)
+    try:
+        return _measure_idle(worker, r, seconds)
+    finally:
+        for other in others:
+            other.resume()
+
+
+def _measure_idle(worker: Worker, r: redis.Redis, seconds: float) -> dict[str, Any]:
     time.sleep(0.5)
     before_cmds = commandstats(r)
     machine0 = cpu_sample()
@@ -353,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     notes: list[str] = []
     raw_results: dict[str, dict[str, Any]] = {}
-    idle_by_group: dict[str, dict[str, Any]] = {}
-    worker: Worker | None = None
+    idle_by_group: dict[str, dict[str, Any]] = {}  # by worker (WORKER_OF)
+    workers: list[Worker] = []
     logdir = tempfile.mkdtemp(prefix=f"bench-{tag}-")
     groups = [g for g in GROUPS if any(p in args.path_list for p in g.paths)]
     env_by_group: dict[str, dict[str, float]] = {}
@@ -387,18 +425,24 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             budget = client_budget(args, len(paths))
-            cmd, extra_env = worker_command(group.name, args.threads, budget + 90, tag)
+            kinds = list(dict.fromkeys(WORKER_OF[p] for p in paths))
             print(
-                f"[{i}/{len(groups)}] {group.name}: starting worker; measuring {', '.join(paths)}", flush=True
+                f"[{i}/{len(groups)}] {group.name}: starting {', '.join(kinds)}; "
+                f"measuring {', '.join(paths)}",
+                flush=True,
             )
-            worker = Worker(
-                group.name,
-                cmd,
-                env={**env, **extra_env},
-                cwd=str(ROOT),
-                log_path=os.path.join(logdir, f"{group.name}.log"),
-                lifetime=budget + 90,
-            )
+            for kind in kinds:
+                cmd, extra_env = worker_command(kind, args.threads, budget + 90, tag)
+                workers.append(
+                    Worker(
+                        kind,
+                        cmd,
+                        env={**env, **extra_env},
+                        cwd=str(ROOT),
+                        log_path=os.path.join(logdir, f"{kind}.log"),
+                        lifetime=budget + 90,
+                    )
+                )
             out_file = os.path.join(logdir, f"{group.name}.json")
             client_cmd = [
                 sys.executable,
@@ -431,18 +475,24 @@ def main(argv: list[str] | None = None) -> int:
             for p in paths:
                 raw_results[p] = got.get(p) or {"path": p, "error": f"client exited with {rc} and no result"}
             failed = [p for p in paths if "error" in raw_results[p]]
-            if worker.alive():
-                idle_by_group[group.name] = measure_idle(worker, r, args.idle_seconds)
-            else:
-                notes.append(f"{group.name}: the worker exited early (exit code {worker.proc.returncode}).")
-            if failed or not worker.alive():
-                tail = worker.log_tail()
-                print(
-                    f"  {group.name}: {', '.join(failed) or 'worker'} failed; worker log tail:\n{tail}",
-                    flush=True,
-                )
-            worker.stop()
-            worker = None
+            for worker in workers:
+                others = [w for w in workers if w is not worker and w.alive()]
+                if worker.alive():
+                    idle_by_group[worker.name] = measure_idle(worker, r, args.idle_seconds, others)
+                else:
+                    notes.append(
+                        f"{worker.name}: the worker exited early (exit code {worker.proc.returncode})."
+                    )
+                mine = [p for p in failed if WORKER_OF[p] == worker.name]
+                if mine or not worker.alive():
+                    tail = worker.log_tail()
+                    print(
+                        f"  {worker.name}: {', '.join(mine) or 'worker'} failed; worker log tail:\n{tail}",
+                        flush=True,
+                    )
+            for worker in workers:
+                worker.stop()
+            workers = []
             if group.name == "rpc-rabbitmq":
                 notes.append(_delete_queues(args.rabbitmq_url, rabbitmq_queues))
                 rabbitmq_used = False
@@ -463,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: stopping workers and cleaning up (worker logs: {logdir})", file=sys.stderr)
         return 130
     finally:
-        if worker is not None:
+        for worker in workers:
             worker.stop()
         if rabbitmq_used:  # interrupted or failed while the RabbitMQ group ran
             print(_delete_queues(args.rabbitmq_url, rabbitmq_queues), file=sys.stderr)
@@ -482,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     group_of = {p: g.name for g in GROUPS for p in g.paths}
     for name, raw in raw_results.items():
-        summaries[name] = report.summarize(raw, idle_by_group.get(group_of[name]))
+        summaries[name] = report.summarize(raw, idle_by_group.get(WORKER_OF[name]))
     report.add_ratios(summaries)
     text = report.table(summaries)
     comparisons = report.comparisons(summaries)
