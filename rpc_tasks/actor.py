@@ -332,11 +332,11 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
     def _middleware_view(self) -> tuple[RPCReplies | None, bool]:
         """(the broker's RPCReplies or None, whether Results is installed), recomputed only when
         the broker's middleware list changes (this runs for every message)."""
-        middleware = self.broker.middleware
-        key = (id(self.broker), *map(id, middleware))
+        broker = self.broker
+        middleware = tuple(broker.middleware)  # compared by identity, element by element
         cached = self.__dict__.get("_mw_cache")
-        if cached is not None and cached[0] == key:
-            return cast("tuple[RPCReplies | None, bool]", cached[1])
+        if cached is not None and cached[0] is broker and cached[1] == middleware:
+            return cast("tuple[RPCReplies | None, bool]", cached[2])
         from dramatiq.results import Results
 
         try:
@@ -344,7 +344,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         except RPCConfigurationError:
             replies = None
         view = (replies, any(type(m) is Results for m in middleware))
-        self.__dict__["_mw_cache"] = (key, view)
+        self.__dict__["_mw_cache"] = (broker, middleware, view)
         return view
 
     def _replies(self) -> RPCReplies:
