@@ -640,6 +640,7 @@ class WebSocketServer:
 
         self._loop = asyncio.get_running_loop()
         self._stop = stop or asyncio.Event()
+        self._resync = asyncio.Event()  # bound to this run's loop (a server may be served again)
         self._store = AsyncWSStore.from_config(self.config, ttl=self.presence_ttl)
         listening = asyncio.Event()
         tasks = [asyncio.create_task(self._listen(listening)), asyncio.create_task(self._heartbeat())]
