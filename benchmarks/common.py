@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -25,6 +25,26 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: The payload every path echoes.
 MESSAGE = "hello"
+
+
+def echo_worker_running() -> Callable[[], bool]:
+    """For the floors' echo workers: parse ``--max-seconds`` (default 600), stop on
+    SIGTERM/SIGINT; returns ``running()``, true until either happens."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-seconds", type=float, default=600.0)
+    args = parser.parse_args()
+    stop = {"now": False}
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    ends = time.monotonic() + args.max_seconds
+    return lambda: not stop["now"] and time.monotonic() < ends
 
 
 def redis_url() -> str:

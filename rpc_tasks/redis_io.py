@@ -178,6 +178,8 @@ def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
     out: list[bytes] = []
     parts: list[bytes] = []
     for command in commands:
+        if " " in str(command[0]):  # "CONFIG GET" style: redis-py splits the name
+            return list(conn.pack_commands(commands))
         parts.append(b"*%d\r\n" % len(command))
         for arg in command:
             kind = type(arg)

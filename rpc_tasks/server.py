@@ -348,7 +348,12 @@ class RPCServer:
     ) -> None:
         with self._counter_lock:
             self._in_flight.add(entry[0])
-        pool.submit(self._run_pooled, entry, deliveries, slots)
+        try:
+            pool.submit(self._run_pooled, entry, deliveries, slots)
+        except BaseException:  # e.g. the pool refuses work at interpreter shutdown
+            with self._counter_lock:
+                self._in_flight.discard(entry[0])  # stays pending: reclaimed later
+            raise
 
     def _unavailable(self, exc: Exception, backoff: float) -> None:
         """Log a Redis outage: every reader thread sees it, so one warning per 5 s for the
@@ -534,10 +539,14 @@ class RPCServer:
                         for _ in range(free):  # a failed read must not cost handler slots
                             slots.release()
                         raise
-                    for entry in entries:
-                        self._submit(pool, entry, 1, slots)
-                    for _ in range(free - len(entries)):
-                        slots.release()
+                    submitted = 0
+                    try:
+                        for entry in entries:
+                            self._submit(pool, entry, 1, slots)
+                            submitted += 1  # its handler gives the slot back
+                    finally:
+                        for _ in range(free - submitted):
+                            slots.release()
                     if entries:
                         # Let the handler thread woken for the entry take the GIL now rather
                         # than at this thread's next blocking read (a shorter hand-over).

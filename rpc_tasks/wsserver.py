@@ -644,32 +644,37 @@ class WebSocketServer:
         self._store = AsyncWSStore.from_config(self.config, ttl=self.presence_ttl)
         listening = asyncio.Event()
         tasks = [asyncio.create_task(self._listen(listening)), asyncio.create_task(self._heartbeat())]
-        await asyncio.wait_for(listening.wait(), 10)
-        rpc = self._rpc_server() if self.serve_rpc else None
-        if rpc is not None:
-            rpc.start()
-        async with serve(
-            self._handler,
-            self.host,
-            self.port,
-            process_request=self._process_request,
-            max_size=self.max_frame,
-            ping_interval=20,
-            ping_timeout=20,
-        ) as server:
-            self.bound_port = next(iter(server.sockets)).getsockname()[1]
-            logger.info("WebSocket server %s on ws://%s:%d/ws", self.instance_id, self.host, self.bound_port)
-            if started is not None:
-                started.set()
-            await self._stop.wait()
-            for conn in list(self._conns.values()):
-                await conn.ws.close(1001, "server shutting down")
-        if rpc is not None:
-            await asyncio.get_running_loop().run_in_executor(None, rpc.stop, 30.0)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.store.client.aclose()
+        rpc: Any = None
+        try:
+            await asyncio.wait_for(listening.wait(), 10)
+            if self.serve_rpc:
+                rpc = self._rpc_server()
+                rpc.start()
+            async with serve(
+                self._handler,
+                self.host,
+                self.port,
+                process_request=self._process_request,
+                max_size=self.max_frame,
+                ping_interval=20,
+                ping_timeout=20,
+            ) as server:
+                self.bound_port = next(iter(server.sockets)).getsockname()[1]
+                logger.info(
+                    "WebSocket server %s on ws://%s:%d/ws", self.instance_id, self.host, self.bound_port
+                )
+                if started is not None:
+                    started.set()
+                await self._stop.wait()
+                for conn in list(self._conns.values()):
+                    await conn.ws.close(1001, "server shutting down")
+        finally:  # also when start-up fails (Redis unreachable, port in use)
+            if rpc is not None:
+                await asyncio.get_running_loop().run_in_executor(None, rpc.stop, 30.0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.store.client.aclose()
 
     def run_forever(self) -> None:
         """Run with SIGINT/SIGTERM handlers (used by ``rpc-tasks ws``)."""

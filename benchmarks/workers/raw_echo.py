@@ -8,31 +8,18 @@ key (``reply_to``), as in the other paths. Exits on SIGTERM/SIGINT or after ``--
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
-import time
 
 import redis
 
-from benchmarks.common import names, redis_url
+from benchmarks.common import echo_worker_running, names, redis_url
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--max-seconds", type=float, default=600.0)
-    args = parser.parse_args()
-    stop = {"now": False}
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    running = echo_worker_running()
     client = redis.Redis.from_url(redis_url())
     requests = names().raw_requests
-    ends = time.monotonic() + args.max_seconds
-    while not stop["now"] and time.monotonic() < ends:
+    while running():
         popped = client.blpop([requests], timeout=1)
         if popped is None:
             continue

@@ -13,12 +13,9 @@ the worker (thread hand-over, middleware, validation). Exits on SIGTERM/SIGINT o
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
-import time
 
-from benchmarks.common import names, redis_url
+from benchmarks.common import echo_worker_running, names, redis_url
 from rpc_tasks.brokers import BlockingRedisBroker, wake_key
 from rpc_tasks.redis_io import pipelined
 
@@ -36,24 +33,14 @@ def broker() -> BlockingRedisBroker:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--max-seconds", type=float, default=600.0)
-    args = parser.parse_args()
-    stop = {"now": False}
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    running = echo_worker_running()
     b = broker()
     queue = names().queue(KIND)
     fetch = b.scripts["dispatch"]
     ack = b.scripts["dispatch_rpc"]
     for script in (fetch, ack):  # load both scripts, so that EVALSHA finds them
         script(keys=[b.namespace], args=b._dispatch_args("fetch", queue, 0))
-    ends = time.monotonic() + args.max_seconds
-    while not stop["now"] and time.monotonic() < ends:
+    while running():
         commands = [
             ("BLPOP", wake_key(b.namespace, queue), 1),
             ("EVALSHA", fetch.sha, 1, b.namespace, *b._dispatch_args("fetch", queue, 1)),

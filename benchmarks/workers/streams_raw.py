@@ -9,27 +9,15 @@ Plain redis-py, one consumer, one entry at a time. Exits on SIGTERM/SIGINT or af
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
-import time
 
 import redis
 
-from benchmarks.common import names, redis_url
+from benchmarks.common import echo_worker_running, names, redis_url
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--max-seconds", type=float, default=600.0)
-    args = parser.parse_args()
-    stop = {"now": False}
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    running = echo_worker_running()
     n = names()
     client = redis.Redis.from_url(redis_url())
     try:
@@ -37,8 +25,7 @@ def main() -> int:
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-    ends = time.monotonic() + args.max_seconds
-    while not stop["now"] and time.monotonic() < ends:
+    while running():
         got = client.xreadgroup(n.group, "raw-1", {n.xraw_stream: ">"}, count=1, block=1000)
         for _stream, entries in got or []:
             for entry_id, fields in entries:

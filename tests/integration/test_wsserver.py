@@ -44,6 +44,11 @@ SECRET = "test-secret-" + "x" * 16
 
 @pytest.fixture
 def config(redis_url: str) -> WebSocketRPCConfig:
+    return ws_config(redis_url)
+
+
+def ws_config(redis_url: str) -> WebSocketRPCConfig:
+    """Settings of a test's ws server: its own streams, keys and channels."""
     return WebSocketRPCConfig(
         redis_url=redis_url,
         websocket_secret=SECRET,
@@ -483,16 +488,7 @@ def test_server_survives_a_redis_restart(tmp_path: Path) -> None:
     up, the heartbeat re-registers presence, Pub/Sub (broadcasts) and the bridge work again,
     and the server neither spins nor floods its log while Redis is down."""
     with PrivateRedis() as redis_server:
-        config = WebSocketRPCConfig(
-            redis_url=redis_server.url(db=1),
-            websocket_secret=SECRET,
-            request_stream=unique("ws:req"),
-            response_key_prefix=unique("ws:resp") + ":",
-            broadcast_channel=unique("ws:bcast"),
-            enable_bridge=True,
-            bridge_stream=unique("ws:bridge"),
-            bridge_consumer_name=unique("bridge"),
-        )
+        config = ws_config(redis_server.url(db=1))
         log_path = tmp_path / "ws.log"
         log = log_path.open("wb")
         inst = Instance(config, log=log)  # default presence_ttl: a heartbeat every 10 s
