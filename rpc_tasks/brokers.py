@@ -37,6 +37,7 @@ delay queue (about 4 Redis commands per second with the default 1 s).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import weakref
@@ -44,7 +45,7 @@ from typing import Any
 from uuid import uuid4
 
 import redis
-from dramatiq import Message
+from dramatiq import Message, get_encoder
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed
@@ -80,6 +81,16 @@ def _rpc_dispatch_source() -> bytes:
         b"end\n"
         b"return result\n"
     )
+
+
+_MESSAGE_FIELDS = tuple(field.name for field in dataclasses.fields(Message))
+
+
+def _encode(message: Message[Any]) -> bytes:
+    """``message.encode()`` without ``dataclasses.fields()`` per call (a plain ``Message``)."""
+    if type(message) is not Message:
+        return message.encode()
+    return get_encoder().encode({name: getattr(message, name) for name in _MESSAGE_FIELDS})
 
 
 def wake_key(namespace: str, queue_name: str) -> str:
@@ -169,15 +180,18 @@ class BlockingRedisBroker(RedisBroker):
         """Enqueue a ``.call()`` message and wait for its reply on ``key``: when the reply
         channel is on the broker's Redis, the enqueue script and the ``BLPOP`` go out in one
         write (one round trip for the caller). Same middleware hooks as :meth:`enqueue`.
-        Returns the raw reply, ``None`` on timeout."""
+        ``message`` must be freshly built for this call: it gets its ``redis_message_id``
+        option in place. Returns the raw reply, ``None`` on timeout."""
         if not self._shares_redis(channel.client):
             self.enqueue(message)
             return channel.wait(key, timeout)
         started = time.monotonic()
-        message = message.copy(options={"redis_message_id": str(uuid4())})
+        # ``message`` is a fresh ``.call()`` message that only its caller holds: its Redis id
+        # goes in place, where Dramatiq's ``enqueue`` would copy the message.
+        message.options["redis_message_id"] = str(uuid4())
         self.emit_before("enqueue", message, None)
         rid = message.options["redis_message_id"]
-        data = message.encode()
+        data = _encode(message)
         args = self._enqueue_args(message.queue_name, rid, data)
         enqueue = ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace, *args)
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -68,6 +69,9 @@ RATE_EVENTS_CHANNEL = f"{RATE_KEY_PREFIX}events"
 MAX_ERROR_MESSAGE = 4000
 
 _JSON_SEPARATORS = (",", ":")
+_WHITESPACE = re.compile(r"\s")
+#: Built once: ``json.dumps`` with non-default options builds an encoder per call.
+_STRICT_JSON = json.JSONEncoder(separators=_JSON_SEPARATORS, ensure_ascii=False, allow_nan=False)
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -75,7 +79,7 @@ _JSON_SEPARATORS = (",", ":")
 
 def reply_key(prefix: str, correlation_id: str) -> str:
     """Reply list key for a call: ``response_key_prefix + correlation_id``."""
-    if not correlation_id or any(c.isspace() for c in correlation_id):
+    if not correlation_id or _WHITESPACE.search(correlation_id):
         raise ValueError(f"invalid correlation id {correlation_id!r}")
     return f"{prefix}{correlation_id}"
 
@@ -149,7 +153,7 @@ def now_iso() -> str:
 def dumps(data: Any, *, max_bytes: int | None = None, what: str = "payload") -> bytes:
     """Serialize to compact UTF-8 JSON, enforcing ``max_bytes``."""
     try:
-        raw = json.dumps(data, separators=_JSON_SEPARATORS, ensure_ascii=False, allow_nan=False).encode()
+        raw = _STRICT_JSON.encode(data).encode()
     except (TypeError, ValueError) as exc:
         raise RPCProtocolError(f"{what} is not JSON-serializable: {exc}") from exc
     if max_bytes is not None and len(raw) > max_bytes:

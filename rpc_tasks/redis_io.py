@@ -561,8 +561,6 @@ class RateStore:
         return left
 
     def _ensure_view(self) -> None:
-        import os
-
         if self._view_thread is not None and self._view_pid == os.getpid() and self._view_thread.is_alive():
             return
         with self._view_lock:
