@@ -853,6 +853,8 @@ class AsyncWSStore:
     def from_config(cls, config: WebSocketRPCConfig, *, ttl: int = 30) -> AsyncWSStore:
         """Build with a ``redis.asyncio`` pool from ``config``."""
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         pool = aioredis.BlockingConnectionPool.from_url(
             config.redis_url,
@@ -860,6 +862,11 @@ class AsyncWSStore:
             timeout=config.redis_pool_timeout,
             socket_keepalive=True,
             socket_connect_timeout=5.0,
+            # A pooled connection left over from before a Redis restart fails on its next
+            # command ("Connection closed by server"): redo that command once on a fresh
+            # connection rather than failing a user's request (redis.asyncio retries nothing by
+            # default). Connection errors only: a timed-out command may have run.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
         client = aioredis.Redis(connection_pool=pool)
         return cls(client, ttl=ttl)

@@ -575,3 +575,37 @@ def test_server_survives_a_redis_restart(tmp_path: Path) -> None:
         print(timings, "\n", logged[-3000:])
         assert timings["cpu_down"] < 0.5, timings  # no busy loop while Redis is down
         assert timings["log_lines"] <= 20, logged[-3000:]  # a bounded number of warnings
+
+
+def test_async_store_survives_a_redis_restart_without_a_failed_command() -> None:
+    """Pooled connections opened before a Redis restart are stale: the first command on each
+    used to fail once ("Connection closed by server"), i.e. one user's presence update or
+    lookup errored after every restart. It is redone once on a fresh connection now."""
+    from rpc_tasks.redis_io import AsyncWSStore
+
+    with PrivateRedis() as redis_server:
+        store = AsyncWSStore.from_config(ws_config(redis_server.url(db=1)))
+        loop = asyncio.new_event_loop()
+        try:
+
+            async def before() -> None:  # several pooled connections, opened before the restart
+                await asyncio.gather(*[store.register(f"c{i}", "u", b"rec") for i in range(4)])
+
+            loop.run_until_complete(before())
+            assert len(loop.run_until_complete(store.user_connections("u"))) == 4
+            redis_server.kill()
+            time.sleep(0.3)
+            redis_server.start()  # same port, no data
+
+            async def after() -> list[Any]:
+                out: list[Any] = []
+                for i in range(4):  # transactions (register) and plain commands (lookup)
+                    await store.register(f"d{i}", "v", b"rec")
+                    out.append(await store.user_connections("u"))
+                return out
+
+            assert loop.run_until_complete(after()) == [[], [], [], []]
+            assert len(loop.run_until_complete(store.user_connections("v"))) == 4
+        finally:
+            loop.run_until_complete(store.client.aclose())
+            loop.close()
