@@ -853,20 +853,26 @@ class AsyncWSStore:
     def from_config(cls, config: WebSocketRPCConfig, *, ttl: int = 30) -> AsyncWSStore:
         """Build with a ``redis.asyncio`` pool from ``config``."""
         import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
+        options: dict[str, Any] = {}
+        try:
+            from redis.maint_notifications import MaintNotificationsConfig
+        except ImportError:  # redis-py < 7: no such feature, pooled connections are checked
+            pass
+        else:
+            # redis-py skips its check-out test of pooled connections ("closed by the
+            # server?") while maintenance notifications (a Redis Enterprise/Cloud feature) are
+            # on, and they are on ("auto") by default: after a Redis restart, the first command
+            # on each stale connection failed. With them off, a stale connection is replaced
+            # before anything is sent on it (a retry after the fact could run a command twice).
+            options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
         pool = aioredis.BlockingConnectionPool.from_url(
             config.redis_url,
             max_connections=config.redis_max_connections,
             timeout=config.redis_pool_timeout,
             socket_keepalive=True,
             socket_connect_timeout=5.0,
-            # A pooled connection left over from before a Redis restart fails on its next
-            # command ("Connection closed by server"): redo that command once on a fresh
-            # connection rather than failing a user's request (redis.asyncio retries nothing by
-            # default). Connection errors only: a timed-out command may have run.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            **options,
         )
         client = aioredis.Redis(connection_pool=pool)
         return cls(client, ttl=ttl)
