@@ -106,6 +106,9 @@ def close_clients(paths: Any) -> None:
 
     for path in paths:
         broker = getattr(path, "broker", None) or getattr(path, "b", None)
+        client = getattr(path, "r", None)
+        if client is not None:
+            client.connection_pool.disconnect()
         if broker is None:
             continue
         pools = [broker.client.connection_pool]
@@ -170,10 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 lifetime=lifetime,
             )
         for name in PATHS:
-            path = CLIENT_PATHS[name]()
+            path = paths[name] = CLIENT_PATHS[name]()  # closed at the end even if it fails here
             path.setup()
             wait_answering(path)
-            paths[name] = path
         print(f"CPUs {cpus}; {args.calls} calls x {args.rounds} round(s) per path and placement", flush=True)
         for round_no in range(1, args.rounds + 1):
             for placement, (client_cpus, server_cpus) in placements(cpus).items():
@@ -188,11 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.sched_setaffinity(0, set(cpus))
         for path in paths.values():
-            path.close()
+            try:
+                path.close()
+            except Exception as exc:  # keep cleaning up
+                print(f"closing {path.name}: {exc}", file=sys.stderr)
         close_clients(paths.values())
         for worker in workers.values():
             worker.stop()
-        note = release_db(r, db, own_name, tag)
+        try:
+            note = release_db(r, db, own_name, tag)
+        except redis.RedisError as exc:
+            note = f"could not flush Redis DB {db}: {exc}"
         if note:
             print(note, file=sys.stderr)
 
