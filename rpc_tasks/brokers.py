@@ -37,7 +37,6 @@ delay queue (about 4 Redis commands per second with the default 1 s).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 import weakref
@@ -45,7 +44,7 @@ from typing import Any
 from uuid import uuid4
 
 import redis
-from dramatiq import Message, get_encoder
+from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed
@@ -81,16 +80,6 @@ def _rpc_dispatch_source() -> bytes:
         b"end\n"
         b"return result\n"
     )
-
-
-_MESSAGE_FIELDS = tuple(field.name for field in dataclasses.fields(Message))
-
-
-def _encode(message: Message[Any]) -> bytes:
-    """``message.encode()`` without ``dataclasses.fields()`` per call (a plain ``Message``)."""
-    if type(message) is not Message:
-        return message.encode()
-    return get_encoder().encode({name: getattr(message, name) for name in _MESSAGE_FIELDS})
 
 
 def wake_key(namespace: str, queue_name: str) -> str:
@@ -188,10 +177,9 @@ class BlockingRedisBroker(RedisBroker):
         started = time.monotonic()
         # ``message`` is a fresh ``.call()`` message that only its caller holds: its Redis id
         # goes in place, where Dramatiq's ``enqueue`` would copy the message.
-        message.options["redis_message_id"] = str(uuid4())
+        rid = message.options["redis_message_id"] = str(uuid4())
         self.emit_before("enqueue", message, None)
-        rid = message.options["redis_message_id"]
-        data = _encode(message)
+        data = message.encode()
         args = self._enqueue_args(message.queue_name, rid, data)
         enqueue = ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace, *args)
         try:

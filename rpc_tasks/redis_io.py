@@ -283,32 +283,13 @@ def pipelined(
 
 def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool = False) -> Any:
     """One command that blocks on the server for up to ``wait`` seconds (e.g. ``XREADGROUP
-    ... BLOCK``), waited for whatever the client's ``socket_timeout``; its reply parsed by
+    ... BLOCK``), sent with :func:`pipelined` (so waited for whatever the client's
+    ``socket_timeout``, a connection error retried once, a timeout not); its reply parsed by
     ``client``'s response callback for the command, as ``client.execute_command`` parses it
-    without options (no retry policy of the client either). A connection error is retried once on a fresh
-    connection; a timeout is not. ``pinned``: on this thread's own connection (see
-    :func:`_thread_connection`)."""
-    pool = client.connection_pool
-    for attempt in (1, 2):
-        conn: Any = _thread_connection(client) if pinned else pool.get_connection()
-        try:
-            conn.send_packed_command(_pack(conn, [args]))
-            response = _read_blocking_reply(conn, wait)
-            callback = cast(Any, client).response_callbacks.get(str(args[0]).upper())
-            return callback(response) if callback is not None else response
-        except redis.ConnectionError:
-            conn.disconnect()
-            if attempt == 2:
-                raise
-        except redis.ResponseError:
-            raise
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            if not pinned:
-                pool.release(conn)
-    raise AssertionError("unreachable")  # pragma: no cover
+    without options. ``pinned``: on this thread's own connection."""
+    response = pipelined(client, [args], pinned=pinned, wait=wait)[0]
+    callback = cast(Any, client).response_callbacks.get(str(args[0]).upper())
+    return callback(response) if callback is not None else response
 
 
 def _wait_readable(conn: Any, deadline: float) -> bool:
