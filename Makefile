@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install demo django-demo test test-unit lint bench clean
+.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,21 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m pytest tests/django --ds=project.test_settings $(PYTEST_ARGS)
 
+## The broker tests against the oldest Dramatiq pyproject.toml allows (the newest is what
+## `make install` gets; CI runs both).
+OLDEST_DRAMATIQ ?= 2.0.0
+OLD_VENV := .venv-dramatiq-$(OLDEST_DRAMATIQ)
+$(OLD_VENV)/.installed-stamp: pyproject.toml
+	$(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLD_VENV)/bin/python -m pip install --quiet -e ".[dev]" "dramatiq[redis,rabbitmq]==$(OLDEST_DRAMATIQ)"
+	touch $@
+
+test-oldest-dramatiq: $(OLD_VENV)/.installed-stamp
+	$(OLD_VENV)/bin/python -m pytest tests/unit/test_layout.py tests/integration/test_blocking_broker.py \
+		tests/integration/test_redis_broker.py tests/integration/test_retry_middleware.py \
+		tests/integration/test_rabbitmq_broker.py $(PYTEST_ARGS)
+
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
@@ -46,4 +61,4 @@ bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-dramatiq-* .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -124,7 +124,7 @@ class ScriptsFloorPath(RawPath):
 
     def setup(self) -> None:
         from benchmarks.workers import scripts_echo
-        from rpc_tasks.redis_io import pipelined
+        from rpc_tasks.redis.connection import pipelined
 
         self.n = names()
         self.b = scripts_echo.broker()

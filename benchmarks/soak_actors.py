@@ -8,7 +8,7 @@ import time
 from pydantic import BaseModel
 
 from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
-from rpc_tasks.brokers import BlockingRedisBroker
+from rpc_tasks.redis.broker import BlockingRedisBroker
 
 URL = os.environ.get("SOAK_REDIS_URL", "redis://127.0.0.1:6379/13")
 config = WebSocketRPCConfig(redis_url=URL, response_key_ttl=5, response_key_prefix="soak:resp:")

@@ -31,7 +31,7 @@ from rpc_tasks import (
     WebSocketRPCClient,
     WebSocketRPCConfig,
 )
-from rpc_tasks.auth import make_token
+from rpc_tasks.websocket.auth import make_token
 
 SECRET = "bench-secret-0123456789"
 

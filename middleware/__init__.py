@@ -1,19 +1,25 @@
-"""Dramatiq middleware of rpc-tasks.
+"""The design card's ``middleware`` package: the rpc-tasks Dramatiq middleware, re-exported.
 
-* :class:`RPCReplies` - pushes ``.call()`` results/errors back to the caller over Redis.
-* :class:`RPCRateLimits` - shared cooldowns after rate-limit errors, proactive fleet-wide limits.
-* :class:`RPCRetries` - Dramatiq's ``Retries`` that honours ``retry_after``, fails non-retryable
-  RPC errors at once and respects the caller's deadline.
+The code lives in :mod:`rpc_tasks.middleware` (import it from there: a project with a module
+of its own named ``middleware`` shadows this top-level package, and rpc-tasks itself never
+imports it). ``middleware.RPCReplies`` is the same class as ``rpc_tasks.middleware.RPCReplies``.
 """
 
-from .ratelimits import RPCRateLimits, parse_rate, rate_limit_key
-from .replies import RPCReplies
-from .retries import RPCRetries, rpc_error_of
+from rpc_tasks.middleware import (
+    RPCRateLimits,
+    RPCReplies,
+    RPCRetries,
+    check_broker,
+    parse_rate,
+    rate_limit_key,
+    rpc_error_of,
+)
 
 __all__ = [
     "RPCRateLimits",
     "RPCReplies",
     "RPCRetries",
+    "check_broker",
     "parse_rate",
     "rate_limit_key",
     "rpc_error_of",

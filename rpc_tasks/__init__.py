@@ -15,8 +15,7 @@
 """
 
 from .actor import RPCActor, find_replies_middleware, rpc_actor
-from .broker import check_broker, install_middleware, middleware_paths, setup_broker
-from .client import WebSocketRPCClient, get_rpc_client
+from .broker_setup import check_broker, install_middleware, middleware_paths, setup_broker
 from .config import WebSocketRPCConfig, get_config, redact_url
 from .context import current_message
 from .exceptions import (
@@ -52,7 +51,15 @@ from .models import (
     TimeoutErrorModel,
     UserNotConnectedError,
 )
-from .server import EchoParams, EchoResult, PingParams, PingResult, RPCServer
+from .streams import (
+    EchoParams,
+    EchoResult,
+    PingParams,
+    PingResult,
+    RPCServer,
+    WebSocketRPCClient,
+    get_rpc_client,
+)
 
 __version__ = "0.1.0"
 

@@ -12,13 +12,12 @@ import functools
 import inspect
 import logging
 import time
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, TypeVar, cast, overload
 
 import dramatiq
-from dramatiq.errors import BrokerConnectionError as DramatiqConnectionError
+from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
@@ -30,30 +29,31 @@ from .exceptions import (
     RPCRemoteError,
     RPCTimeoutError,
 )
+from .middleware.ratelimits import parse_rate
+from .middleware.replies import RPCReplies
 from .models.errors import RPCError, RPCErrorCode
+from .signatures import MISSING, infer_models
 
-if typing.TYPE_CHECKING:
-    from middleware.replies import RPCReplies
-
-logger = logging.getLogger("rpc_tasks.actor")
+logger = logging.getLogger(__name__)
 
 TParams = TypeVar("TParams", bound=BaseModel)
 TResult = TypeVar("TResult", bound="BaseModel | None")
 
-_MISSING: Any = object()
 _PENDING: Any = object()
+#: What a failed enqueue raises (Dramatiq's connection errors have these two public names in
+#: every 2.x release; their base class was renamed in 2.1).
+_ENQUEUE_ERRORS = (ConnectionClosed, ConnectionFailed, RedisError, OSError)
 
 
 def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
-    """The broker's :class:`~middleware.RPCReplies`; raises ``RPCConfigurationError`` if absent."""
-    from middleware.replies import RPCReplies
-
+    """The broker's :class:`~rpc_tasks.middleware.RPCReplies`; raises ``RPCConfigurationError``
+    if absent."""
     for mw in broker.middleware:
         if isinstance(mw, RPCReplies):
             return mw
     raise RPCConfigurationError(
         "The broker has no RPCReplies middleware, so .call() cannot receive replies. "
-        "Call rpc_tasks.setup_broker(broker) (or add 'middleware.RPCReplies' to "
+        "Call rpc_tasks.setup_broker(broker) (or add 'rpc_tasks.middleware.RPCReplies' to "
         "DRAMATIQ_BROKER['MIDDLEWARE'] for django-dramatiq)."
     )
 
@@ -172,7 +172,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             delay = int(delay.total_seconds() * 1000)
         try:
             return self.broker.enqueue(message, delay=delay)
-        except (DramatiqConnectionError, RedisError, OSError) as exc:
+        except _ENQUEUE_ERRORS as exc:
             raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
 
     def call(
@@ -209,7 +209,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             # BlockingRedisBroker: enqueue and BLPOP in one round trip.
             try:
                 raw = enqueue_and_wait(message, channel, key, deadline - time.time())
-            except (DramatiqConnectionError, RedisError, OSError) as exc:
+            except _ENQUEUE_ERRORS as exc:
                 raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
         else:
             self._enqueue(message, delay)
@@ -258,7 +258,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         if enqueue_many is not None and delay is None:
             try:
                 enqueue_many(batch)
-            except (DramatiqConnectionError, RedisError, OSError) as exc:
+            except _ENQUEUE_ERRORS as exc:
                 raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
         else:
             for message in batch:
@@ -358,55 +358,6 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         return self._middleware_view()[1]
 
 
-def _infer_models(
-    fn: Callable[..., Any], params_model: Any, result_model: Any
-) -> tuple[type[BaseModel], type[BaseModel] | None]:
-    name = getattr(fn, "__qualname__", repr(fn))
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception as exc:
-        if params_model is None or result_model is _MISSING:
-            raise TypeError(
-                f"@rpc_actor could not resolve the annotations of {name}: {exc}. "
-                "Pass params_model= and result_model= explicitly."
-            ) from exc
-        hints = {}
-    params = [
-        p
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(params) != 1 or any(
-        p.default is p.empty and p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        for p in inspect.signature(fn).parameters.values()
-    ):
-        raise TypeError(f"@rpc_actor function {name} must take exactly one parameter (the params model)")
-    if params_model is None:
-        params_model = hints.get(params[0].name)
-    if not (isinstance(params_model, type) and issubclass(params_model, BaseModel)):
-        raise TypeError(
-            f"@rpc_actor: the parameter {params[0].name!r} of {name} must be annotated with a "
-            f"pydantic BaseModel subclass (got {params_model!r}); or pass params_model=."
-        )
-    if result_model is _MISSING:
-        if "return" not in hints:
-            raise TypeError(
-                f"@rpc_actor: {name} needs a return annotation (a pydantic BaseModel subclass, "
-                "or None); or pass result_model=."
-            )
-        result_model = hints["return"]
-    if result_model is type(None):
-        result_model = None
-    if result_model is not None and not (
-        isinstance(result_model, type) and issubclass(result_model, BaseModel)
-    ):
-        raise TypeError(
-            f"@rpc_actor: the return annotation of {name} must be a pydantic BaseModel subclass "
-            f"or None (got {result_model!r}); or pass result_model=."
-        )
-    return params_model, result_model
-
-
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R", bound="BaseModel | None")
 
@@ -437,7 +388,7 @@ def rpc_actor(
     priority: int = 0,
     broker: dramatiq.Broker | None = None,
     params_model: type[BaseModel] | None = None,
-    result_model: Any = _MISSING,
+    result_model: Any = MISSING,
     **options: Any,
 ) -> Any:
     """Declare a typed RPC actor.
@@ -461,10 +412,8 @@ def rpc_actor(
     def decorator(fn: Callable[..., Any]) -> RPCActor[Any, Any]:
         if inspect.iscoroutinefunction(fn):
             raise TypeError("@rpc_actor supports plain (synchronous) functions only")
-        pm, rm = _infer_models(fn, params_model, result_model)
+        pm, rm = infer_models(fn, params_model, result_model)
         if options.get("rate_limit") is not None:
-            from middleware.ratelimits import parse_rate
-
             parse_rate(options["rate_limit"])  # a clear error now, not on the first message
         actor_class = functools.partial(RPCActor, params_model=pm, result_model=rm)
         actor = dramatiq.actor(  # type: ignore[call-overload]

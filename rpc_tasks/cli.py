@@ -1,11 +1,11 @@
 """``rpc-tasks`` command line.
 
-* ``rpc-tasks serve --app myapp.rpc:server`` runs an :class:`~rpc_tasks.server.RPCServer`
+* ``rpc-tasks serve --app myapp.rpc:server`` runs an :class:`~rpc_tasks.streams.server.RPCServer`
   (``module:attribute``; the attribute may also be a function returning the server) until
   SIGTERM/SIGINT, then stops gracefully (in-flight requests finish and are acked).
 * ``rpc-tasks health [--timeout 5]`` exits 0 when a server answers ``ping``, 1 otherwise.
 * ``rpc-tasks ws --host 127.0.0.1 --port 8765`` runs the WebSocket server
-  (:mod:`rpc_tasks.wsserver`).
+  (:mod:`rpc_tasks.websocket.server`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def load_object(spec: str) -> Any:
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    from .server import RPCServer
+    from .streams.server import RPCServer
 
     if not isinstance(obj, RPCServer) and callable(obj):
         obj = obj()
@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from .client import WebSocketRPCClient
+    from .streams.client import WebSocketRPCClient
 
     config = get_config()
     client = WebSocketRPCClient(config)
@@ -68,7 +68,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _ws(args: argparse.Namespace) -> int:
-    from .wsserver import WebSocketServer
+    from .websocket.server import WebSocketServer
 
     server = WebSocketServer(
         get_config(),

@@ -1,7 +1,9 @@
-"""The wire format, in one place: Redis key naming, Dramatiq message options, JSON envelopes.
+"""The wire format, in one place: reply keys, Dramatiq message options, JSON envelopes.
 
-Every other module (actor, middleware, client, server) goes through these functions; none
-builds a key or an envelope by hand. JSON only, never pickle, with a size limit.
+Every other module (actor, middleware, Streams client and server) goes through these
+functions; none builds a reply key or an envelope by hand (each feature's own Redis keys are
+built in its store: :mod:`rpc_tasks.redis.ratestore`, :mod:`rpc_tasks.websocket.store`).
+JSON only, never pickle, with a size limit.
 
 Response envelope (what a worker/server ``LPUSH``es to ``reply_to``)::
 
@@ -20,7 +22,6 @@ import json
 import math
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -60,11 +61,6 @@ OPTION_POSTPONED_MS = "rpc_postponed_ms"
 #: Dramatiq message option: the message holds a reserved slot of a proactive rate limit.
 OPTION_RATE_SLOT = "rpc_rate_slot"
 
-#: Prefix of shared rate-limit state in Redis (cooldowns and proactive limits).
-RATE_KEY_PREFIX = "rpc_tasks:rate:"
-#: Pub/Sub channel on which opened cooldowns are announced (``<cooldown key>|<ms left>``).
-RATE_EVENTS_CHANNEL = f"{RATE_KEY_PREFIX}events"
-
 #: Largest error message we put on the wire (longer ones are truncated).
 MAX_ERROR_MESSAGE = 4000
 
@@ -87,59 +83,6 @@ def reply_key(prefix: str, correlation_id: str) -> str:
 def is_reply_key(prefix: str, key: str) -> bool:
     """True when ``key`` is a reply key under ``prefix`` (used to refuse stray reply addresses)."""
     return key.startswith(prefix) and len(key) > len(prefix) and len(key) <= 512
-
-
-def cooldown_key(rate_key: str) -> str:
-    """Redis key of the shared cooldown for ``rate_key`` (its PTTL is the time left)."""
-    return f"{RATE_KEY_PREFIX}cooldown:{rate_key}"
-
-
-def limiter_keys(rate_key: str) -> tuple[str, str]:
-    """Redis keys of a proactive limit: (admission TAT, reservation TAT)."""
-    return f"{RATE_KEY_PREFIX}tat:{rate_key}", f"{RATE_KEY_PREFIX}reserve:{rate_key}"
-
-
-#: Prefix of the WebSocket server's shared state (presence, rooms, instance channels).
-WS_KEY_PREFIX = "rpc_tasks:ws:"
-
-
-def ws_conn_key(connection_id: str) -> str:
-    """Presence record of one connection (JSON ``ConnectionInfo``, with a TTL)."""
-    return f"{WS_KEY_PREFIX}conn:{connection_id}"
-
-
-def ws_user_key(user_id: str) -> str:
-    """Set of a user's connection ids (entries without a live ``ws_conn_key`` are stale)."""
-    return f"{WS_KEY_PREFIX}user:{user_id}"
-
-
-def ws_room_key(room: str) -> str:
-    """Set of the user ids in a room."""
-    return f"{WS_KEY_PREFIX}room:{room}"
-
-
-def ws_instance_key(instance_id: str) -> str:
-    """Heartbeat of a server instance (with a TTL)."""
-    return f"{WS_KEY_PREFIX}instance:{instance_id}"
-
-
-def ws_instance_channel(instance_id: str) -> str:
-    """Pub/Sub channel on which an instance receives deliveries for its sockets."""
-    return f"{WS_KEY_PREFIX}to:{instance_id}"
-
-
-def ws_ack_key(correlation_id: str) -> str:
-    """List on which instances report how many sockets took a fanned-out frame."""
-    return f"{WS_KEY_PREFIX}ack:{correlation_id}"
-
-
-def ws_frame(kind: str, payload: Any, frame_id: str | None = None) -> str:
-    """A message to a browser: ``{"type", "id", "payload", "timestamp"}`` as JSON text."""
-    return json.dumps(
-        {"type": kind, "id": frame_id or str(uuid.uuid4()), "payload": payload, "timestamp": now_iso()},
-        separators=_JSON_SEPARATORS,
-        ensure_ascii=False,
-    )
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
   of :class:`middleware.RPCRetries` (``retry_after``, backoff, ``max_retries``, the caller's
   deadline) on a virtual clock: no sleeping, no Redis. ``runner.attempts`` records every attempt
   and the delay before it.
-* :class:`FakeRPCClient` - a stand-in for :class:`~rpc_tasks.client.WebSocketRPCClient` that you
+* :class:`FakeRPCClient` - a stand-in for :class:`~rpc_tasks.streams.client.WebSocketRPCClient` that you
   script: ``fake.returns("send_notification", NotificationResponse(...))``,
   ``fake.fails("send_notification", "rate_limit_exceeded", retry_after=2.5, times=2)``.
   ``fake.install()`` makes :func:`rpc_tasks.get_rpc_client` return it.
@@ -102,7 +102,7 @@ class InlineRunner:
     def _run(
         self, actor: RPCActor[Any, Any], message: dramatiq.Message[Any], timeout: float | None, *, reply: bool
     ) -> Any:
-        from middleware.retries import RPCRetries, rpc_error_of
+        from .middleware.retries import RPCRetries, rpc_error_of
 
         policy = RPCRetries()
         payload = json.loads(json.dumps(message.args[0]))  # exactly what a worker would see
@@ -141,7 +141,7 @@ class InlineRunner:
 
 
 class FakeRPCClient:
-    """A scriptable stand-in for :class:`~rpc_tasks.client.WebSocketRPCClient`.
+    """A scriptable stand-in for :class:`~rpc_tasks.streams.client.WebSocketRPCClient`.
 
     Unscripted calls raise ``RPCRemoteError(method_not_found)``, as a server would. Every call
     is recorded in ``calls`` as ``(method, params_dict)``.
@@ -230,7 +230,7 @@ class FakeRPCClient:
         """Make ``get_rpc_client()`` return this fake for the duration (however it was
         imported). A client object fetched *before* (e.g. a module-level ``rpc =
         get_rpc_client()``) is not replaced: patch that attribute yourself."""
-        import rpc_tasks.client as client_module
+        import rpc_tasks.streams.client as client_module
 
         with client_module._client_lock:
             previous = client_module._client

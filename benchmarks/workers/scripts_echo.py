@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 
 from benchmarks.common import echo_worker_running, names, redis_url
-from rpc_tasks.brokers import BlockingRedisBroker, wake_key
-from rpc_tasks.redis_io import pipelined
+from rpc_tasks.redis.broker import BlockingRedisBroker, wake_key
+from rpc_tasks.redis.connection import pipelined
 
 KIND = "scripts"
 #: Seconds the reply key lives (as the rpc-tasks default).

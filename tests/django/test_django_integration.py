@@ -25,9 +25,9 @@ from dramatiq.brokers.stub import StubBroker
 
 from notifications.tasks import AddParams, NotifyParams, add, send_async_notification
 from rpc_tasks import NotificationResponse, RPCErrorCode, RPCRemoteError, RPCTimeoutError
-from rpc_tasks.auth import make_token
 from rpc_tasks.contrib.django.checks import check_dramatiq_broker, check_rpc_settings
 from rpc_tasks.testing import FakeRPCClient, InlineRunner, RPCTestCaseMixin
+from rpc_tasks.websocket.auth import make_token
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "examples" / "django_project"

@@ -12,7 +12,7 @@ import redis
 from pydantic import BaseModel
 
 from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
-from rpc_tasks.brokers import BlockingRedisBroker
+from rpc_tasks.redis.broker import BlockingRedisBroker
 
 URL = os.environ.get("RPC_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 QUEUE = "rpc_tasks_cli_test"

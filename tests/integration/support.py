@@ -17,7 +17,7 @@ import dramatiq
 import redis
 
 from rpc_tasks import WebSocketRPCConfig, setup_broker
-from rpc_tasks.brokers import BlockingRedisBroker
+from rpc_tasks.redis.broker import BlockingRedisBroker
 
 
 def unique(prefix: str) -> str:

@@ -14,7 +14,7 @@ from dramatiq.brokers.redis import RedisBroker
 from pydantic import BaseModel
 
 from rpc_tasks import WebSocketRPCConfig, rpc_actor, setup_broker
-from rpc_tasks.brokers import BlockingRedisBroker, wake_key
+from rpc_tasks.redis.broker import BlockingRedisBroker, wake_key
 
 from .support import PrivateRedis, redis_broker, running_worker, unique, wait_until
 
@@ -143,7 +143,7 @@ def test_idle_consumer_wakes_at_once_and_tokens_do_not_pile_up(redis_url: str) -
 
 
 def test_pipelined_reads_every_reply_and_survives_a_stale_connection(redis_url: str) -> None:
-    from rpc_tasks.redis_io import pipelined, same_redis
+    from rpc_tasks.redis.connection import pipelined, same_redis
 
     client = redis.Redis.from_url(redis_url)
     key = unique("test:pipelined")
@@ -201,7 +201,7 @@ def test_pinned_connections_belong_to_their_own_pool(redis_url: str) -> None:
     to a later pool (which could sit at the same address)."""
     import gc
 
-    from rpc_tasks.redis_io import pipelined
+    from rpc_tasks.redis.connection import pipelined
 
     other_url = redis_url.rsplit("/", 1)[0] + "/10"
 
@@ -298,7 +298,7 @@ def test_fork_while_other_threads_keep_connections(redis_url: str) -> None:
     import os
     import threading
 
-    from rpc_tasks.redis_io import pipelined
+    from rpc_tasks.redis.connection import pipelined
 
     pool = redis.ConnectionPool.from_url(redis_url)
     client = redis.Redis(connection_pool=pool)

@@ -24,7 +24,7 @@ from rpc_tasks import (
     rpc_actor,
     setup_broker,
 )
-from rpc_tasks.brokers import BlockingRedisBroker
+from rpc_tasks.redis.broker import BlockingRedisBroker
 
 from .support import PrivateRedis, running_worker, unique, wait_until
 

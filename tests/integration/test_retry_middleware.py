@@ -18,10 +18,9 @@ from rpc_tasks import (
     RPCRemoteError,
     current_message,
     metrics,
-    protocol,
     rpc_actor,
 )
-from rpc_tasks.redis_io import RateStore
+from rpc_tasks.redis.ratestore import RateStore, cooldown_key
 
 from .support import redis_broker, running_worker, unique, wait_until
 from .test_cli_and_faults import CLIWorker
@@ -44,7 +43,7 @@ def unavailable(retry_after: float | None) -> RPCRemoteError:
 
 
 def test_retry_waits_at_least_retry_after(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="rpc_tasks.retries")
+    caplog.set_level(logging.INFO, logger="rpc_tasks.middleware.retries")
     broker, _ = redis_broker(redis_url)
     failures: list[float] = []
     starts: list[float] = []
@@ -72,7 +71,7 @@ def test_retry_waits_at_least_retry_after(redis_url: str, caplog: pytest.LogCapt
 
 def test_backoff_without_retry_after_is_exponential_with_additive_jitter(redis_url: str) -> None:
     broker, _ = redis_broker(redis_url)
-    from middleware import RPCRetries
+    from rpc_tasks.middleware import RPCRetries
 
     retries = next(m for m in broker.middleware if isinstance(m, RPCRetries))
 
@@ -179,7 +178,7 @@ def test_cooldown_postpones_without_running_and_without_using_retries(redis_url:
 
     store = RateStore(redis.Redis.from_url(redis_url))
     opened = time.time()  # before the cooldown starts on the server (PTTL rounds down to the ms)
-    store.open_cooldown(protocol.cooldown_key("shared-api"), 800)
+    store.open_cooldown(cooldown_key("shared-api"), 800)
     with running_worker(broker, threads=4):
         for i in range(6):
             uses_api.send(P(n=i))
@@ -192,7 +191,7 @@ def test_cooldown_postpones_without_running_and_without_using_retries(redis_url:
 
 
 def test_postponement_cap_dead_letters_with_reason(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="rpc_tasks.ratelimits")
+    caplog.set_level(logging.INFO, logger="rpc_tasks.middleware.ratelimits")
     broker, _ = redis_broker(redis_url)
     runs: list[int] = []
 
@@ -201,7 +200,7 @@ def test_postponement_cap_dead_letters_with_reason(redis_url: str, caplog: pytes
         runs.append(1)
         return R(attempts=1)
 
-    RateStore(redis.Redis.from_url(redis_url)).open_cooldown(protocol.cooldown_key("capped"), 5000)
+    RateStore(redis.Redis.from_url(redis_url)).open_cooldown(cooldown_key("capped"), 5000)
     with running_worker(broker):
         capped.send(P())
         client = redis.Redis.from_url(redis_url)
@@ -217,7 +216,7 @@ def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str) -> No
     def busy(params: P) -> R:
         return R(attempts=1)
 
-    RateStore(redis.Redis.from_url(redis_url)).open_cooldown(protocol.cooldown_key("busy"), 5000)
+    RateStore(redis.Redis.from_url(redis_url)).open_cooldown(cooldown_key("busy"), 5000)
     with running_worker(broker):
         started = time.monotonic()
         with pytest.raises(RPCRemoteError) as info:
@@ -245,8 +244,8 @@ def test_rate_limit_error_opens_a_shared_cooldown(redis_url: str) -> None:
         with running_worker(broker):
             limited.send(P(n=0))
             store = RateStore(redis.Redis.from_url(redis_url))
-            wait_until(lambda: store.cooldown_left(protocol.cooldown_key(limited.actor_name)) > 0, timeout=5)
-            assert 0 < store.cooldown_left(protocol.cooldown_key(limited.actor_name)) <= 600
+            wait_until(lambda: store.cooldown_left(cooldown_key(limited.actor_name)) > 0, timeout=5)
+            assert 0 < store.cooldown_left(cooldown_key(limited.actor_name)) <= 600
             wait_until(lambda: any(e == "retry" for e, _ in events), timeout=5)
     finally:
         metrics.remove_listener(listener)

@@ -31,7 +31,8 @@ from rpc_tasks import (
     get_rpc_client,
     protocol,
 )
-from rpc_tasks.redis_io import ReplyChannel, StreamIO
+from rpc_tasks.redis.replies import ReplyChannel
+from rpc_tasks.streams.io import StreamIO
 
 from .support import reply_keys, unique, wait_until
 
@@ -370,7 +371,7 @@ def test_graceful_stop_finishes_in_flight(config: WebSocketRPCConfig, client: We
 def test_call_logging_never_logs_params_unless_enabled(
     server: RPCServer, config: WebSocketRPCConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="rpc_tasks.client")
+    caplog.set_level(logging.INFO, logger="rpc_tasks.streams.client")
     quiet = WebSocketRPCClient(config.model_copy(update={"log_rpc_calls": True}))
     quiet.call("add", Add(a=31337, b=1), Sum, timeout=5)
     line = next(r.getMessage() for r in caplog.records if "rpc call" in r.getMessage())
@@ -536,7 +537,7 @@ def test_server_on_a_client_with_a_short_socket_timeout(
 ) -> None:
     """A Redis client whose socket_timeout (0.1 s) is far shorter than the server's blocking
     read (1 s): idle readers wait for their reads instead of failing every time."""
-    from rpc_tasks.redis_io import make_redis
+    from rpc_tasks.redis.connection import make_redis
 
     redis_client = make_redis(
         config.redis_url, max_connections=config.redis_max_connections, socket_timeout=0.1
@@ -551,7 +552,7 @@ def test_server_on_a_client_with_a_short_socket_timeout(
         finally:
             assert server.stop(10)
             client.close()
-    assert [r.getMessage() for r in caplog.records if r.name == "rpc_tasks.server"] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "rpc_tasks.streams.server"] == []
 
 
 @pytest.mark.parametrize("max_connections", [50, 12], ids=["readers", "one-reader"])

@@ -32,8 +32,14 @@ from rpc_tasks import (
     WebSocketRPCClient,
     WebSocketRPCConfig,
 )
-from rpc_tasks.auth import make_token
-from rpc_tasks.wsserver import BridgeParams, PresenceQuery, PresenceResponse, RoomRequest, RoomResponse
+from rpc_tasks.websocket.auth import make_token
+from rpc_tasks.websocket.models import (
+    BridgeParams,
+    PresenceQuery,
+    PresenceResponse,
+    RoomRequest,
+    RoomResponse,
+)
 
 from .support import PrivateRedis, free_port, unique, wait_until
 
@@ -584,7 +590,7 @@ def test_async_store_survives_a_redis_restart_without_a_failed_command() -> None
     restart. The store turns that off, so a stale connection is replaced before use; nothing is
     retried (a retried write could run twice). The event loop keeps running through the
     outage, as in the server."""
-    from rpc_tasks.redis_io import AsyncWSStore
+    from rpc_tasks.websocket.store import AsyncWSStore
 
     with PrivateRedis() as redis_server:
 

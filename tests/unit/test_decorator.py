@@ -18,7 +18,6 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Retries, TimeLimit
 from pydantic import BaseModel, Field, ValidationError
 
-from middleware import RPCRateLimits, RPCReplies, RPCRetries
 from rpc_tasks import (
     RPCActor,
     RPCPayloadTooLargeError,
@@ -32,6 +31,7 @@ from rpc_tasks import (
     setup_broker,
 )
 from rpc_tasks.exceptions import RPCConfigurationError
+from rpc_tasks.middleware import RPCRateLimits, RPCReplies, RPCRetries
 from rpc_tasks.models import RPCErrorCode
 
 CONFIG = WebSocketRPCConfig(redis_url="redis://127.0.0.1:6379/9")
@@ -468,8 +468,8 @@ def test_find_replies_middleware_missing() -> None:
 
 def test_middleware_paths() -> None:
     paths = middleware_paths()
-    assert paths[0] == "middleware.RPCReplies"
-    assert "middleware.RPCRetries" in paths
+    assert paths[0] == "rpc_tasks.middleware.RPCReplies"
+    assert "rpc_tasks.middleware.RPCRetries" in paths
     assert "dramatiq.middleware.Retries" not in paths
     assert not any("Prometheus" in p for p in paths)
     assert len(paths) == len(set(paths))

@@ -8,7 +8,6 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 from pydantic import BaseModel
 
-from middleware import RPCRetries, parse_rate, rate_limit_key, rpc_error_of
 from rpc_tasks import (
     RPCConfigurationError,
     RPCConnectionError,
@@ -19,6 +18,7 @@ from rpc_tasks import (
     rpc_actor,
     setup_broker,
 )
+from rpc_tasks.middleware import RPCRetries, parse_rate, rate_limit_key, rpc_error_of
 
 CONFIG = WebSocketRPCConfig(redis_url="redis://127.0.0.1:6379/9")
 

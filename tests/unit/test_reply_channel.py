@@ -1,4 +1,4 @@
-"""Unit tests of ReplyChannel (rpc_tasks.redis_io) against fakeredis; no real Redis needed."""
+"""Unit tests of ReplyChannel (rpc_tasks.redis.replies) against fakeredis; no real Redis needed."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from rpc_tasks import redis_io
 from rpc_tasks.config import WebSocketRPCConfig
 from rpc_tasks.exceptions import RPCConnectionError
-from rpc_tasks.redis_io import ReplyChannel, make_redis
+from rpc_tasks.redis import connection as redis_connection
+from rpc_tasks.redis.connection import make_redis
+from rpc_tasks.redis.replies import ReplyChannel
 
 PREFIX = "list:response:"
 
@@ -156,7 +157,7 @@ def test_wait_on_empty_key_times_out(channel: ReplyChannel, client: fakeredis.Fa
     elapsed = time.monotonic() - started
     # fakeredis runs BLPOP synchronously with the server-side timeout, which includes the
     # channel's slack; against real Redis the client-side deadline applies.
-    slack = getattr(redis_io, "SERVER_SLACK_SECONDS", 0.0)
+    slack = getattr(redis_connection, "SERVER_SLACK_SECONDS", 0.0)
     assert timeout * 0.9 <= elapsed < timeout + slack + 0.3
     assert client.exists(key) == 0
 
@@ -222,7 +223,7 @@ def test_same_redis_only_for_a_known_server_and_database() -> None:
     settings name the same server, database and user count as the same Redis."""
     from redis.sentinel import Sentinel, SentinelConnectionPool
 
-    from rpc_tasks.redis_io import same_redis
+    from rpc_tasks.redis.connection import same_redis
 
     a = redis.Redis.from_url("redis://127.0.0.1:6379/3")
     assert same_redis(a, a)
@@ -244,7 +245,7 @@ def test_same_redis_only_for_a_known_server_and_database() -> None:
 def test_fast_packer_sends_exactly_what_redis_py_would() -> None:
     """The hot paths pack commands themselves; the bytes must be redis-py's, for every argument
     type they use (including big and binary values sent as separate buffers)."""
-    from rpc_tasks.redis_io import _pack
+    from rpc_tasks.redis.connection import pack as _pack
 
     conn = redis.Connection()  # packing needs no server
     cases: list[list[tuple[Any, ...]]] = [

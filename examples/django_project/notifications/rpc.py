@@ -6,7 +6,7 @@ from django.contrib.auth import get_user_model
 from pydantic import BaseModel
 
 from rpc_tasks.contrib.django import rpc_method
-from rpc_tasks.wsserver import BridgeParams
+from rpc_tasks.websocket.models import BridgeParams
 
 
 class WhoAmI(BaseModel):

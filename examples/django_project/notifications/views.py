@@ -12,7 +12,7 @@ from rpc_tasks import (
     RPCTimeoutError,
     get_rpc_client,
 )
-from rpc_tasks.auth import make_token
+from rpc_tasks.websocket.auth import make_token
 
 from .tasks import AddParams, NotifyParams, add, send_async_notification
 

@@ -74,7 +74,7 @@ def check_dramatiq_broker(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         )
     import dramatiq
 
-    from ...broker import check_broker
+    from ...middleware.order import check_broker
 
     for problem in check_broker(dramatiq.get_broker()):
         problems.append(

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ...actor import _MISSING
+from ...signatures import MISSING
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,11 @@ handlers: dict[str, Registered] = {}
 
 
 def rpc_method(
-    name: str | None = None, *, params_model: type[BaseModel] | None = None, result_model: Any = _MISSING
+    name: str | None = None, *, params_model: type[BaseModel] | None = None, result_model: Any = MISSING
 ) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
     """Register ``fn(params) -> result`` for ``manage.py rpc_serve``. Put these in
     ``<app>/rpc.py``; for the WebSocket bridge, the params model is usually
-    :class:`rpc_tasks.wsserver.BridgeParams` (the authenticated user and what the browser sent)."""
+    :class:`rpc_tasks.websocket.models.BridgeParams` (the authenticated user and what the browser sent)."""
 
     def decorator(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         handlers[name or fn.__name__] = Registered(name or fn.__name__, fn, params_model, result_model)

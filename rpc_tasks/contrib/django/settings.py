@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ...broker import middleware_paths
+from ...middleware.order import middleware_paths
 
 #: Value for ``DRAMATIQ_ENCODER``: Dramatiq's JSON encoder plus salvage of invalid messages.
 DRAMATIQ_ENCODER = "rpc_tasks.encoder.RPCJSONEncoder"
 
-_BROKERS = {
-    "redis": "rpc_tasks.brokers.BlockingRedisBroker",
-    "rabbitmq": "dramatiq.brokers.rabbitmq.RabbitmqBroker",
-}
+_BROKERS = ("redis", "rabbitmq")
 
 
 def dramatiq_broker_settings(
@@ -43,4 +40,10 @@ def dramatiq_broker_settings(
     if admin:
         middleware.append("django_dramatiq.middleware.AdminMiddleware")
     middleware.extend(extra_middleware or [])
-    return {"BROKER": _BROKERS[kind], "OPTIONS": {"url": url, **(options or {})}, "MIDDLEWARE": middleware}
+    if kind == "redis":
+        from ...redis.broker import redis_broker_path
+
+        path = redis_broker_path()
+    else:
+        path = "dramatiq.brokers.rabbitmq.RabbitmqBroker"
+    return {"BROKER": path, "OPTIONS": {"url": url, **(options or {})}, "MIDDLEWARE": middleware}

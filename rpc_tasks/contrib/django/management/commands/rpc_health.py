@@ -8,9 +8,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from rpc_tasks.client import WebSocketRPCClient
 from rpc_tasks.config import get_config
-from rpc_tasks.redis_io import ReplyChannel, client_from_config
+from rpc_tasks.redis.connection import client_from_config
+from rpc_tasks.redis.replies import ReplyChannel
+from rpc_tasks.streams.client import WebSocketRPCClient
 
 
 class Command(BaseCommand):
@@ -31,7 +32,7 @@ class Command(BaseCommand):
             import dramatiq
 
             broker = dramatiq.get_broker()
-            from rpc_tasks.broker import check_broker
+            from rpc_tasks.middleware.order import check_broker
 
             problems = check_broker(broker)
             results.append(

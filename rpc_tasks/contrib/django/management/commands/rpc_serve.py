@@ -15,7 +15,7 @@ from django.db import close_old_connections
 
 from rpc_tasks.config import get_config
 from rpc_tasks.contrib.django.registry import handlers
-from rpc_tasks.server import RPCServer
+from rpc_tasks.streams.server import RPCServer
 
 
 def _with_db_cleanup(fn: Any) -> Any:

@@ -2,7 +2,7 @@
 
 Requests go on a Redis Stream read by a consumer group, replies come back on a Redis list
 (``BLPOP``), broadcasts use Pub/Sub. The wire format is in :mod:`rpc_tasks.protocol` and
-every Redis call in :mod:`rpc_tasks.redis_io`.
+every Redis call in :mod:`rpc_tasks.streams.io` (replies: :mod:`rpc_tasks.redis.replies`).
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel
 
-from . import protocol
-from .config import WebSocketRPCConfig, get_config
-from .exceptions import RPCException, RPCRemoteError, RPCTimeoutError
-from .models.base import new_correlation_id
-from .models.errors import RPCError
-from .redis_io import ReplyChannel, StreamIO, client_from_config
+from .. import protocol
+from ..config import WebSocketRPCConfig, get_config
+from ..exceptions import RPCException, RPCRemoteError, RPCTimeoutError
+from ..models.base import new_correlation_id
+from ..models.errors import RPCError
+from ..redis.connection import client_from_config
+from ..redis.replies import ReplyChannel
+from .builtins import PING_METHOD, PingParams, PingResult
+from .io import StreamIO
 
-logger = logging.getLogger("rpc_tasks.client")
+logger = logging.getLogger(__name__)
 
 TResult = TypeVar("TResult", bound=BaseModel)
-
-#: Built-in method every :class:`~rpc_tasks.server.RPCServer` answers (used by health_check).
-PING_METHOD = "ping"
 
 
 class WebSocketRPCClient:
@@ -146,8 +146,6 @@ class WebSocketRPCClient:
     def health_check(self, timeout: float = 5) -> bool:
         """True when a server answers the built-in ``ping`` within ``timeout`` seconds.
         Never raises."""
-        from .server import PingParams, PingResult
-
         try:
             result = self.call(PING_METHOD, PingParams(), PingResult, timeout=timeout)
             return bool(result.pong)

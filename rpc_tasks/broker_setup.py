@@ -1,13 +1,9 @@
-"""One call to set a Dramatiq broker up for rpc-tasks, and a checker for hand-made set-ups.
+"""One call to set a Dramatiq broker up for rpc-tasks: :func:`setup_broker`.
 
-Required middleware and order:
-
-* ``middleware.RPCReplies`` first, so that expired ``.call()`` messages are skipped and unknown
-  actors are failed before any other middleware does work for them;
-* ``middleware.RPCRateLimits`` right after it, so a message for a cooling-down key is put back
-  before anything else runs;
-* ``middleware.RPCRetries`` *instead of* ``dramatiq.middleware.Retries`` (same options), so
-  non-retryable RPC errors fail at once.
+It builds the broker (``BlockingRedisBroker`` for Redis URLs, ``RabbitmqBroker`` for AMQP),
+installs the rpc-tasks middleware in the order :mod:`rpc_tasks.middleware.order` describes,
+makes :class:`~rpc_tasks.encoder.RPCJSONEncoder` Dramatiq's encoder and sets the broker as
+Dramatiq's global one.
 """
 
 from __future__ import annotations
@@ -20,33 +16,10 @@ from dramatiq.middleware import Retries
 
 from .config import WebSocketRPCConfig, get_config
 from .exceptions import RPCConfigurationError
+from .middleware import RPCRateLimits, RPCReplies, RPCRetries
+from .middleware.order import check_broker, middleware_paths
 
-#: Dotted paths of rpc-tasks middleware, for django-dramatiq's ``MIDDLEWARE`` setting.
-REPLIES_PATH = "middleware.RPCReplies"
-RATE_LIMITS_PATH = "middleware.RPCRateLimits"
-RETRIES_PATH = "middleware.RPCRetries"
-
-#: Dramatiq 2.x's default middleware, minus ``Retries`` (replaced by ``RPCRetries``).
-#: ``dramatiq.middleware.Prometheus`` is deliberately absent: it does not import under 2.x.
-_DRAMATIQ_DEFAULTS = [
-    "dramatiq.middleware.AgeLimit",
-    "dramatiq.middleware.TimeLimit",
-    "dramatiq.middleware.ShutdownNotifications",
-    "dramatiq.middleware.Callbacks",
-    "dramatiq.middleware.Pipelines",
-]
-
-
-def middleware_paths(extra: list[str] | None = None) -> list[str]:
-    """Full middleware list (dotted paths) in the right order, e.g. for django-dramatiq::
-
-    DRAMATIQ_BROKER = {
-        "BROKER": "rpc_tasks.brokers.BlockingRedisBroker",
-        "OPTIONS": {"url": "redis://localhost:6379/0"},
-        "MIDDLEWARE": rpc_tasks.middleware_paths(),
-    }
-    """
-    return [REPLIES_PATH, RATE_LIMITS_PATH, *_DRAMATIQ_DEFAULTS, RETRIES_PATH, *(extra or [])]
+__all__ = ["check_broker", "install_encoder", "install_middleware", "middleware_paths", "setup_broker"]
 
 
 def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | None = None) -> dramatiq.Broker:
@@ -54,10 +27,6 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
 
     Dramatiq's ``Retries`` is replaced by ``RPCRetries`` keeping its settings.
     """
-    from middleware.ratelimits import RPCRateLimits
-    from middleware.replies import RPCReplies
-    from middleware.retries import RPCRetries
-
     if not any(isinstance(m, RPCRetries) for m in broker.middleware):
         plain = [m for m in broker.middleware if type(m) is Retries]
         retries = RPCRetries()
@@ -115,9 +84,9 @@ def _broker_from_url(url: str) -> dramatiq.Broker:
             raise RPCConfigurationError("RabbitMQ needs: pip install 'rpc-tasks[rabbitmq]'") from exc
         return RabbitmqBroker(url=url)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .brokers import BlockingRedisBroker
+        from .redis.broker import redis_broker
 
-        return BlockingRedisBroker(url=url)
+        return redis_broker(url)
     raise RPCConfigurationError(
         "broker URL must start with redis://, rediss://, unix://, amqp:// or amqps://"
     )
@@ -134,7 +103,7 @@ def setup_broker(
 
     With no ``broker``, one is built from ``broker_url``, else ``$DRAMATIQ_BROKER_URL``, else
     ``config.redis_url`` (``redis``/``rediss``/``unix`` give a
-    :class:`~rpc_tasks.brokers.BlockingRedisBroker`, ``amqp`` a
+    :class:`~rpc_tasks.redis.broker.BlockingRedisBroker`, ``amqp`` a
     ``RabbitmqBroker``). Replies always travel over Redis at ``config.redis_url``.
     """
     config = config or get_config()
@@ -146,31 +115,3 @@ def setup_broker(
     if set_global:
         dramatiq.set_broker(broker)
     return broker
-
-
-def check_broker(broker: dramatiq.Broker) -> list[str]:
-    """Problems with a broker's rpc-tasks set-up, as human-readable strings (empty if fine)."""
-    from middleware.ratelimits import RPCRateLimits
-    from middleware.replies import RPCReplies
-    from middleware.retries import RPCRetries
-
-    problems: list[str] = []
-    kinds: list[Any] = [type(m) for m in broker.middleware]
-    if RPCReplies not in kinds:
-        problems.append("RPCReplies middleware is missing: .call() would never get a reply")
-    elif kinds.index(RPCReplies) != 0:
-        problems.append("RPCReplies should be the first middleware (it skips expired calls early)")
-    if RPCRateLimits not in kinds:
-        problems.append("RPCRateLimits middleware is missing: rate-limit errors will not cool the fleet down")
-    elif RPCReplies in kinds and kinds.index(RPCRateLimits) < kinds.index(RPCReplies):
-        problems.append("RPCRateLimits must come after RPCReplies")
-    if Retries in kinds:
-        problems.append(
-            "dramatiq.middleware.Retries is installed: replace it with middleware.RPCRetries "
-            "(same options) so non-retryable errors fail at once"
-        )
-    if RPCRetries not in kinds:
-        problems.append("RPCRetries middleware is missing")
-    elif kinds.count(RPCRetries) > 1:
-        problems.append("RPCRetries is installed more than once")
-    return problems

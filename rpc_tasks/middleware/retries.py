@@ -35,11 +35,12 @@ from dramatiq.errors import Retry
 from dramatiq.middleware import Retries
 from pydantic import ValidationError
 
-from rpc_tasks import context, metrics, protocol
-from rpc_tasks.exceptions import RPCException
-from rpc_tasks.models.errors import RPCError, RPCErrorCode
+from .. import context, metrics, protocol
+from ..exceptions import RPCException
+from ..models.errors import RPCError, RPCErrorCode
+from . import order
 
-logger = logging.getLogger("rpc_tasks.retries")
+logger = logging.getLogger(__name__)
 
 #: Dramatiq refuses delays of 7 days or more.
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 1
@@ -60,6 +61,8 @@ class RPCRetries(Retries):
       retry_codes: error codes to retry; when given, it decides instead of each error's own
         ``retryable`` flag. Also an actor/message option.
     """
+
+    rpc_role = order.RETRIES
 
     def __init__(
         self,

@@ -24,14 +24,15 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
-from rpc_tasks import context, protocol
-from rpc_tasks.config import WebSocketRPCConfig, get_config
-from rpc_tasks.encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR
-from rpc_tasks.exceptions import RPCException
-from rpc_tasks.models.errors import RPCError, RPCErrorCode
-from rpc_tasks.redis_io import ReplyChannel
+from .. import context, protocol
+from ..config import WebSocketRPCConfig, get_config
+from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR
+from ..exceptions import RPCException
+from ..models.errors import RPCError, RPCErrorCode
+from ..redis.replies import ReplyChannel
+from . import order
 
-logger = logging.getLogger("rpc_tasks.replies")
+logger = logging.getLogger(__name__)
 
 
 def _undecodable_error(message: Any) -> RPCError:
@@ -48,6 +49,8 @@ class RPCReplies(Middleware):
       config: explicit settings (Redis URL, key prefix, TTL, default timeout, size limit).
       redis_client: an existing redis-py client for the replies (overrides ``config.redis_url``).
     """
+
+    rpc_role = order.REPLIES
 
     def __init__(self, config: WebSocketRPCConfig | None = None, *, redis_client: Any = None) -> None:
         self._config = config
@@ -84,9 +87,7 @@ class RPCReplies(Middleware):
     # -- hooks ---------------------------------------------------------------------------------
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        from rpc_tasks.broker import check_broker
-
-        for problem in check_broker(broker):
+        for problem in order.check_broker(broker):
             logger.warning("rpc-tasks broker set-up: %s", problem)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
@@ -115,6 +116,10 @@ class RPCReplies(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         ctx = context.leave()
+        if exception is not None and context.attached_error(message) is None:
+            # Kept for after_nack (the reply of a message that failed for good); RPCRetries and
+            # RPCRateLimits, which run earlier in this hook, attach a more precise one.
+            context.attach_error(message, protocol.error_from_exception(exception))
         if exception is not None or message.failed:
             return
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
@@ -152,13 +157,14 @@ class RPCReplies(Middleware):
         error: RPCError | None = context.attached_error(message)
         if error is None and message.actor_name == UNDECODABLE_ACTOR:
             error = _undecodable_error(message)
-        if error is None:
-            exc = getattr(message, "_exception", None)
-            error = (
-                protocol.error_from_exception(exc)
-                if exc is not None
-                else RPCError(code=RPCErrorCode.INTERNAL_ERROR, message="message failed")
+        if error is None and message.actor_name not in broker.actors:
+            # Dramatiq's consumer thread nacks it (ActorNotFound) without running any
+            # process_message hook: say so here.
+            error = RPCError(
+                code=RPCErrorCode.METHOD_NOT_FOUND, message=f"unknown actor: {message.actor_name!r}"
             )
+        if error is None:
+            error = RPCError(code=RPCErrorCode.INTERNAL_ERROR, message="message failed")
         attempts = message.options.get(protocol.OPTION_ATTEMPT)
         if isinstance(attempts, int) and "attempts" not in error.details:
             error = error.model_copy(update={"details": {**error.details, "attempts": attempts}})

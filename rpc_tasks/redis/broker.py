@@ -29,7 +29,7 @@ For ``.call()`` (when the reply channel is on the broker's Redis server and data
   worker thread instead of two.
 
 The consumer's fetch and the worker threads' acks run on a connection each thread keeps (see
-:func:`rpc_tasks.redis_io.pipelined`).
+:func:`rpc_tasks.redis.connection.pipelined`).
 
 Idle cost per queue: one ``BLPOP`` + fetch pipeline per ``worker_timeout`` for the queue and for its
 delay queue (about 4 Redis commands per second with the default 1 s).
@@ -37,20 +37,116 @@ delay queue (about 4 Redis commands per second with the default 1 s).
 
 from __future__ import annotations
 
+import inspect
+import logging
 import threading
 import time
 import weakref
 from typing import Any
 from uuid import uuid4
 
+import dramatiq
 import redis
 from dramatiq import Message
-from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.brokers import redis as _dramatiq_redis
+from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
-from dramatiq.errors import BrokerConnectionError, ConnectionClosed
+from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from redis.exceptions import NoScriptError
 
-from .redis_io import ReplyChannel, pipelined, same_redis
+from .connection import pipelined, same_redis
+from .replies import ReplyChannel
+
+logger = logging.getLogger(__name__)
+
+#: Newest Dramatiq release this module was tested with (``pyproject.toml`` caps it the same).
+TESTED_DRAMATIQ = "2.2"
+
+
+def _internals_problem() -> str | None:
+    """What no longer has the shape this module relies on, or ``None``.
+
+    This is the only module of rpc-tasks that touches Dramatiq's private names: the Redis
+    consumer class ``_RedisConsumer`` (and its ``message_cache`` / ``queued_message_ids`` /
+    ``outstanding_message_count``), the ``_scripts`` dict with ``dispatch.lua`` and the
+    argument layout of that script (``command, timestamp, queue_name, worker_id,
+    heartbeat_timeout, dead_message_ttl, do_maintenance, max_unpack_size, ...``), and
+    ``RedisBroker._should_do_maintenance`` / ``_max_unpack_size``."""
+    consumer: Any = getattr(_dramatiq_redis, "_RedisConsumer", None)
+    if not isinstance(consumer, type):
+        return "dramatiq.brokers.redis._RedisConsumer is gone"
+    init: Any = vars(consumer).get("__init__")
+    try:
+        params = list(inspect.signature(init).parameters)
+    except (TypeError, ValueError):
+        return "_RedisConsumer.__init__ cannot be inspected"
+    if params != ["self", "broker", "queue_name", "prefetch", "timeout"]:
+        return f"_RedisConsumer.__init__ takes {params[1:]}"
+    if not isinstance(inspect.getattr_static(consumer, "outstanding_message_count", None), property):
+        return "_RedisConsumer.outstanding_message_count is not a property"
+    try:
+        source = inspect.getsource(init)
+    except (OSError, TypeError):
+        source = "self.message_cache self.queued_message_ids"  # no source shipped: trust the rest
+    if "self.message_cache" not in source or "self.queued_message_ids" not in source:
+        return "_RedisConsumer no longer keeps message_cache / queued_message_ids"
+    scripts = getattr(_dramatiq_redis, "_scripts", None)
+    dispatch = scripts.get("dispatch") if isinstance(scripts, dict) else None
+    if isinstance(dispatch, str):
+        dispatch = dispatch.encode()
+    if not isinstance(dispatch, bytes):
+        return "dramatiq.brokers.redis._scripts['dispatch'] is gone"
+    for line in (
+        b"local command = ARGV[1]",
+        b"local queue_name = ARGV[3]",
+        b"local max_unpack_size = ARGV[8]",
+    ):
+        if line not in dispatch:
+            return f"dispatch.lua no longer has {line.decode()!r}"
+    for name in ("_should_do_maintenance", "_max_unpack_size", "_dispatch"):
+        if not callable(getattr(RedisBroker, name, None)):
+            return f"RedisBroker.{name} is gone"
+    return None
+
+
+#: Why ``BlockingRedisBroker`` cannot run on the installed Dramatiq (``None``: it can).
+INTERNALS_PROBLEM = _internals_problem()
+_RedisConsumer: type[Any] = getattr(_dramatiq_redis, "_RedisConsumer", object)
+
+
+_warned = False
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(
+            "rpc-tasks: Dramatiq %s is not the %s this version was tested with (%s); using "
+            "Dramatiq's plain RedisBroker (correct, but idle workers poll and .call() is slower)",
+            dramatiq.__version__,
+            TESTED_DRAMATIQ,
+            INTERNALS_PROBLEM,
+        )
+
+
+def redis_broker(url: str, **options: Any) -> RedisBroker:
+    """The broker :func:`rpc_tasks.setup_broker` builds for a Redis URL: a
+    :class:`BlockingRedisBroker`, or Dramatiq's plain ``RedisBroker`` (with one warning) when the
+    installed Dramatiq's internals no longer have the shape it was written against."""
+    if INTERNALS_PROBLEM is None:
+        return BlockingRedisBroker(url=url, **options)
+    _warn_fallback()
+    return RedisBroker(url=url, **options)
+
+
+def redis_broker_path() -> str:
+    """Dotted path of that broker class, for django-dramatiq's ``DRAMATIQ_BROKER["BROKER"]``."""
+    if INTERNALS_PROBLEM is None:
+        return f"{BlockingRedisBroker.__module__}.{BlockingRedisBroker.__qualname__}"
+    _warn_fallback()
+    return "dramatiq.brokers.redis.RedisBroker"
+
 
 #: Wake-up tokens kept per queue (more would only cause empty fetches).
 WAKE_LIST_LENGTH = 64
@@ -64,9 +160,9 @@ def _rpc_dispatch_source() -> bytes:
     * an ``ack`` given three extra arguments (reply key, reply, TTL in seconds) also pushes
       that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``).
     """
-    from dramatiq.brokers import redis as dramatiq_redis
-
-    body = dramatiq_redis._scripts["dispatch"]
+    body = _dramatiq_redis._scripts["dispatch"]
+    if isinstance(body, str):
+        body = body.encode()
     return (
         b"local function rpc_tasks_dispatch()\n" + body + b"\nend\n"
         b"local result = rpc_tasks_dispatch()\n"
@@ -89,10 +185,13 @@ def wake_key(namespace: str, queue_name: str) -> str:
 
 
 class BlockingRedisBroker(RedisBroker):
-    """Drop-in replacement for ``dramatiq.brokers.redis.RedisBroker`` (same arguments)."""
+    """Drop-in replacement for ``dramatiq.brokers.redis.RedisBroker`` (same arguments).
+
+    Raises ``RuntimeError`` when built on a Dramatiq whose internals changed (see
+    :data:`INTERNALS_PROBLEM`); :func:`redis_broker` falls back to ``RedisBroker`` instead."""
 
     @property
-    def consumer_class(self) -> type[_RedisConsumer]:
+    def consumer_class(self) -> type[Any]:
         return _BlockingConsumer
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -116,6 +215,10 @@ class BlockingRedisBroker(RedisBroker):
         return self._dispatch_args("enqueue", queue_name, message_id, data)
 
     def __init__(self, **kwargs: Any) -> None:
+        if INTERNALS_PROBLEM is not None:
+            raise RuntimeError(
+                f"BlockingRedisBroker cannot run on Dramatiq {dramatiq.__version__}: {INTERNALS_PROBLEM}"
+            )
         super().__init__(**kwargs)
         self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
@@ -259,7 +362,9 @@ class BlockingRedisBroker(RedisBroker):
         return list(messages or [])
 
 
-class _BlockingConsumer(_RedisConsumer):
+class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
+    message_cache: list[bytes]
+
     def __init__(self, broker: BlockingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         # timeout=0 turns Dramatiq's idle sleep into sleep(0); we block on the wake list instead.
         super().__init__(broker, queue_name, prefetch, 0)
@@ -353,7 +458,7 @@ class _BlockingConsumer(_RedisConsumer):
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Dramatiq retries post-processing on connection errors: keep the deferred reply.
             raise ConnectionClosed(exc) from None
-        except BrokerConnectionError:
+        except (ConnectionClosed, ConnectionFailed):
             raise
         except BaseException:
             self.broker.drop_deferred_reply(redis_message_id)

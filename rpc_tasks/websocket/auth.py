@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from .exceptions import RPCConfigurationError, RPCException
+from ..exceptions import RPCConfigurationError, RPCException
 
 #: Largest token accepted (bytes).
 MAX_TOKEN_LENGTH = 2048
@@ -57,7 +57,7 @@ def make_token(
 ) -> str:
     """Mint a token for ``user_id`` valid ``ttl`` seconds (secret: the config's by default)."""
     if secret is None:
-        from .config import get_config
+        from ..config import get_config
 
         configured = get_config().websocket_secret
         secret = configured.get_secret_value() if configured is not None else None

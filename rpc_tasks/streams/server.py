@@ -36,83 +36,28 @@ the server logs each one as an error and records it on the dead-letter stream (r
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from ..config import WebSocketRPCConfig
+from ..exceptions import RPCException
+from ..redis.connection import release_thread_connections
+from .dispatch import Dispatcher
+from .io import StreamEntry
 
-from . import protocol
-from .actor import _MISSING, _infer_models
-from .config import WebSocketRPCConfig, get_config
-from .exceptions import RPCException
-from .models.errors import RPCError, RPCErrorCode
-from .redis_io import StreamEntry, StreamIO, client_from_config, release_thread_connections
-
-logger = logging.getLogger("rpc_tasks.server")
+logger = logging.getLogger(__name__)
 
 
-class PingParams(BaseModel):
-    """Params of the built-in ``ping`` method."""
-
-    nonce: str | None = Field(default=None, max_length=128)
-
-
-class PingResult(BaseModel):
-    """Result of ``ping``: proves a server consumed the request."""
-
-    pong: bool = True
-    server: str = ""
-    time: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-    nonce: str | None = None
-
-
-class EchoParams(BaseModel):
-    """Params of the built-in ``echo`` method."""
-
-    message: str = ""
-    data: dict[str, Any] = Field(default_factory=dict)
-
-
-class EchoResult(EchoParams):
-    """``echo`` returns its params."""
-
-
-@dataclass(frozen=True)
-class Handler:
-    """A registered method."""
-
-    name: str
-    fn: Callable[[Any], Any]
-    params_model: type[BaseModel]
-    result_model: type[BaseModel] | None
-
-
-def default_consumer_name() -> str:
-    """``<host>-<pid>-<random>``: unique per process."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-class RPCServer:
+class RPCServer(Dispatcher):
     """Serve RPC methods from a Redis Stream with a consumer group (see the module docstring).
 
-    Parameters:
-      config: settings (stream, group, Redis, TTLs); default :func:`get_config`.
-      stream / group: override ``config.request_stream`` / ``config.consumer_group`` (the
-        Django bridge uses ``bridge_stream``).
-      consumer_name: this consumer's name in the group (default: host-pid-random).
+    Parameters (besides :class:`~rpc_tasks.streams.dispatch.Dispatcher`'s):
       concurrency: handler threads (requests processed at once).
       claim_idle: seconds a pending entry must be idle before another consumer reclaims it.
-      max_deliveries: deliveries after which an entry is dead-lettered instead of run again.
-      builtins: register ``ping`` and ``echo``.
+      claim_interval: seconds between maintenance passes (refresh in-flight entries, reclaim).
+      block_ms: longest blocking read.
     """
 
     def __init__(
@@ -138,208 +83,32 @@ class RPCServer:
                 "claim_idle must be at least twice claim_interval (in-flight entries are "
                 "refreshed every claim_interval)"
             )
-        self.config = config or get_config()
-        self._redis_client = redis_client
-        self._io: StreamIO | None = None
-        self.stream = stream or self.config.request_stream
-        self.group = group or self.config.consumer_group
-        self.consumer_name = consumer_name or default_consumer_name()
+        super().__init__(
+            config,
+            redis_client=redis_client,
+            stream=stream,
+            group=group,
+            consumer_name=consumer_name,
+            max_deliveries=max_deliveries,
+            dead_letter_stream=dead_letter_stream,
+            builtins=builtins,
+        )
         self.concurrency = concurrency
         self.claim_idle = claim_idle
         self.claim_interval = claim_interval
-        self.max_deliveries = max_deliveries
-        self.dead_letter_stream = dead_letter_stream or f"{self.stream}:dead"
         self.block_ms = block_ms
-        self.handlers: dict[str, Handler] = {}
-        self.counters: Counter[str] = Counter()
-        self._counter_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
         self._thread: threading.Thread | None = None
         self._in_flight: set[str] = set()
-        self._quiet_until = 0.0
-        if builtins:
-            self.register("ping", self._ping, params_model=PingParams, result_model=PingResult)
-            self.register("echo", _echo, params_model=EchoParams, result_model=EchoResult)
+        self._outages = _OutageLog()
 
-    @property
-    def io(self) -> StreamIO:
-        """Redis access (connection pool created on first use)."""
-        if self._io is None:
-            client = self._redis_client or client_from_config(self.config)
-            # One kept connection per reader/handler thread (plus the reclaim pool's), if the
-            # pool has room for them; otherwise a pool checkout per command.
-            room = getattr(client.connection_pool, "max_connections", 0) or 0
-            self._io = StreamIO(
-                client, reply_ttl=self.config.response_key_ttl, pin=room >= 2 * self.concurrency + 4
-            )
-        return self._io
-
-    # -- registration --------------------------------------------------------------------------
-
-    def register(
-        self,
-        name: str,
-        fn: Callable[[Any], Any],
-        *,
-        params_model: type[BaseModel] | None = None,
-        result_model: Any = _MISSING,
-    ) -> Handler:
-        """Register ``fn(params) -> result`` as method ``name`` (models from annotations)."""
-        if not protocol.METHOD_NAME_RE.fullmatch(name):
-            raise ValueError(f"invalid method name {name!r}: must match ^[a-zA-Z0-9_.]+$")
-        pm, rm = _infer_models(fn, params_model, result_model)
-        handler = Handler(name, fn, pm, rm)
-        self.handlers[name] = handler
-        return handler
-
-    def method(
-        self,
-        name: str | None = None,
-        *,
-        params_model: type[BaseModel] | None = None,
-        result_model: Any = _MISSING,
-    ) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
-        """Decorator form of :meth:`register` (``name`` defaults to the function name)."""
-
-        def decorator(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-            self.register(name or fn.__name__, fn, params_model=params_model, result_model=result_model)
-            return fn
-
-        return decorator
-
-    def _ping(self, params: PingParams) -> PingResult:
-        return PingResult(pong=True, server=self.consumer_name, nonce=params.nonce)
-
-    # -- processing one entry ------------------------------------------------------------------
-
-    def _count(self, name: str) -> None:
-        with self._counter_lock:
-            self.counters[name] += 1
-
-    def _valid_reply_to(self, reply_to: str | None) -> str | None:
-        if reply_to and protocol.is_reply_key(self.config.response_key_prefix, reply_to):
-            return reply_to
-        return None
-
-    def handle_entry(self, entry_id: str, fields: dict[str, bytes], deliveries: int = 1) -> str:
-        """Process one stream entry to the end (reply + ack, or dead-letter). Returns the
-        outcome: ``ok``, ``error``, ``expired``, ``dead``, ``fire_and_forget``."""
-        limit = self.config.max_payload_bytes
-        raw = fields.get(protocol.REQUEST_FIELD)
-        try:
-            request = protocol.decode_request(raw, max_bytes=limit)
-        except protocol.RequestDecodeError as exc:
-            reply_to = self._valid_reply_to(exc.reply_to)
-            payload = None
-            if reply_to is not None:
-                error = RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"invalid request: {exc.reason}")
-                payload = protocol.encode_response(
-                    exc.correlation_id or "unknown", error=error, extended=False
-                )
-            self._dead_letter(entry_id, f"invalid request: {exc.reason}", raw, reply_to, payload)
-            return "dead"
-        reply_to = None if request.is_fire_and_forget else self._valid_reply_to(request.reply_to)
-        if not request.is_fire_and_forget and reply_to is None:
-            self._dead_letter(entry_id, "reply_to is not under the configured response_key_prefix", raw)
-            return "dead"
-        if deliveries > self.max_deliveries:
-            error = RPCError(
-                code=RPCErrorCode.INTERNAL_ERROR,
-                message=f"request was delivered {deliveries} times without finishing; dead-lettered",
-            )
-            payload = self._response(request, error=error) if reply_to else None
-            self._dead_letter(
-                entry_id,
-                f"delivered {deliveries} times (max_deliveries={self.max_deliveries})",
-                raw,
-                reply_to,
-                payload,
-            )
-            return "dead"
-        if request.expired():
-            self._count("expired")
-            logger.info(
-                "Dropping expired request %s (%s, correlation_id=%s)",
-                entry_id,
-                request.method,
-                request.correlation_id,
-            )
-            self.io.finish(self.stream, self.group, entry_id)
-            return "expired"
-
-        handler = self.handlers.get(request.method)
-        if handler is None:
-            error = RPCError(code=RPCErrorCode.METHOD_NOT_FOUND, message=f"unknown method {request.method!r}")
-            return self._reply(entry_id, request, reply_to, error=error)
-        try:
-            params = handler.params_model.model_validate(request.params)
-        except ValidationError as exc:
-            return self._reply(entry_id, request, reply_to, error=protocol.error_from_exception(exc))
-        try:
-            result = handler.fn(params)
-            if handler.result_model is not None and not isinstance(result, handler.result_model):
-                result = handler.result_model.model_validate(result)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # SystemExit from a handler too: an error reply, not a redelivery
-            if not isinstance(exc, (RPCException, ValidationError)):
-                logger.exception("Handler %r failed on %s", request.method, entry_id)
-            return self._reply(entry_id, request, reply_to, error=protocol.error_from_exception(exc))
-        return self._reply(entry_id, request, reply_to, result=result)
-
-    def _response(
-        self, request: protocol.Request, *, result: Any = None, error: RPCError | None = None
-    ) -> bytes:
-        return protocol.encode_response(
-            request.correlation_id,
-            result=result if error is None else None,
-            error=error,
-            extended=request.wants_error_details,
-            max_bytes=self.config.max_payload_bytes,
-        )
-
-    def _reply(
-        self,
-        entry_id: str,
-        request: protocol.Request,
-        reply_to: str | None,
-        *,
-        result: Any = None,
-        error: RPCError | None = None,
-    ) -> str:
-        if request.is_fire_and_forget or reply_to is None:
-            self.io.finish(self.stream, self.group, entry_id)
-            self._count("fire_and_forget")
-            return "fire_and_forget"
-        self.io.finish(
-            self.stream, self.group, entry_id, reply_to, self._response(request, result=result, error=error)
-        )
-        outcome = "ok" if error is None else "error"
-        self._count(outcome)
-        return outcome
-
-    def _dead_letter(
-        self,
-        entry_id: str,
-        reason: str,
-        raw: bytes | None,
-        reply_to: str | None = None,
-        payload: bytes | None = None,
-    ) -> None:
-        self._count("dead")
-        logger.error("Dead-lettering stream entry %s of %s: %s", entry_id, self.stream, reason)
-        fields: dict[Any, Any] = {
-            "entry_id": entry_id,
-            "stream": self.stream,
-            "reason": reason,
-            "consumer": self.consumer_name,
-            "payload": (raw or b"")[: self.config.max_payload_bytes],
-        }
-        self.io.dead_letter(
-            self.stream, self.group, entry_id, self.dead_letter_stream, fields, reply_to, payload
-        )
+    def _pin_connections(self, client: Any) -> bool:
+        # One kept connection per reader/handler thread (plus the reclaim pool's), if the pool
+        # has room for them; otherwise a pool checkout per command.
+        room = getattr(client.connection_pool, "max_connections", 0) or 0
+        return bool(room >= 2 * self.concurrency + 4)
 
     # -- consumer loop -------------------------------------------------------------------------
 
@@ -354,21 +123,6 @@ class RPCServer:
             with self._counter_lock:
                 self._in_flight.discard(entry[0])  # stays pending: reclaimed later
             raise
-
-    def _unavailable(self, exc: Exception, backoff: float) -> None:
-        """Log a Redis outage: every reader thread sees it, so one warning per 5 s for the
-        whole server (the others at DEBUG) instead of one per thread per retry."""
-        now = time.monotonic()
-        with self._counter_lock:
-            loud = now >= self._quiet_until
-            if loud:
-                self._quiet_until = now + 5.0
-        logger.log(
-            logging.WARNING if loud else logging.DEBUG,
-            "Redis unavailable (%s); retrying in %.1fs",
-            exc,
-            backoff,
-        )
 
     def _run_pooled(self, entry: StreamEntry, deliveries: int, slots: threading.Semaphore) -> None:
         # A pool thread may sit idle for long: it keeps no connection of its own.
@@ -419,34 +173,6 @@ class RPCServer:
                     slots.release()
             if start in ("0-0", "0") or not entries:
                 return
-
-    def _dead_letter_trimmed(self, gone: str) -> None:
-        self._count("trimmed")
-        logger.error(
-            "Pending entry %s was trimmed from %s before it was processed (stream_maxlen too small "
-            "for the backlog)",
-            gone,
-            self.stream,
-        )
-        self.io.dead_letter(
-            self.stream,
-            self.group,
-            gone,
-            self.dead_letter_stream,
-            {"entry_id": gone, "stream": self.stream, "reason": "trimmed", "consumer": self.consumer_name},
-        )
-
-    def _check_backlog(self) -> None:
-        pending, lag = self.io.backlog(self.stream, self.group)
-        if pending + max(lag, 0) > self.config.stream_maxlen // 2:
-            logger.warning(
-                "Stream %s backlog is %d pending + %d unread of stream_maxlen=%d: entries may be trimmed "
-                "before they are processed",
-                self.stream,
-                pending,
-                lag,
-                self.config.stream_maxlen,
-            )
 
     def serve_forever(self) -> None:
         """Consume until :meth:`stop` is called (or SIGTERM/SIGINT via the CLI).
@@ -507,7 +233,7 @@ class RPCServer:
                     backoff = 0.1
                     self._stopping.wait(self.claim_interval)
                 except RPCException as exc:
-                    self._unavailable(exc, backoff)
+                    self._outages.report(exc, backoff)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
@@ -553,7 +279,7 @@ class RPCServer:
                         time.sleep(0)
                     backoff = 0.1
                 except RPCException as exc:
-                    self._unavailable(exc, backoff)
+                    self._outages.report(exc, backoff)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     next_claim = 0.0
@@ -582,7 +308,7 @@ class RPCServer:
             try:
                 entries = self.io.read(self.stream, self.group, self.consumer_name, 1, block)
             except RPCException as exc:
-                self._unavailable(exc, backoff)
+                self._outages.report(exc, backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -611,12 +337,30 @@ class RPCServer:
         return self._stopped.wait(timeout)
 
 
-def _echo(params: EchoParams) -> EchoResult:
-    return EchoResult(message=params.message, data=params.data)
-
-
 def _take_slots(slots: threading.Semaphore, most: int) -> int:
     taken = 0
     while taken < most and slots.acquire(blocking=False):
         taken += 1
     return taken
+
+
+class _OutageLog:
+    """Logs a Redis outage: every reader thread sees it, so one warning per 5 s for the whole
+    server (the others at DEBUG) instead of one per thread per retry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._quiet_until = 0.0
+
+    def report(self, exc: Exception, backoff: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            loud = now >= self._quiet_until
+            if loud:
+                self._quiet_until = now + 5.0
+        logger.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "Redis unavailable (%s); retrying in %.1fs",
+            exc,
+            backoff,
+        )

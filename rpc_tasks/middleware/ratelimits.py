@@ -37,13 +37,15 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
-from rpc_tasks import context, metrics, protocol
-from rpc_tasks.config import WebSocketRPCConfig
-from rpc_tasks.exceptions import RPCConfigurationError, RPCException
-from rpc_tasks.models.errors import RateLimitError, RPCErrorCode
-from rpc_tasks.redis_io import RateStore, client_from_config
+from .. import context, metrics, protocol
+from ..config import WebSocketRPCConfig, get_config
+from ..exceptions import RPCConfigurationError, RPCException
+from ..models.errors import RateLimitError, RPCErrorCode
+from ..redis.connection import client_from_config
+from ..redis.ratestore import RATE_EVENTS_CHANNEL, RateStore, cooldown_key, limiter_keys
+from . import order
 
-logger = logging.getLogger("rpc_tasks.ratelimits")
+logger = logging.getLogger(__name__)
 
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour)\s*$", re.I)
 _UNIT_SECONDS = {
@@ -107,6 +109,8 @@ class RPCRateLimits(Middleware):
         (seconds); farther slots are reached by postponing the message.
     """
 
+    rpc_role = order.RATE_LIMITS
+
     def __init__(
         self,
         config: WebSocketRPCConfig | None = None,
@@ -142,16 +146,14 @@ class RPCRateLimits(Middleware):
                 if self._store is None:
                     client = self._redis_client
                     if client is None:
-                        from middleware.replies import RPCReplies
-
-                        replies = next((m for m in broker.middleware if isinstance(m, RPCReplies)), None)
+                        replies: Any = next(
+                            (m for m in broker.middleware if order.role_of(m) == order.REPLIES), None
+                        )
                         if replies is not None and self._config is None:
                             client = replies.channel.client
                         else:
-                            from rpc_tasks.config import get_config
-
                             client = client_from_config(self._config or get_config())
-                    self._store = RateStore(client, events_channel=protocol.RATE_EVENTS_CHANNEL)
+                    self._store = RateStore(client, events_channel=RATE_EVENTS_CHANNEL)
         return self._store
 
     def _rate(self, actor: Any) -> tuple[float, float] | None:
@@ -172,7 +174,7 @@ class RPCRateLimits(Middleware):
         key = rate_limit_key(actor, message)
         store = self.store(broker)
         try:
-            left = store.cooldown_left_fast(protocol.cooldown_key(key))
+            left = store.cooldown_left_fast(cooldown_key(key))
             if left > 0:
                 jitter = random.uniform(0, max(50.0, left * self.spread))
                 self._postpone(broker, message, actor, key, int(left + jitter), "cooldown", slot=False)
@@ -184,7 +186,7 @@ class RPCRateLimits(Middleware):
                 has_slot = message.options.get(protocol.OPTION_RATE_SLOT) == 1
                 inline_until = time.monotonic() + self.max_inline_wait
                 while True:
-                    delay, reserved = store.acquire(protocol.limiter_keys(key), interval_ms, has_slot)
+                    delay, reserved = store.acquire(limiter_keys(key), interval_ms, has_slot)
                     if delay <= 0:
                         break
                     has_slot = has_slot or reserved
@@ -217,7 +219,7 @@ class RPCRateLimits(Middleware):
         seconds = error.retry_after if error.retry_after is not None else self.default_cooldown
         duration_ms = max(1, int(seconds * 1000))
         try:
-            self.store(broker).open_cooldown(protocol.cooldown_key(key), duration_ms, message.message_id)
+            self.store(broker).open_cooldown(cooldown_key(key), duration_ms, message.message_id)
         except RPCException:
             logger.warning("could not open the cooldown for %r", key, exc_info=True)
             return

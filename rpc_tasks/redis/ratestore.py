@@ -1,0 +1,185 @@
+"""Shared rate-limit state in Redis: cooldowns and the fleet-wide proactive limiter.
+
+Used by :class:`~rpc_tasks.middleware.RPCRateLimits`. Both run as Lua scripts on Redis server
+time, so worker clocks do not matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from ..exceptions import RPCConnectionError
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of shared rate-limit state in Redis (cooldowns and proactive limits).
+RATE_KEY_PREFIX = "rpc_tasks:rate:"
+#: Pub/Sub channel on which opened cooldowns are announced (``<cooldown key>|<ms left>``).
+RATE_EVENTS_CHANNEL = f"{RATE_KEY_PREFIX}events"
+
+
+def cooldown_key(rate_key: str) -> str:
+    """Redis key of the shared cooldown for ``rate_key`` (its PTTL is the time left)."""
+    return f"{RATE_KEY_PREFIX}cooldown:{rate_key}"
+
+
+def limiter_keys(rate_key: str) -> tuple[str, str]:
+    """Redis keys of a proactive limit: (admission TAT, reservation TAT)."""
+    return f"{RATE_KEY_PREFIX}tat:{rate_key}", f"{RATE_KEY_PREFIX}reserve:{rate_key}"
+
+
+# Open (or extend, never shorten) a cooldown: the key's PTTL is the time left. Announces the
+# result on ARGV[3] so that workers keep a local view instead of asking Redis per message.
+_OPEN_COOLDOWN = """
+local left = redis.call('PTTL', KEYS[1])
+local want = tonumber(ARGV[1])
+if left < want then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', want)
+  left = want
+end
+redis.call('PUBLISH', ARGV[3], KEYS[1] .. '|' .. left)
+return left
+"""
+
+# Fleet-wide proactive limit: GCRA with no burst (admitted events are at least `interval` ms
+# apart, in Redis server time) plus a reservation line so that waiting messages get distinct
+# future slots instead of all retrying at once. Returns {delay_ms, reserved}: delay 0 means
+# "admitted, run now"; otherwise come back after delay_ms (reserved = 1 if a slot was taken).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local has_slot = tonumber(ARGV[2]) == 1
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local rtat = tonumber(redis.call('GET', KEYS[2]) or '0')
+if now >= tat and (has_slot or now >= rtat) then
+  redis.call('SET', KEYS[1], tostring(now + interval), 'PX', math.ceil(interval) + 60000)
+  return {0, 0}
+end
+if has_slot then
+  return {math.max(1, math.ceil(tat - now)), 1}
+end
+local slot = math.max(rtat, tat, now)
+redis.call('SET', KEYS[2], tostring(slot + interval), 'PX', math.ceil(slot + interval - now) + 60000)
+return {math.max(1, math.ceil(slot - now)), 1}
+"""
+
+
+class RateStore:
+    """Shared cooldowns and proactive rate limits in Redis (server time, so worker clocks
+    do not matter)."""
+
+    def __init__(self, client: redis.Redis, events_channel: str = RATE_EVENTS_CHANNEL) -> None:
+        self.client = client
+        self.events_channel = events_channel
+        self._open = client.register_script(_OPEN_COOLDOWN)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._view: dict[str, float] = {}
+        self._view_ready = threading.Event()
+        self._view_thread: threading.Thread | None = None
+        self._view_pid = 0
+        self._view_lock = threading.Lock()
+
+    def open_cooldown(self, key: str, duration_ms: int, reason: str = "") -> int:
+        """Open or extend the cooldown ``key`` to at least ``duration_ms``; returns ms left.
+        Every process watching (:meth:`cooldown_left_fast`) learns of it over Pub/Sub."""
+        try:
+            return int(
+                self._open(keys=[key], args=[max(1, int(duration_ms)), reason or "1", self.events_channel])
+            )
+        except RedisError as exc:
+            raise RPCConnectionError(f"could not open a cooldown: {exc}") from exc
+
+    # -- local view of open cooldowns --------------------------------------------------------
+
+    def cooldown_left_fast(self, key: str) -> int:
+        """Like :meth:`cooldown_left`, answered from a local view kept current over Pub/Sub
+        (no round trip per message); falls back to ``PTTL`` while the view is not connected."""
+        self._ensure_view()
+        if not self._view_ready.is_set():
+            return self.cooldown_left(key)
+        until = self._view.get(key)
+        if until is None:
+            return 0
+        left = int((until - time.monotonic()) * 1000)
+        if left <= 0:
+            self._view.pop(key, None)
+            return 0
+        return left
+
+    def _ensure_view(self) -> None:
+        if self._view_thread is not None and self._view_pid == os.getpid() and self._view_thread.is_alive():
+            return
+        with self._view_lock:
+            if self._view_thread is None or self._view_pid != os.getpid() or not self._view_thread.is_alive():
+                self._view_ready.clear()
+                self._view_pid = os.getpid()
+                self._view_thread = threading.Thread(target=self._watch, name="rpc-cooldowns", daemon=True)
+                self._view_thread.start()
+
+    def _watch(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub: Any = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.events_channel)
+                prefix = self.events_channel.rsplit(":", 1)[0]
+                fresh: dict[str, float] = {}
+                for raw in self.client.scan_iter(match=f"{prefix}:cooldown:*", count=500):
+                    name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    left = int(self.client.pttl(name))
+                    if left > 0:
+                        fresh[name] = time.monotonic() + left / 1000.0
+                self._view = fresh
+                self._view_ready.set()
+                backoff = 0.1
+                # Wait in slices shorter than the client's socket timeout (if it has one).
+                socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+                wait = min(1.0, float(socket_timeout) / 2) if socket_timeout else 1.0
+                while True:
+                    message = pubsub.get_message(timeout=wait)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    data = (
+                        message["data"].decode()
+                        if isinstance(message["data"], bytes)
+                        else str(message["data"])
+                    )
+                    name, _, left_ms = data.rpartition("|")
+                    until = time.monotonic() + int(left_ms) / 1000.0
+                    if until > self._view.get(name, 0.0):
+                        self._view[name] = until
+            except (RedisError, ValueError, OSError):
+                logger.warning("cooldown watcher lost Redis; asking Redis per message until it is back")
+            finally:
+                self._view_ready.clear()
+                try:
+                    pubsub.close()
+                except Exception:  # pragma: no cover
+                    pass
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def cooldown_left(self, key: str) -> int:
+        """Milliseconds left on cooldown ``key`` (0 when none is open)."""
+        try:
+            left = int(self.client.pttl(key))
+        except RedisError as exc:
+            raise RPCConnectionError(f"could not read a cooldown: {exc}") from exc
+        return left if left > 0 else 0
+
+    def acquire(self, keys: tuple[str, str], interval_ms: float, has_slot: bool) -> tuple[int, bool]:
+        """Ask the proactive limiter for permission: ``(0, False)`` = run now, else
+        ``(delay_ms, reserved)``."""
+        try:
+            delay, reserved = self._acquire(keys=list(keys), args=[repr(float(interval_ms)), int(has_slot)])
+        except RedisError as exc:
+            raise RPCConnectionError(f"could not reach the rate limiter: {exc}") from exc
+        return int(delay), bool(reserved)

@@ -1,0 +1,181 @@
+"""Reply lists in Redis: the one place a reply is pushed and waited for.
+
+``ReplyChannel.push`` writes a reply and its TTL atomically (``MULTI``/``LPUSH``/``EXPIRE``/
+``EXEC``), so a reply key never exists without a TTL. ``ReplyChannel.wait`` pops the reply with
+``BLPOP`` (float timeout, millisecond precision) and deletes the key in the same round trip.
+Every redis-py exception is turned into :class:`~rpc_tasks.exceptions.RPCConnectionError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from ..config import WebSocketRPCConfig
+from ..exceptions import RPCConnectionError
+from ..protocol import reply_key
+from .connection import MIN_BLOCK_SECONDS, SERVER_SLACK_SECONDS, client_from_config, pack, wait_readable
+
+logger = logging.getLogger(__name__)
+
+
+def queue_reply(pipe: Any, key: str, payload: bytes, ttl: int) -> None:
+    """Add a reply (``LPUSH`` + ``EXPIRE``) to a ``MULTI`` pipeline."""
+    pipe.lpush(key, payload)
+    pipe.expire(key, ttl)
+
+
+class ReplyChannel:
+    """Reply lists in Redis: key naming, atomic push with TTL, blocking pop."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "list:response:",
+        ttl: int = 60,
+        max_bytes: int = 1_048_576,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+
+    @classmethod
+    def from_config(cls, config: WebSocketRPCConfig, client: redis.Redis | None = None) -> ReplyChannel:
+        """Build from a config (creating the client unless one is given)."""
+        return cls(
+            client or client_from_config(config),
+            prefix=config.response_key_prefix,
+            ttl=config.response_key_ttl,
+            max_bytes=config.max_payload_bytes,
+        )
+
+    def key_for(self, correlation_id: str) -> str:
+        """Reply key for ``correlation_id``."""
+        return reply_key(self.prefix, correlation_id)
+
+    def push(self, key: str, payload: bytes) -> None:
+        """``LPUSH`` + ``EXPIRE`` in one transaction (never a key without a TTL)."""
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                queue_reply(pipe, key, payload, self.ttl)
+                pipe.execute()
+        except RedisError as exc:
+            raise RPCConnectionError(f"could not push reply to Redis: {exc}") from exc
+
+    def wait(
+        self,
+        key: str,
+        timeout: float,
+        *,
+        first: tuple[Any, ...] | None = None,
+        on_first: Callable[[Any], None] | None = None,
+    ) -> bytes | None:
+        """Block up to ``timeout`` seconds for the reply on ``key``; ``None`` on timeout.
+
+        Redis only checks blocking timeouts every ``1/hz`` seconds (100 ms by default), so the
+        deadline is enforced on the client side with millisecond precision: ``BLPOP`` is sent
+        with a little slack and, if nothing is readable by the deadline, the connection is
+        dropped (which also cancels the pending ``BLPOP`` on the server). ``DEL key`` is
+        pipelined behind the ``BLPOP`` so a duplicate reply (e.g. after a redelivery) does not
+        linger, at no extra round trip.
+
+        ``first`` is one command (e.g. the enqueue of the request) sent ahead of the ``BLPOP``
+        in the same write, so sending the request and waiting for its reply cost one round
+        trip; ``on_first`` gets its reply as soon as it arrives (even if that is a little after
+        the deadline). If that command fails, its ``ResponseError`` is raised and nothing is
+        waited for.
+        """
+        responses = self._blocking_pop(key, timeout, ("DEL", key), first, on_first)
+        if responses is None or not responses[0]:
+            return None
+        value = responses[0][1]
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    def wait_many(self, key: str, timeout: float, most: int) -> list[bytes]:
+        """Block up to ``timeout`` s for at least one reply on ``key``, then take up to ``most``
+        in the same round trip (``BLPOP`` + ``LPOP key count``). Empty list on timeout."""
+        responses = self._blocking_pop(key, timeout, ("LPOP", key, most - 1) if most > 1 else None)
+        if responses is None:
+            return []
+        popped, rest = responses[0], (responses[1] if len(responses) > 1 else None)
+        return ([popped[1]] if popped else []) + list(rest or [])
+
+    def _blocking_pop(
+        self,
+        key: str,
+        timeout: float,
+        follow_up: tuple[Any, ...] | None,
+        first: tuple[Any, ...] | None = None,
+        on_first: Callable[[Any], None] | None = None,
+    ) -> list[Any] | None:
+        """``BLPOP key`` (plus one pipelined follow-up command, and optionally one command
+        ahead of it) with a client-side deadline; the ``BLPOP`` and follow-up responses, or
+        ``None`` when the deadline passed first."""
+        wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
+        deadline = time.monotonic() + wait_for
+        commands: list[tuple[Any, ...]] = [("BLPOP", key, round(wait_for + SERVER_SLACK_SECONDS, 3))]
+        if first is not None:
+            commands.insert(0, first)
+        if follow_up is not None:
+            commands.append(follow_up)
+        pool = self.client.connection_pool
+        try:
+            conn: Any = pool.get_connection()
+        except RedisError as exc:
+            raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
+        failed_first: BaseException | None = None
+        try:
+            conn.send_packed_command(pack(conn, commands))
+            if first is not None:
+                # The outcome of ``first`` (e.g. "enqueued") is read even when the deadline
+                # passes before it (a very short timeout), so that ``on_first`` still runs.
+                if not wait_readable(conn, deadline + SERVER_SLACK_SECONDS):
+                    conn.disconnect()
+                    return None
+                try:
+                    first_reply = conn.read_response()
+                except redis.ResponseError as exc:
+                    conn.disconnect()  # cancels the BLPOP queued behind the failed command
+                    failed_first = exc
+                    raise
+                if on_first is not None:
+                    on_first(first_reply)
+                commands = commands[1:]
+            if not wait_readable(conn, deadline):
+                conn.disconnect()  # cancels the pending BLPOP; the pool reconnects on next use
+                return None
+            return [conn.read_response() for _ in commands]
+        except (RedisError, OSError) as exc:
+            if exc is failed_first:
+                raise
+
+            conn.disconnect()
+            raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
+        except BaseException:
+            # e.g. Dramatiq's TimeLimitExceeded raised into a caller mid-wait: never give the
+            # pool a connection with replies still in flight.
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
+    def discard(self, key: str) -> None:
+        """Delete a reply key (best effort, e.g. after a caller gave up)."""
+        try:
+            self.client.delete(key)
+        except RedisError:  # pragma: no cover - best effort
+            logger.debug("could not delete reply key", exc_info=True)
+
+    def ping(self) -> bool:
+        """True when Redis answers ``PING``."""
+        try:
+            return bool(self.client.ping())
+        except RedisError:
+            return False

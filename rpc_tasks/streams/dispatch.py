@@ -1,0 +1,294 @@
+"""What a Streams server does with one request: the method table and the path of one entry
+(decode, validate, run the handler, reply + ``XACK``, or dead-letter).
+
+:class:`Dispatcher` holds it; :class:`~rpc_tasks.streams.server.RPCServer` adds the consumer
+group loops that feed it entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .. import protocol
+from ..config import WebSocketRPCConfig, get_config
+from ..exceptions import RPCException
+from ..models.errors import RPCError, RPCErrorCode
+from ..redis.connection import client_from_config
+from ..signatures import MISSING, infer_models
+from .builtins import EchoParams, EchoResult, PingParams, PingResult, echo
+from .io import StreamIO
+
+logger = logging.getLogger("rpc_tasks.streams.server")
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A registered method."""
+
+    name: str
+    fn: Callable[[Any], Any]
+    params_model: type[BaseModel]
+    result_model: type[BaseModel] | None
+
+
+def default_consumer_name() -> str:
+    """``<host>-<pid>-<random>``: unique per process."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Dispatcher:
+    """Registered methods and the processing of one stream entry (see the module docstring).
+
+    Parameters:
+      config: settings (stream, group, Redis, TTLs); default :func:`get_config`.
+      redis_client: an existing redis-py client (default: one from ``config``).
+      stream / group: override ``config.request_stream`` / ``config.consumer_group``.
+      consumer_name: this consumer's name in the group (default: host-pid-random).
+      max_deliveries: deliveries after which an entry is dead-lettered instead of run again.
+      dead_letter_stream: where unprocessable entries go (default ``<stream>:dead``).
+      builtins: register ``ping`` and ``echo``.
+    """
+
+    def __init__(
+        self,
+        config: WebSocketRPCConfig | None = None,
+        *,
+        redis_client: Any = None,
+        stream: str | None = None,
+        group: str | None = None,
+        consumer_name: str | None = None,
+        max_deliveries: int = 3,
+        dead_letter_stream: str | None = None,
+        builtins: bool = True,
+    ) -> None:
+        self.config = config or get_config()
+        self._redis_client = redis_client
+        self._io: StreamIO | None = None
+        self.stream = stream or self.config.request_stream
+        self.group = group or self.config.consumer_group
+        self.consumer_name = consumer_name or default_consumer_name()
+        self.max_deliveries = max_deliveries
+        self.dead_letter_stream = dead_letter_stream or f"{self.stream}:dead"
+        self.handlers: dict[str, Handler] = {}
+        self.counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+        if builtins:
+            self.register("ping", self._ping, params_model=PingParams, result_model=PingResult)
+            self.register("echo", echo, params_model=EchoParams, result_model=EchoResult)
+
+    @property
+    def io(self) -> StreamIO:
+        """Redis access (connection pool created on first use)."""
+        if self._io is None:
+            client = self._redis_client or client_from_config(self.config)
+            self._io = StreamIO(
+                client, reply_ttl=self.config.response_key_ttl, pin=self._pin_connections(client)
+            )
+        return self._io
+
+    def _pin_connections(self, client: Any) -> bool:
+        """Whether each thread keeps its own connection (see :class:`StreamIO`)."""
+        return False
+
+    # -- registration --------------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        *,
+        params_model: type[BaseModel] | None = None,
+        result_model: Any = MISSING,
+    ) -> Handler:
+        """Register ``fn(params) -> result`` as method ``name`` (models from annotations)."""
+        if not protocol.METHOD_NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid method name {name!r}: must match ^[a-zA-Z0-9_.]+$")
+        pm, rm = infer_models(fn, params_model, result_model)
+        handler = Handler(name, fn, pm, rm)
+        self.handlers[name] = handler
+        return handler
+
+    def method(
+        self,
+        name: str | None = None,
+        *,
+        params_model: type[BaseModel] | None = None,
+        result_model: Any = MISSING,
+    ) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
+        """Decorator form of :meth:`register` (``name`` defaults to the function name)."""
+
+        def decorator(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            self.register(name or fn.__name__, fn, params_model=params_model, result_model=result_model)
+            return fn
+
+        return decorator
+
+    def _ping(self, params: PingParams) -> PingResult:
+        return PingResult(pong=True, server=self.consumer_name, nonce=params.nonce)
+
+    # -- processing one entry ------------------------------------------------------------------
+
+    def _count(self, name: str) -> None:
+        with self._counter_lock:
+            self.counters[name] += 1
+
+    def _valid_reply_to(self, reply_to: str | None) -> str | None:
+        if reply_to and protocol.is_reply_key(self.config.response_key_prefix, reply_to):
+            return reply_to
+        return None
+
+    def handle_entry(self, entry_id: str, fields: dict[str, bytes], deliveries: int = 1) -> str:
+        """Process one stream entry to the end (reply + ack, or dead-letter). Returns the
+        outcome: ``ok``, ``error``, ``expired``, ``dead``, ``fire_and_forget``."""
+        limit = self.config.max_payload_bytes
+        raw = fields.get(protocol.REQUEST_FIELD)
+        try:
+            request = protocol.decode_request(raw, max_bytes=limit)
+        except protocol.RequestDecodeError as exc:
+            reply_to = self._valid_reply_to(exc.reply_to)
+            payload = None
+            if reply_to is not None:
+                error = RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"invalid request: {exc.reason}")
+                payload = protocol.encode_response(
+                    exc.correlation_id or "unknown", error=error, extended=False
+                )
+            self._dead_letter(entry_id, f"invalid request: {exc.reason}", raw, reply_to, payload)
+            return "dead"
+        reply_to = None if request.is_fire_and_forget else self._valid_reply_to(request.reply_to)
+        if not request.is_fire_and_forget and reply_to is None:
+            self._dead_letter(entry_id, "reply_to is not under the configured response_key_prefix", raw)
+            return "dead"
+        if deliveries > self.max_deliveries:
+            error = RPCError(
+                code=RPCErrorCode.INTERNAL_ERROR,
+                message=f"request was delivered {deliveries} times without finishing; dead-lettered",
+            )
+            payload = self._response(request, error=error) if reply_to else None
+            self._dead_letter(
+                entry_id,
+                f"delivered {deliveries} times (max_deliveries={self.max_deliveries})",
+                raw,
+                reply_to,
+                payload,
+            )
+            return "dead"
+        if request.expired():
+            self._count("expired")
+            logger.info(
+                "Dropping expired request %s (%s, correlation_id=%s)",
+                entry_id,
+                request.method,
+                request.correlation_id,
+            )
+            self.io.finish(self.stream, self.group, entry_id)
+            return "expired"
+
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            error = RPCError(code=RPCErrorCode.METHOD_NOT_FOUND, message=f"unknown method {request.method!r}")
+            return self._reply(entry_id, request, reply_to, error=error)
+        try:
+            params = handler.params_model.model_validate(request.params)
+        except ValidationError as exc:
+            return self._reply(entry_id, request, reply_to, error=protocol.error_from_exception(exc))
+        try:
+            result = handler.fn(params)
+            if handler.result_model is not None and not isinstance(result, handler.result_model):
+                result = handler.result_model.model_validate(result)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit from a handler too: an error reply, not a redelivery
+            if not isinstance(exc, (RPCException, ValidationError)):
+                logger.exception("Handler %r failed on %s", request.method, entry_id)
+            return self._reply(entry_id, request, reply_to, error=protocol.error_from_exception(exc))
+        return self._reply(entry_id, request, reply_to, result=result)
+
+    def _response(
+        self, request: protocol.Request, *, result: Any = None, error: RPCError | None = None
+    ) -> bytes:
+        return protocol.encode_response(
+            request.correlation_id,
+            result=result if error is None else None,
+            error=error,
+            extended=request.wants_error_details,
+            max_bytes=self.config.max_payload_bytes,
+        )
+
+    def _reply(
+        self,
+        entry_id: str,
+        request: protocol.Request,
+        reply_to: str | None,
+        *,
+        result: Any = None,
+        error: RPCError | None = None,
+    ) -> str:
+        if request.is_fire_and_forget or reply_to is None:
+            self.io.finish(self.stream, self.group, entry_id)
+            self._count("fire_and_forget")
+            return "fire_and_forget"
+        self.io.finish(
+            self.stream, self.group, entry_id, reply_to, self._response(request, result=result, error=error)
+        )
+        outcome = "ok" if error is None else "error"
+        self._count(outcome)
+        return outcome
+
+    def _dead_letter(
+        self,
+        entry_id: str,
+        reason: str,
+        raw: bytes | None,
+        reply_to: str | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        self._count("dead")
+        logger.error("Dead-lettering stream entry %s of %s: %s", entry_id, self.stream, reason)
+        fields: dict[Any, Any] = {
+            "entry_id": entry_id,
+            "stream": self.stream,
+            "reason": reason,
+            "consumer": self.consumer_name,
+            "payload": (raw or b"")[: self.config.max_payload_bytes],
+        }
+        self.io.dead_letter(
+            self.stream, self.group, entry_id, self.dead_letter_stream, fields, reply_to, payload
+        )
+
+    def _dead_letter_trimmed(self, gone: str) -> None:
+        self._count("trimmed")
+        logger.error(
+            "Pending entry %s was trimmed from %s before it was processed (stream_maxlen too small "
+            "for the backlog)",
+            gone,
+            self.stream,
+        )
+        self.io.dead_letter(
+            self.stream,
+            self.group,
+            gone,
+            self.dead_letter_stream,
+            {"entry_id": gone, "stream": self.stream, "reason": "trimmed", "consumer": self.consumer_name},
+        )
+
+    def _check_backlog(self) -> None:
+        pending, lag = self.io.backlog(self.stream, self.group)
+        if pending + max(lag, 0) > self.config.stream_maxlen // 2:
+            logger.warning(
+                "Stream %s backlog is %d pending + %d unread of stream_maxlen=%d: entries may be trimmed "
+                "before they are processed",
+                self.stream,
+                pending,
+                lag,
+                self.config.stream_maxlen,
+            )
