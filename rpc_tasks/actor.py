@@ -52,9 +52,10 @@ def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
         if isinstance(mw, RPCReplies):
             return mw
     raise RPCConfigurationError(
-        "The broker has no RPCReplies middleware, so .call() cannot receive replies. "
-        "Call rpc_tasks.setup_broker(broker) (or add 'rpc_tasks.middleware.RPCReplies' to "
-        "DRAMATIQ_BROKER['MIDDLEWARE'] for django-dramatiq)."
+        f"The broker {type(broker).__name__} has no rpc-tasks middleware (RPCReplies), so its "
+        "messages would never be answered. Call rpc_tasks.setup_broker() before declaring "
+        "@rpc_actor functions (or setup_broker(broker) for a broker you built; with "
+        "django-dramatiq, DRAMATIQ_BROKER = rpc_tasks.contrib.django.dramatiq_broker_settings(url))."
     )
 
 
@@ -168,6 +169,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
     def _enqueue(
         self, message: dramatiq.Message[Any], delay: timedelta | int | None
     ) -> dramatiq.Message[Any]:
+        self._replies()  # no rpc-tasks middleware: a clear error instead of a message nobody answers
         if isinstance(delay, timedelta):
             delay = int(delay.total_seconds() * 1000)
         try:

@@ -14,7 +14,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Retries
 
-from .config import WebSocketRPCConfig, get_config
+from .config import WebSocketRPCConfig, get_config, redact_url
 from .exceptions import RPCConfigurationError
 from .middleware import RPCRateLimits, RPCReplies, RPCRetries
 from .middleware.order import check_broker, middleware_paths
@@ -76,7 +76,7 @@ def install_encoder() -> None:
         dramatiq.set_encoder(RPCJSONEncoder())
 
 
-def _broker_from_url(url: str) -> dramatiq.Broker:
+def _broker_from_url(url: str, source: str) -> dramatiq.Broker:
     if url.startswith(("amqp://", "amqps://")):
         try:
             from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -88,7 +88,8 @@ def _broker_from_url(url: str) -> dramatiq.Broker:
 
         return redis_broker(url)
     raise RPCConfigurationError(
-        "broker URL must start with redis://, rediss://, unix://, amqp:// or amqps://"
+        f"{source}={redact_url(url)!r} is not a broker URL: it must start with redis://, rediss://, "
+        "unix://, amqp:// or amqps:// (e.g. redis://localhost:6379/0)"
     )
 
 
@@ -108,8 +109,13 @@ def setup_broker(
     """
     config = config or get_config()
     if broker is None:
-        url = broker_url or os.environ.get("DRAMATIQ_BROKER_URL") or config.redis_url
-        broker = _broker_from_url(url)
+        if broker_url:
+            url, source = broker_url, "broker_url"
+        elif os.environ.get("DRAMATIQ_BROKER_URL"):
+            url, source = os.environ["DRAMATIQ_BROKER_URL"], "DRAMATIQ_BROKER_URL"
+        else:
+            url, source = config.redis_url, "redis_url"
+        broker = _broker_from_url(url, source)
     install_middleware(broker, config)
     install_encoder()
     if set_global:

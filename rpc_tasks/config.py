@@ -104,7 +104,9 @@ class WebSocketRPCConfig(BaseModel):
     # WebSocket server settings
     websocket_url: str = "ws://localhost:8765"
     websocket_secret: SecretStr | None = Field(
-        default=None, description="HMAC secret for connection tokens (needed by the WebSocket server)"
+        default=None,
+        min_length=1,
+        description="HMAC secret for connection tokens (needed by the WebSocket server); never empty",
     )
     broadcast_channel: str = Field(
         default="notifications:broadcast", min_length=1, description="Pub/Sub channel the servers listen on"
@@ -131,11 +133,9 @@ class WebSocketRPCConfig(BaseModel):
     def _check_redis_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in _REDIS_SCHEMES:
-            raise ValueError(
-                f"redis_url must start with redis://, rediss:// or unix:// (got {redact_url(value)!r})"
-            )
+            raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)")
         if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError(f"redis_url has no host: {redact_url(value)!r}")
+            raise ValueError("has no host (e.g. redis://localhost:6379/0)")
         return value
 
     @field_validator("websocket_url")
@@ -162,26 +162,38 @@ class WebSocketRPCConfig(BaseModel):
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> WebSocketRPCConfig:
-        """Build from a dict (e.g. Django's ``WEBSOCKET_RPC``); raises ``RPCConfigurationError``."""
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, source: str = "WEBSOCKET_RPC", names: Mapping[str, str] | None = None
+    ) -> WebSocketRPCConfig:
+        """Build from a dict (e.g. Django's ``WEBSOCKET_RPC``); raises ``RPCConfigurationError``
+        naming each bad setting (as ``names`` maps field -> where it came from, else
+        ``source["field"]``) with its value (secrets masked) and what is wrong."""
         lowered = {str(k).lower(): v for k, v in data.items()}
         try:
             return cls.model_validate(lowered)
         except ValidationError as exc:
-            raise RPCConfigurationError(f"invalid WebSocketRPCConfig: {exc}") from exc
+            problems = []
+            for error in exc.errors():
+                field = str(error["loc"][0]) if error["loc"] else ""
+                where = (names or {}).get(field) or (f"{source}[{field!r}]" if field else source)
+                shown = _shown(field, lowered.get(field))
+                message = str(error["msg"]).removeprefix("Value error, ")
+                problems.append(f"{where}{'=' + shown if shown else ''}: {message}")
+            raise RPCConfigurationError("invalid settings: " + "; ".join(problems)) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebSocketRPCConfig:
         """Build from ``WEBSOCKET_RPC_<FIELD>`` environment variables (``REDIS_URL`` as fallback)."""
         env = os.environ if environ is None else environ
         data: dict[str, Any] = {}
+        names: dict[str, str] = {}
         for name in cls.model_fields:
             key = ENV_PREFIX + name.upper()
             if key in env:
-                data[name] = env[key]
+                data[name], names[name] = env[key], key
         if "redis_url" not in data and env.get("REDIS_URL"):
-            data["redis_url"] = env["REDIS_URL"]
-        return cls.from_mapping(data)
+            data["redis_url"], names["redis_url"] = env["REDIS_URL"], "REDIS_URL"
+        return cls.from_mapping(data, source="environment", names=names)
 
     # -- export -------------------------------------------------------------------------------
 
@@ -207,6 +219,17 @@ class WebSocketRPCConfig(BaseModel):
     def log_level_int(self) -> int:
         """``log_level`` as a ``logging`` level number."""
         return int(logging.getLevelName(self.log_level))
+
+
+def _shown(field: str, value: Any) -> str:
+    """A setting's value for an error message: URLs without their password, secrets masked."""
+    if value is None:
+        return ""
+    if field == "websocket_secret":
+        return "'***'"
+    if field == "redis_url" and isinstance(value, str):
+        return repr(redact_url(value))
+    return repr(value)
 
 
 def _django_settings() -> Mapping[str, Any] | None:

@@ -64,7 +64,7 @@ class Command(BaseCommand):
         )
 
         def stop(signum: int, _frame: Any) -> None:
-            server._stopping.set()
+            server.stop(timeout=0)
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
