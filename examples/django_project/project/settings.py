@@ -23,8 +23,8 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "rpc_tasks.contrib.django",  # before django_dramatiq: reports a broken DRAMATIQ_BROKER first
     "django_dramatiq",
-    "rpc_tasks.contrib.django",
     "notifications",
 ]
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]

@@ -15,6 +15,53 @@ from .settings import DRAMATIQ_ENCODER
 
 ID = "rpc_tasks.{}"
 
+#: Where Dramatiq 2.x keeps the Prometheus middleware that django-dramatiq's default still names
+#: under its 1.x path.
+PROMETHEUS_PATHS = ("dramatiq.middleware.Prometheus", "dramatiq.middleware.prometheus.Prometheus")
+
+
+def broken_middleware(paths: Any) -> list[tuple[str, str]]:
+    """``(path, why)`` for each dotted middleware path that does not import (instances and
+    classes given directly are fine)."""
+    from django.utils.module_loading import import_string
+
+    broken = []
+    for path in paths or []:
+        if not isinstance(path, str):
+            continue
+        try:
+            import_string(path)
+        except ImportError as exc:
+            broken.append((path, str(exc)))
+    return broken
+
+
+def _e005(path: str, reason: str) -> tuple[str, str]:
+    hint = f"Fix or remove {path!r} in DRAMATIQ_BROKER['MIDDLEWARE']"
+    if path == PROMETHEUS_PATHS[0]:
+        hint = f"Dramatiq 2.x moved it: use {PROMETHEUS_PATHS[1]!r}, or remove it"
+    return f"DRAMATIQ_BROKER['MIDDLEWARE'] names {path!r}, which does not import: {reason}", hint
+
+
+def startup_problem() -> str | None:
+    """What would make django-dramatiq fail while apps load (it builds the broker then, before
+    any system check can run): a middleware path in ``DRAMATIQ_BROKER`` (or in its default, when
+    the setting is missing) that does not import. Checked by rpc-tasks' app when it is listed
+    before ``django_dramatiq`` in ``INSTALLED_APPS``, so the error names the fix."""
+    if "django_dramatiq" not in getattr(settings, "INSTALLED_APPS", ()):
+        return None  # E003 reports that
+    broker_settings = getattr(settings, "DRAMATIQ_BROKER", None)
+    if not broker_settings:
+        return (
+            f"{ID.format('E004')}: DRAMATIQ_BROKER is not set, and django-dramatiq's default names "
+            f"{PROMETHEUS_PATHS[0]!r}, which Dramatiq 2.x no longer has. Set DRAMATIQ_BROKER = "
+            "rpc_tasks.contrib.django.dramatiq_broker_settings(url)."
+        )
+    broken = broken_middleware(broker_settings.get("MIDDLEWARE"))
+    if not broken:
+        return None
+    return "; ".join(f"{ID.format('E005')}: {' - '.join(_e005(path, why))}" for path, why in broken)
+
 
 @register(Tags.compatibility)
 def check_rpc_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
@@ -49,7 +96,8 @@ def check_dramatiq_broker(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         return [
             Error(
                 "django_dramatiq is not in INSTALLED_APPS",
-                hint="Add 'django_dramatiq' before 'rpc_tasks.contrib.django'",
+                hint="Add 'django_dramatiq' to INSTALLED_APPS, after 'rpc_tasks.contrib.django' (so "
+                "rpc-tasks reports a broken DRAMATIQ_BROKER before django-dramatiq loads it)",
                 id=ID.format("E003"),
             )
         ]
@@ -64,14 +112,8 @@ def check_dramatiq_broker(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             )
         )
         return problems
-    if any(str(m).endswith(".Prometheus") for m in broker_settings["MIDDLEWARE"]):
-        problems.append(
-            Error(
-                "dramatiq.middleware.Prometheus does not exist in Dramatiq 2.x",
-                hint="Remove it from DRAMATIQ_BROKER['MIDDLEWARE']",
-                id=ID.format("E005"),
-            )
-        )
+    for path, reason in broken_middleware(broker_settings["MIDDLEWARE"]):
+        problems.append(Error(*_e005(path, reason), id=ID.format("E005")))
     import dramatiq
 
     from ...middleware.order import check_broker
