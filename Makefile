@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench clean
+.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench docs docs-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,3 +62,11 @@ bench: $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-dramatiq-* .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## Build the docs site (MkDocs + Material, API reference from the docstrings) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+## Serve the docs with live reload on http://127.0.0.1:8000/.
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
