@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench docs docs-serve clean
+.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench docs docs-serve try-newcomer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,3 +70,7 @@ docs: $(STAMP)
 ## Serve the docs with live reload on http://127.0.0.1:8000/.
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+## The newcomer path, checked: a fresh clone, the README's two commands, its first example.
+try-newcomer:
+	bash .ci/try-newcomer
