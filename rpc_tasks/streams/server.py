@@ -103,6 +103,12 @@ class RPCServer(Dispatcher):
         self._thread: threading.Thread | None = None
         self._in_flight: set[str] = set()
         self._outages = _OutageLog()
+        #: A maintenance pass slower than this means Redis held it up (an outage).
+        self._slow_pass = max(0.1, claim_interval / 2)
+        #: Longest wait between retries after a failure: in-flight entries are refreshed again
+        #: soon after Redis is back, well before another consumer may reclaim them.
+        self._max_backoff = min(5.0, max(0.1, claim_interval / 2))
+        self._distrust_until = 0.0
 
     def _pin_connections(self, client: Any) -> bool:
         # One kept connection per reader/handler thread (plus the reclaim pool's), if the pool
@@ -135,10 +141,16 @@ class RPCServer(Dispatcher):
         entry_id, fields = entry
         try:
             self.handle_entry(entry_id, fields, deliveries)
-        except RPCException:
-            # Redis is unreachable: the entry stays pending and is reclaimed later.
+        except RPCException as exc:
+            # Redis did not take the ack (or the connection broke before its answer): the
+            # entry stays pending and is reclaimed later, unless the ack got through.
             self._count("redis_errors")
-            logger.warning("Could not finish entry %s; it stays pending for reclaim", entry_id, exc_info=True)
+            logger.warning(
+                "Could not finish entry %s (%s); unless Redis took the ack before the connection broke, "
+                "it stays pending and is reclaimed later",
+                entry_id,
+                exc,
+            )
         except BaseException:  # a bug, or e.g. SystemExit from a handler: keep this thread alive
             self._count("internal_errors")
             logger.exception("Unexpected failure on entry %s; it stays pending for reclaim", entry_id)
@@ -155,18 +167,34 @@ class RPCServer(Dispatcher):
                 return
             submitted = 0
             try:
+                sent = time.monotonic()
                 start, entries, deleted = self.io.autoclaim(
                     self.stream, self.group, self.consumer_name, int(self.claim_idle * 1000), start, free
                 )
+                if time.monotonic() - sent > self._slow_pass:
+                    # Sent before Redis stalled, run after: the idle times it went by include
+                    # the stall, when nobody could touch their entries. Leave what it took
+                    # pending (its idle time starts again); it is reclaimed later if its
+                    # owner really is gone, and acked by its owner otherwise.
+                    self._outage_seen()
+                    logger.info(
+                        "Claimed %d entries in a reclaim that Redis held up; not running them",
+                        len(entries),
+                    )
+                    return
                 for gone in deleted:
                     self._dead_letter_trimmed(gone)
                 with self._counter_lock:
                     mine = set(self._in_flight)
                 fresh = [e for e in entries if e[0] not in mine]
-                counts = self.io.deliveries(self.stream, self.group, [e[0] for e in fresh])
+                counts = self.io.deliveries(
+                    self.stream, self.group, self.consumer_name, [e[0] for e in fresh]
+                )
                 for entry in fresh:
+                    if entry[0] not in counts:
+                        continue  # acked or taken over by another consumer since the claim
                     self._count("reclaimed")
-                    self._submit(pool, entry, counts.get(entry[0], self.max_deliveries + 1), slots)
+                    self._submit(pool, entry, counts[entry[0]], slots)
                     submitted += 1  # its handler gives the slot back
             finally:
                 for _ in range(free - submitted):  # a Redis error must not cost handler slots
@@ -198,14 +226,35 @@ class RPCServer(Dispatcher):
             self._serve_with_one_reader(slots)
 
     def _maintain(self, pool: ThreadPoolExecutor, slots: threading.Semaphore) -> None:
-        """Every ``claim_interval``: (re)create the group, refresh in-flight entries, reclaim
-        dead consumers' entries, watch the backlog."""
-        self.io.ensure_group(self.stream, self.group)
-        with self._counter_lock:
-            busy = sorted(self._in_flight)
-        self.io.touch(self.stream, self.group, self.consumer_name, busy)
-        self._reclaim(pool, slots)
+        """Every ``claim_interval``: refresh in-flight entries first (``XCLAIM`` works even
+        when Redis is over ``maxmemory``), (re)create the group, then reclaim dead consumers'
+        entries (unless Redis was unavailable lately, see :meth:`_reclaim_trusted`) and watch
+        the backlog."""
+        started = time.monotonic()
+        try:
+            with self._counter_lock:
+                busy = sorted(self._in_flight)
+            self.io.touch(self.stream, self.group, self.consumer_name, busy)
+            self.io.ensure_group(self.stream, self.group)
+        except RPCException:
+            self._outage_seen()
+            raise
+        if time.monotonic() - started > self._slow_pass:
+            self._outage_seen()  # Redis held this pass up
+        if self._reclaim_trusted():
+            self._reclaim(pool, slots)
         self._check_backlog()
+
+    def _outage_seen(self) -> None:
+        self._distrust_until = time.monotonic() + self.claim_idle
+
+    def _reclaim_trusted(self) -> bool:
+        """Whether the idle times Redis reports can be trusted: not within ``claim_idle`` of a
+        time this server found Redis unavailable (a failed or held-up pass). During an outage
+        no consumer can refresh its in-flight entries, so they all look idle; by
+        ``claim_idle`` after it every live consumer has refreshed them again (they retry at
+        least every ``claim_interval / 2``), so only a dead consumer's entries stay idle."""
+        return time.monotonic() >= self._distrust_until
 
     def _serve_with_readers(self, slots: threading.Semaphore) -> None:
         """``concurrency`` reader threads each block on ``XREADGROUP ... COUNT 1`` and run the
@@ -235,7 +284,7 @@ class RPCServer(Dispatcher):
                 except RPCException as exc:
                     self._outages.report(exc, backoff)
                     self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, self._max_backoff)
         finally:
             self._stopping.set()
             for reader in readers:
@@ -260,7 +309,7 @@ class RPCServer(Dispatcher):
                     free = 1 + _take_slots(slots, self.concurrency - 1)
                     block = max(1, min(self.block_ms, int(self.claim_interval * 1000)))
                     try:
-                        entries = self.io.read(self.stream, self.group, self.consumer_name, free, block)
+                        entries = self._timed_read(free, block)
                     except BaseException:
                         for _ in range(free):  # a failed read must not cost handler slots
                             slots.release()
@@ -281,12 +330,12 @@ class RPCServer(Dispatcher):
                 except RPCException as exc:
                     self._outages.report(exc, backoff)
                     self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, self._max_backoff)
                     next_claim = 0.0
                 except Exception:  # a bug: log it and keep serving (as the readers mode does)
                     logger.exception("Unexpected failure reading %s", self.stream)
                     self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, self._max_backoff)
                     next_claim = 0.0
         finally:
             pool.shutdown(wait=True)  # finish (and ack) what is in flight
@@ -306,16 +355,16 @@ class RPCServer(Dispatcher):
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                entries = self.io.read(self.stream, self.group, self.consumer_name, 1, block)
+                entries = self._timed_read(1, block)
             except RPCException as exc:
                 self._outages.report(exc, backoff)
                 self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, self._max_backoff)
                 continue
             except Exception:  # pragma: no cover - a bug; keep this reader alive
                 logger.exception("Unexpected failure reading %s", self.stream)
                 self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, self._max_backoff)
                 continue
             backoff = 0.1
             for entry in entries:
@@ -323,6 +372,19 @@ class RPCServer(Dispatcher):
                     self._in_flight.add(entry[0])
                 slots.acquire()
                 self._run_one(entry, 1, slots)  # releases the slot
+
+    def _timed_read(self, count: int, block_ms: int) -> list[StreamEntry]:
+        """:meth:`StreamIO.read`; a read that failed, or that Redis held well past its block
+        time, counts as an outage (see :meth:`_reclaim_trusted`)."""
+        started = time.monotonic()
+        try:
+            entries = self.io.read(self.stream, self.group, self.consumer_name, count, block_ms)
+        except RPCException:
+            self._outage_seen()
+            raise
+        if time.monotonic() - started > block_ms / 1000 + self._slow_pass:
+            self._outage_seen()
+        return entries
 
     def start(self) -> threading.Thread:
         """Run :meth:`serve_forever` in a background thread."""
