@@ -57,9 +57,9 @@ class WSProcess:
             env[f"WEBSOCKET_RPC_{key.upper()}"] = (
                 str(value) if not isinstance(value, bool) else str(value).lower()
             )
+        command = [sys.executable, "-m", "rpc_tasks.cli", "--log-level", log_level, "ws"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rpc_tasks.cli", "--log-level", log_level, "ws"]
-            + ["--host", "127.0.0.1", "--port", str(self.port)],
+            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env=env,
             start_new_session=True,
