@@ -253,34 +253,15 @@ class Dispatcher:
                     log_reason=f"fire-and-forget request for {request.method!r} failed: {error.wire_code}",
                 )
                 return "dead"
-            self._log_finish(entry_id, self.io.finish(self.stream, self.group, entry_id), None)
+            _log_finish(self.stream, entry_id, self.io.finish(self.stream, self.group, entry_id), None)
             self._count("fire_and_forget")
             return "fire_and_forget"
         payload = self._response(request, result=result, error=error)
         done = self.io.finish(self.stream, self.group, entry_id, reply_to, payload)
-        self._log_finish(entry_id, done, reply_to)
+        _log_finish(self.stream, entry_id, done, reply_to)
         outcome = "ok" if error is None else "error"
         self._count(outcome)
         return outcome
-
-    def _log_finish(self, entry_id: str, done: str, reply_to: str | None) -> None:
-        """Say what :meth:`StreamIO.finish` really did when it is not the plain case."""
-        if done == "wrongtype":
-            self._count("reply_failed")
-            logger.warning(
-                "Entry %s of %s was acked but its reply was not sent: %s holds a value that is not a "
-                "list (WRONGTYPE); the key was left untouched",
-                entry_id,
-                self.stream,
-                reply_to,
-            )
-        elif done == "not_pending":
-            logger.info(
-                "Entry %s of %s had already been acked (by another consumer, or a retried "
-                "command); its reply was not pushed again",
-                entry_id,
-                self.stream,
-            )
 
     def _too_large(self, entry_id: str, raw: bytes, limit: int) -> str:
         """A request over ``max_payload_bytes``: never parsed; an error reply when its
@@ -323,7 +304,7 @@ class Dispatcher:
             self.stream, self.group, entry_id, self.dead_letter_stream, fields, reply_to, payload
         )
         if reply_to is not None and payload is not None:
-            self._log_finish(entry_id, done, reply_to)
+            _log_finish(self.stream, entry_id, done, reply_to)
 
     def _dead_letter_trimmed(self, gone: str) -> None:
         self._count("trimmed")
@@ -352,6 +333,25 @@ class Dispatcher:
                 lag,
                 self.config.stream_maxlen,
             )
+
+
+def _log_finish(stream: str, entry_id: str, done: str, reply_to: str | None) -> None:
+    """Say what :meth:`StreamIO.finish` really did when it is not the plain case."""
+    if done == "wrongtype":
+        logger.warning(
+            "Entry %s of %s was acked but its reply was not sent: %s holds a value that is not a "
+            "list (WRONGTYPE); the key was left untouched",
+            entry_id,
+            stream,
+            reply_to,
+        )
+    elif done == "not_pending":
+        logger.info(
+            "Entry %s of %s had already been acked (by another consumer, or a retried command); "
+            "its reply was not pushed again",
+            entry_id,
+            stream,
+        )
 
 
 _HINTS = {
