@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 RATE_KEY_PREFIX = "rpc_tasks:rate:"
 #: Pub/Sub channel on which opened cooldowns are announced (``<cooldown key>|<ms left>``).
 RATE_EVENTS_CHANNEL = f"{RATE_KEY_PREFIX}events"
+#: Seconds between two passes that drop ended cooldowns from a process's local view.
+PRUNE_INTERVAL = 1.0
 
 
 def cooldown_key(rate_key: str) -> str:
@@ -143,8 +145,12 @@ class RateStore:
                 # Wait in slices shorter than the client's socket timeout (if it has one).
                 socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
                 wait = min(1.0, float(socket_timeout) / 2) if socket_timeout else 1.0
+                next_prune = time.monotonic() + PRUNE_INTERVAL
                 while True:
                     message = pubsub.get_message(timeout=wait)
+                    if time.monotonic() >= next_prune:
+                        self._prune_view()
+                        next_prune = time.monotonic() + PRUNE_INTERVAL
                     if message is None or message.get("type") != "message":
                         continue
                     data = (
@@ -166,6 +172,12 @@ class RateStore:
                     pass
             time.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    def _prune_view(self) -> None:
+        """Drop ended cooldowns from the local view (keys used once, e.g. per tenant, would
+        otherwise stay for good): one pass over the view per ``PRUNE_INTERVAL``."""
+        now = time.monotonic()
+        self._view = {name: until for name, until in list(self._view.items()) if until > now}
 
     def cooldown_left(self, key: str) -> int:
         """Milliseconds left on cooldown ``key`` (0 when none is open)."""

@@ -42,6 +42,7 @@ class WebSocketRPCClient:
 
     def __init__(self, config: WebSocketRPCConfig | None = None, *, redis_client: Any = None) -> None:
         self.config = config or get_config()
+        self._owns_redis = redis_client is None
         self.redis = redis_client or client_from_config(self.config)
         self.replies = ReplyChannel.from_config(self.config, self.redis)
         self.streams = StreamIO(self.redis, reply_ttl=self.config.response_key_ttl)
@@ -157,11 +158,25 @@ class WebSocketRPCClient:
             return False
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the client; when it made its own pool (no ``redis_client`` given), also
+        disconnect every connection of that pool now rather than at garbage collection."""
         try:
             self.redis.close()
-        except Exception:  # pragma: no cover
-            pass
+            if self._owns_redis:
+                self.redis.connection_pool.disconnect()
+        except Exception:  # pragma: no cover - best effort
+            logger.debug("could not close the Redis pool", exc_info=True)
+
+    def _retire(self) -> None:
+        """Replaced by a new client (:func:`get_rpc_client`): close its own pool's idle
+        connections now; one still in use by a call in another thread is left to finish (and
+        closes with the pool)."""
+        if not self._owns_redis:
+            return
+        try:
+            self.redis.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # pragma: no cover - best effort
+            logger.debug("could not close the Redis pool", exc_info=True)
 
     # -- logging -------------------------------------------------------------------------------
 
@@ -194,12 +209,13 @@ _client_lock = threading.Lock()
 
 def get_rpc_client(force_new: bool = False) -> WebSocketRPCClient:
     """The process-wide client, built from Django's ``WEBSOCKET_RPC`` or the environment.
-    Thread-safe; ``force_new=True`` closes and rebuilds it (e.g. after settings changed)."""
+    Thread-safe; ``force_new=True`` rebuilds it (e.g. after settings changed) and closes the
+    old one's idle connections at once."""
     global _client
     with _client_lock:
         if _client is None or force_new:
             old = _client
             _client = WebSocketRPCClient(get_config())
             if old is not None:
-                old.close()
+                old._retire()
         return _client

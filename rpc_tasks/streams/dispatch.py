@@ -7,8 +7,10 @@ group loops that feed it entries.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -29,6 +31,9 @@ from .builtins import EchoParams, EchoResult, PingParams, PingResult, echo
 from .io import StreamIO
 
 logger = logging.getLogger("rpc_tasks.streams.server")
+
+#: Bytes of a request's payload kept in its dead-letter entry (with ``payload_bytes``, its size).
+DEAD_LETTER_EXCERPT = 4096
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,8 @@ class Dispatcher:
         outcome: ``ok``, ``error``, ``expired``, ``dead``, ``fire_and_forget``."""
         limit = self.config.max_payload_bytes
         raw = fields.get(protocol.REQUEST_FIELD)
+        if raw is not None and len(raw) > limit:
+            return self._too_large(entry_id, raw, limit)
         try:
             request = protocol.decode_request(raw, max_bytes=limit)
         except protocol.RequestDecodeError as exc:
@@ -196,11 +203,11 @@ class Dispatcher:
         handler = self.handlers.get(request.method)
         if handler is None:
             error = RPCError(code=RPCErrorCode.METHOD_NOT_FOUND, message=f"unknown method {request.method!r}")
-            return self._reply(entry_id, request, reply_to, error=error)
+            return self._reply(entry_id, request, reply_to, raw, error=error)
         try:
             params = handler.params_model.model_validate(request.params)
         except ValidationError as exc:
-            return self._reply(entry_id, request, reply_to, error=protocol.error_from_exception(exc))
+            return self._reply(entry_id, request, reply_to, raw, error=protocol.error_from_exception(exc))
         try:
             result = handler.fn(params)
             if handler.result_model is not None and not isinstance(result, handler.result_model):
@@ -210,8 +217,8 @@ class Dispatcher:
         except BaseException as exc:  # SystemExit from a handler too: an error reply, not a redelivery
             if not isinstance(exc, (RPCException, ValidationError)):
                 logger.exception("Handler %r failed on %s", request.method, entry_id)
-            return self._reply(entry_id, request, reply_to, error=protocol.error_from_exception(exc))
-        return self._reply(entry_id, request, reply_to, result=result)
+            return self._reply(entry_id, request, reply_to, raw, error=protocol.error_from_exception(exc))
+        return self._reply(entry_id, request, reply_to, raw, result=result)
 
     def _response(
         self, request: protocol.Request, *, result: Any = None, error: RPCError | None = None
@@ -229,20 +236,45 @@ class Dispatcher:
         entry_id: str,
         request: protocol.Request,
         reply_to: str | None,
+        raw: bytes | None,
         *,
         result: Any = None,
         error: RPCError | None = None,
     ) -> str:
         if request.is_fire_and_forget or reply_to is None:
-            self.io.finish(self.stream, self.group, entry_id)
+            if error is not None:
+                # Nobody hears about it otherwise: keep the request and say why.
+                self._dead_letter(
+                    entry_id,
+                    f"fire-and-forget request for {request.method!r} failed: {error.wire_code}: "
+                    f"{error.message}",
+                    raw,
+                    level=logging.WARNING,
+                    log_reason=f"fire-and-forget request for {request.method!r} failed: {error.wire_code}",
+                )
+                return "dead"
+            _log_finish(self.stream, entry_id, self.io.finish(self.stream, self.group, entry_id), None)
             self._count("fire_and_forget")
             return "fire_and_forget"
-        self.io.finish(
-            self.stream, self.group, entry_id, reply_to, self._response(request, result=result, error=error)
-        )
+        payload = self._response(request, result=result, error=error)
+        done = self.io.finish(self.stream, self.group, entry_id, reply_to, payload)
+        _log_finish(self.stream, entry_id, done, reply_to)
         outcome = "ok" if error is None else "error"
         self._count(outcome)
         return outcome
+
+    def _too_large(self, entry_id: str, raw: bytes, limit: int) -> str:
+        """A request over ``max_payload_bytes``: never parsed; an error reply when its
+        ``reply_to`` (found by a bounded scan, not by decoding) is readable and valid."""
+        reason = f"payload_too_large: request of {len(raw)} bytes is over max_payload_bytes={limit}"
+        reply_to, correlation_id, timeout = _envelope_hints(raw)
+        reply_to = self._valid_reply_to(reply_to) if timeout != 0 else None
+        payload = None
+        if reply_to is not None:
+            error = RPCError(code=RPCErrorCode.PAYLOAD_TOO_LARGE, message=reason.split(": ", 1)[1])
+            payload = protocol.encode_response(correlation_id or "unknown", error=error, extended=False)
+        self._dead_letter(entry_id, reason, raw, reply_to, payload)
+        return "dead"
 
     def _dead_letter(
         self,
@@ -251,19 +283,28 @@ class Dispatcher:
         raw: bytes | None,
         reply_to: str | None = None,
         payload: bytes | None = None,
+        *,
+        level: int = logging.ERROR,
+        log_reason: str | None = None,
     ) -> None:
         self._count("dead")
-        logger.error("Dead-lettering stream entry %s of %s: %s", entry_id, self.stream, reason)
-        fields: dict[Any, Any] = {
+        logger.log(
+            level, "Dead-lettering stream entry %s of %s: %s", entry_id, self.stream, log_reason or reason
+        )
+        data = raw or b""
+        fields: dict[str, Any] = {
             "entry_id": entry_id,
             "stream": self.stream,
             "reason": reason,
             "consumer": self.consumer_name,
-            "payload": (raw or b"")[: self.config.max_payload_bytes],
+            "payload": data[:DEAD_LETTER_EXCERPT],
+            "payload_bytes": len(data),
         }
-        self.io.dead_letter(
+        done = self.io.dead_letter(
             self.stream, self.group, entry_id, self.dead_letter_stream, fields, reply_to, payload
         )
+        if reply_to is not None and payload is not None:
+            _log_finish(self.stream, entry_id, done, reply_to)
 
     def _dead_letter_trimmed(self, gone: str) -> None:
         self._count("trimmed")
@@ -292,3 +333,48 @@ class Dispatcher:
                 lag,
                 self.config.stream_maxlen,
             )
+
+
+def _log_finish(stream: str, entry_id: str, done: str, reply_to: str | None) -> None:
+    """Say what :meth:`StreamIO.finish` really did when it is not the plain case."""
+    if done == "wrongtype":
+        logger.warning(
+            "Entry %s of %s was acked but its reply was not sent: %s holds a value that is not a "
+            "list (WRONGTYPE); the key was left untouched",
+            entry_id,
+            stream,
+            reply_to,
+        )
+    elif done == "not_pending":
+        logger.info(
+            "Entry %s of %s had already been acked (by another consumer, or a retried command); "
+            "its reply was not pushed again",
+            entry_id,
+            stream,
+        )
+
+
+_HINTS = {
+    name: re.compile(rb'"%s"\s*:\s*("(?:[^"\\]|\\.){0,512}"|\d{1,12})' % name.encode())
+    for name in ("reply_to", "correlation_id", "timeout")
+}
+
+
+def _envelope_hints(raw: bytes) -> tuple[str | None, str | None, int | None]:
+    """``(reply_to, correlation_id, timeout)`` of a request too large to decode, found by a
+    linear scan for the first occurrence of each key (``None`` when absent or odd)."""
+    found: dict[str, Any] = {}
+    for name, pattern in _HINTS.items():
+        match = pattern.search(raw)
+        if match is None:
+            continue
+        try:
+            found[name] = json.loads(match.group(1))
+        except ValueError:
+            continue
+    reply_to, cid, timeout = found.get("reply_to"), found.get("correlation_id"), found.get("timeout")
+    return (
+        reply_to if isinstance(reply_to, str) else None,
+        cid if isinstance(cid, str) and 0 < len(cid) <= 128 else None,
+        timeout if isinstance(timeout, int) else None,
+    )

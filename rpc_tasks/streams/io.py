@@ -10,7 +10,6 @@ from redis.exceptions import RedisError
 
 from ..exceptions import RPCConnectionError
 from ..redis.connection import blocking_command, pipelined
-from ..redis.replies import queue_reply
 
 StreamEntry = tuple[str, dict[str, bytes]]
 
@@ -122,30 +121,30 @@ class StreamIO:
         try:
             ids: list[Any] = list(entry_ids)
             self.client.xclaim(stream, group, consumer, 0, ids, justid=True)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):  # no group (e.g. Redis lost its data): nothing to touch
+                raise self._fail("XCLAIM", exc) from exc
         except RedisError as exc:
             raise self._fail("XCLAIM", exc) from exc
 
-    def deliveries(self, stream: str, group: str, entry_ids: list[str]) -> dict[str, int]:
-        """How many times each pending entry was delivered (``XPENDING``)."""
+    def deliveries(self, stream: str, group: str, consumer: str, entry_ids: list[str]) -> dict[str, int]:
+        """How many times each entry was delivered, for the entries still pending *for
+        ``consumer``* (``XPENDING stream group id id 1`` per entry, all in one round trip, so
+        other consumers' pending entries never crowd them out). An entry missing from the
+        answer was acked, or taken over by another consumer, since it was claimed."""
         if not entry_ids:
             return {}
+        commands: list[tuple[Any, ...]] = [("XPENDING", stream, group, i, i, 1) for i in entry_ids]
         try:
-            rows = self.client.xpending_range(
-                stream,
-                group,
-                min=min(entry_ids, key=_id_key),
-                max=max(entry_ids, key=_id_key),
-                count=len(entry_ids) * 4 + 10,
-            )
+            replies = pipelined(self.client, commands)
         except RedisError as exc:
             raise self._fail("XPENDING", exc) from exc
-        wanted = set(entry_ids)
         out: dict[str, int] = {}
-        for row in rows:
-            mid = row["message_id"]
-            mid = mid.decode() if isinstance(mid, bytes) else str(mid)
-            if mid in wanted:
-                out[mid] = int(row["times_delivered"])
+        for entry_id, rows in zip(entry_ids, replies, strict=True):
+            for row in rows or []:
+                owner = row[1].decode() if isinstance(row[1], bytes) else str(row[1])
+                if owner == consumer:
+                    out[entry_id] = int(row[3])
         return out
 
     def finish(
@@ -155,20 +154,29 @@ class StreamIO:
         entry_id: str,
         reply_to: str | None = None,
         payload: bytes | None = None,
-    ) -> None:
-        """Reply (if any) and ``XACK`` in one transaction (``MULTI``/``EXEC``), on this
-        thread's own connection (the server's pool threads are long-lived)."""
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
-        if reply_to is not None and payload is not None:
-            commands += [("LPUSH", reply_to, payload), ("EXPIRE", reply_to, self.reply_ttl)]
-        commands += [("XACK", stream, group, entry_id), ("EXEC",)]
+    ) -> str:
+        """``XACK`` the entry and push its reply (if any), atomically (one script), on this
+        thread's own connection when pinned. Returns what happened:
+
+        * ``"acked"``: acked, no reply asked for;
+        * ``"replied"``: acked, reply pushed with its TTL (``LPUSH`` + ``EXPIRE``);
+        * ``"not_pending"``: someone acked it first (nothing pushed: no duplicate reply);
+        * ``"wrongtype"``: acked, but ``reply_to`` holds something other than a list, so no
+          reply was pushed and the key was left as it was (no ``EXPIRE``).
+
+        Raises :class:`RPCConnectionError` when the script did not run (the entry stays
+        pending). Running it twice is harmless (the second run finds it acked)."""
+        if reply_to is None or payload is None:
+            command: tuple[Any, ...] = ("XACK", stream, group, entry_id)
+        else:
+            command = ("EVAL", _FINISH, 2, stream, reply_to, group, entry_id, payload, self.reply_ttl, 0)
         try:
-            replies = pipelined(self.client, commands, pinned=self.pin)
+            reply = pipelined(self.client, [command], pinned=self.pin)[0]
         except RedisError as exc:
             raise self._fail("reply/XACK", exc) from exc
-        failed = [r for r in replies[-1] or [] if isinstance(r, Exception)]
-        if replies[-1] is None or failed:
-            raise self._fail("reply/XACK", failed[0] if failed else RedisError("transaction aborted"))
+        if command[0] == "XACK":
+            return "acked" if int(reply) else "not_pending"
+        return _outcome(reply)
 
     def dead_letter(
         self,
@@ -176,21 +184,35 @@ class StreamIO:
         group: str,
         entry_id: str,
         dead_stream: str,
-        fields: dict[Any, Any],
+        fields: dict[str, Any],
         reply_to: str | None = None,
         payload: bytes | None = None,
-    ) -> None:
+    ) -> str:
         """Copy an entry to ``dead_stream`` with the reason, reply (if possible) and ``XACK``,
-        all in one transaction."""
+        all in one script (atomic). Returns the reply outcome as :meth:`finish` does (the copy
+        is made even when the entry was no longer pending, e.g. trimmed)."""
+        flat: list[Any] = []
+        for key, value in fields.items():
+            flat += [key, value]
+        command = (
+            "EVAL",
+            _FINISH,
+            3,
+            stream,
+            reply_to if reply_to is not None and payload is not None else stream,
+            dead_stream,
+            group,
+            entry_id,
+            payload if reply_to is not None and payload is not None else b"",
+            self.reply_ttl,
+            max(1, self.dead_maxlen),
+            *flat,
+        )
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.xadd(dead_stream, fields, maxlen=self.dead_maxlen, approximate=True)
-                if reply_to is not None and payload is not None:
-                    queue_reply(pipe, reply_to, payload, self.reply_ttl)
-                pipe.xack(stream, group, entry_id)
-                pipe.execute()
+            reply = pipelined(self.client, [command])[0]
         except RedisError as exc:
             raise self._fail("dead-letter", exc) from exc
+        return _outcome(reply)
 
     def backlog(self, stream: str, group: str) -> tuple[int, int]:
         """``(pending, lag)`` of the group (lag = entries not yet delivered; -1 if unknown)."""
@@ -210,6 +232,31 @@ class StreamIO:
         return 0, -1
 
 
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+#: ``XACK`` + (optional) dead-letter copy + (optional) reply, in one script.
+#: KEYS: stream, reply key (the stream itself when there is no reply), [dead stream].
+#: ARGV: group, entry id, reply payload ('' = none), reply TTL, dead MAXLEN (0 = no copy), fields...
+#: The ``XACK`` comes first: a replay (or a second finisher) finds the entry acked and pushes
+#: nothing; and it is the script's first write, so Redis over ``maxmemory`` does not stop the
+#: script half-way. The reply is pushed (with its ``EXPIRE``) only onto a list or a free key.
+_FINISH = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if tonumber(ARGV[5]) > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
+elseif acked == 0 then
+  return 'not_pending'
+end
+if ARGV[3] == '' then
+  return 'acked'
+end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'none' and kind ~= 'list' then
+  return 'wrongtype'
+end
+redis.call('LPUSH', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 'replied'
+"""
+
+
+def _outcome(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)

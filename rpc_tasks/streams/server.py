@@ -12,18 +12,24 @@ Register handlers by method name, then run consumers in a consumer group::
 
 Guarantees:
 
-* validate params, call the handler, reply (``LPUSH`` + ``EXPIRE``) and ``XACK`` in one
-  transaction; fire-and-forget requests (``timeout = 0``) get no reply;
+* validate params, call the handler, ``XACK`` and reply (``LPUSH`` + ``EXPIRE``, only onto a
+  list or a free key) in one script; fire-and-forget requests (``timeout = 0``) get no reply,
+  and one that fails is dead-lettered with the reason (logged at WARNING);
 * unknown method -> ``method_not_found``; invalid params -> ``validation_error`` with field
   details; handler exceptions -> error replies keeping an ``RPCRemoteError``'s code and
   ``retry_after`` (structured details only for clients that announced ``error_details``);
 * a request whose ``timestamp + timeout`` has passed is acked and dropped without running;
 * entries left pending by a dead consumer are reclaimed (``XAUTOCLAIM``) after ``claim_idle``
   seconds; a live consumer keeps resetting the idle time of the entries it is still working on
-  (``XCLAIM ... JUSTID`` every ``claim_interval``), so a slow handler is never run twice;
-* an entry delivered more than ``max_deliveries`` times, or that cannot be parsed, goes
-  to the dead-letter stream (``<stream>:dead``) with the reason, gets an error reply when its
-  ``reply_to`` is readable, and is acked: no crash loop;
+  (``XCLAIM ... JUSTID`` every ``claim_interval``, first thing in each maintenance pass), so a
+  slow handler is never run twice;
+* after a Redis outage (a failed or held-up pass or read) nothing is reclaimed for
+  ``claim_idle``: idle times then include the outage, when nobody could refresh anything, and
+  live consumers refresh theirs within ``claim_interval / 2`` of Redis answering again;
+* an entry delivered more than ``max_deliveries`` times, that cannot be parsed or is over
+  ``max_payload_bytes``, goes to the dead-letter stream (``<stream>:dead``, a 4 KiB excerpt and
+  the size) with the reason, gets an error reply when its ``reply_to`` is readable, and is
+  acked: no crash loop;
 * graceful stop: stop reading, finish in-flight requests, ack them, return.
 
 Trimming rule: the server never trims the request stream (clients ``XADD`` with
@@ -38,8 +44,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import WebSocketRPCConfig
 from ..exceptions import RPCException
@@ -48,6 +55,7 @@ from .dispatch import Dispatcher
 from .io import StreamEntry
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RPCServer(Dispatcher):
@@ -102,7 +110,7 @@ class RPCServer(Dispatcher):
         self._stopped.set()
         self._thread: threading.Thread | None = None
         self._in_flight: set[str] = set()
-        self._outages = _OutageLog()
+        self._outages = _Outages(claim_idle, claim_interval)
 
     def _pin_connections(self, client: Any) -> bool:
         # One kept connection per reader/handler thread (plus the reclaim pool's), if the pool
@@ -135,10 +143,14 @@ class RPCServer(Dispatcher):
         entry_id, fields = entry
         try:
             self.handle_entry(entry_id, fields, deliveries)
-        except RPCException:
-            # Redis is unreachable: the entry stays pending and is reclaimed later.
+        except RPCException as exc:
+            # Redis did not take the ack (or the connection broke before its answer): the
+            # entry stays pending and is reclaimed later, unless the ack got through.
             self._count("redis_errors")
-            logger.warning("Could not finish entry %s; it stays pending for reclaim", entry_id, exc_info=True)
+            msg = (
+                "Could not finish entry %s (%s); it stays pending (unless Redis took the ack before it broke)"
+            )
+            logger.warning(msg, entry_id, exc)
         except BaseException:  # a bug, or e.g. SystemExit from a handler: keep this thread alive
             self._count("internal_errors")
             logger.exception("Unexpected failure on entry %s; it stays pending for reclaim", entry_id)
@@ -155,18 +167,23 @@ class RPCServer(Dispatcher):
                 return
             submitted = 0
             try:
+                sent = time.monotonic()
                 start, entries, deleted = self.io.autoclaim(
                     self.stream, self.group, self.consumer_name, int(self.claim_idle * 1000), start, free
                 )
+                if self._outages.held_up(sent):  # its idle times include the stall: run nothing
+                    logger.info("A reclaim Redis held up claimed %d entries; not running them", len(entries))
+                    return
                 for gone in deleted:
                     self._dead_letter_trimmed(gone)
                 with self._counter_lock:
-                    mine = set(self._in_flight)
-                fresh = [e for e in entries if e[0] not in mine]
-                counts = self.io.deliveries(self.stream, self.group, [e[0] for e in fresh])
-                for entry in fresh:
+                    fresh = [e for e in entries if e[0] not in self._in_flight]
+                counts = self.io.deliveries(
+                    self.stream, self.group, self.consumer_name, [e[0] for e in fresh]
+                )
+                for entry in (e for e in fresh if e[0] in counts):  # others: acked/taken since
                     self._count("reclaimed")
-                    self._submit(pool, entry, counts.get(entry[0], self.max_deliveries + 1), slots)
+                    self._submit(pool, entry, counts[entry[0]], slots)
                     submitted += 1  # its handler gives the slot back
             finally:
                 for _ in range(free - submitted):  # a Redis error must not cost handler slots
@@ -198,13 +215,16 @@ class RPCServer(Dispatcher):
             self._serve_with_one_reader(slots)
 
     def _maintain(self, pool: ThreadPoolExecutor, slots: threading.Semaphore) -> None:
-        """Every ``claim_interval``: (re)create the group, refresh in-flight entries, reclaim
-        dead consumers' entries, watch the backlog."""
-        self.io.ensure_group(self.stream, self.group)
+        """Every ``claim_interval``: refresh in-flight entries first (``XCLAIM`` works even
+        when Redis is over ``maxmemory``), (re)create the group, then reclaim dead consumers'
+        entries (unless Redis was unavailable lately, see :meth:`_Outages.trusted`) and watch
+        the backlog."""
         with self._counter_lock:
             busy = sorted(self._in_flight)
-        self.io.touch(self.stream, self.group, self.consumer_name, busy)
-        self._reclaim(pool, slots)
+        self._outages.timed(self.io.touch, self.stream, self.group, self.consumer_name, busy)
+        self._outages.timed(self.io.ensure_group, self.stream, self.group)
+        if self._outages.trusted():
+            self._reclaim(pool, slots)
         self._check_backlog()
 
     def _serve_with_readers(self, slots: threading.Semaphore) -> None:
@@ -235,7 +255,7 @@ class RPCServer(Dispatcher):
                 except RPCException as exc:
                     self._outages.report(exc, backoff)
                     self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, self._outages.max_backoff)
         finally:
             self._stopping.set()
             for reader in readers:
@@ -260,7 +280,7 @@ class RPCServer(Dispatcher):
                     free = 1 + _take_slots(slots, self.concurrency - 1)
                     block = max(1, min(self.block_ms, int(self.claim_interval * 1000)))
                     try:
-                        entries = self.io.read(self.stream, self.group, self.consumer_name, free, block)
+                        entries = self._outages.timed(self._read, free, block, expected=block / 1000)
                     except BaseException:
                         for _ in range(free):  # a failed read must not cost handler slots
                             slots.release()
@@ -281,12 +301,12 @@ class RPCServer(Dispatcher):
                 except RPCException as exc:
                     self._outages.report(exc, backoff)
                     self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, self._outages.max_backoff)
                     next_claim = 0.0
                 except Exception:  # a bug: log it and keep serving (as the readers mode does)
                     logger.exception("Unexpected failure reading %s", self.stream)
                     self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, self._outages.max_backoff)
                     next_claim = 0.0
         finally:
             pool.shutdown(wait=True)  # finish (and ack) what is in flight
@@ -306,16 +326,16 @@ class RPCServer(Dispatcher):
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                entries = self.io.read(self.stream, self.group, self.consumer_name, 1, block)
+                entries = self._outages.timed(self._read, 1, block, expected=block / 1000)
             except RPCException as exc:
                 self._outages.report(exc, backoff)
                 self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, self._outages.max_backoff)
                 continue
             except Exception:  # pragma: no cover - a bug; keep this reader alive
                 logger.exception("Unexpected failure reading %s", self.stream)
                 self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, self._outages.max_backoff)
                 continue
             backoff = 0.1
             for entry in entries:
@@ -323,6 +343,9 @@ class RPCServer(Dispatcher):
                     self._in_flight.add(entry[0])
                 slots.acquire()
                 self._run_one(entry, 1, slots)  # releases the slot
+
+    def _read(self, count: int, block_ms: int) -> list[StreamEntry]:
+        return self.io.read(self.stream, self.group, self.consumer_name, count, block_ms)
 
     def start(self) -> threading.Thread:
         """Run :meth:`serve_forever` in a background thread."""
@@ -344,15 +367,59 @@ def _take_slots(slots: threading.Semaphore, most: int) -> int:
     return taken
 
 
-class _OutageLog:
-    """Logs a Redis outage: every reader thread sees it, so one warning per 5 s for the whole
-    server (the others at DEBUG) instead of one per thread per retry."""
+class _Outages:
+    """What this server saw of Redis outages: it logs them (every reader thread sees one, so
+    one warning per 5 s for the whole server, the others at DEBUG) and decides whether idle
+    times can be trusted for reclaiming (see :meth:`trusted`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, claim_idle: float, claim_interval: float) -> None:
         self._lock = threading.Lock()
         self._quiet_until = 0.0
+        self._claim_idle = claim_idle
+        #: A call this much slower than expected was held up by Redis (an outage).
+        self._slow = max(0.1, claim_interval / 2)
+        #: Longest wait between retries after a failure: in-flight entries are refreshed again
+        #: soon after Redis is back, well before another consumer may reclaim them.
+        self.max_backoff = min(5.0, self._slow)
+        self._distrust_until = 0.0
+
+    def seen(self) -> None:
+        """Redis failed, or held a command up, just now."""
+        self._distrust_until = time.monotonic() + self._claim_idle
+
+    def held_up(self, started: float, expected: float = 0.0) -> bool:
+        """Whether a command sent at ``started`` (monotonic) that should take ``expected``
+        seconds was held up by Redis (``slow`` seconds more); if so it counts as an outage.
+        An ``XAUTOCLAIM`` sent before Redis stalled and run after went by idle times that
+        include the stall: what it claimed is not run but left pending (its idle time starts
+        again), reclaimed later if its owner is really gone, acked by its owner otherwise."""
+        late = time.monotonic() - started > expected + self._slow
+        if late:
+            self.seen()
+        return late
+
+    def timed(self, call: Callable[..., T], *args: Any, expected: float = 0.0) -> T:
+        """``call(*args)``; a Redis failure, or a call held up ``slow`` seconds past
+        ``expected``, counts as an outage."""
+        started = time.monotonic()
+        try:
+            result = call(*args)
+        except RPCException:
+            self.seen()
+            raise
+        self.held_up(started, expected)
+        return result
+
+    def trusted(self) -> bool:
+        """Whether idle times reported by Redis can be trusted: not within ``claim_idle`` of an
+        outage. During one no consumer can refresh its in-flight entries, so they all look
+        idle; by ``claim_idle`` after it every live consumer has refreshed them again (they
+        retry at least every ``claim_interval / 2``), so only a dead consumer's stay idle."""
+        return time.monotonic() >= self._distrust_until
 
     def report(self, exc: Exception, backoff: float) -> None:
+        """Log a failed Redis call (and count it as an outage)."""
+        self.seen()
         now = time.monotonic()
         with self._lock:
             loud = now >= self._quiet_until

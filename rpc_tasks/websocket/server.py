@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import re
 import signal
 import uuid
 from collections import Counter
@@ -52,6 +54,26 @@ from .methods import ServerMethods
 from .store import AsyncWSStore
 
 logger = logging.getLogger(__name__)
+#: What the ``websockets`` library logs about this server's connections (handshakes at
+#: DEBUG), with connection tokens redacted.
+wire_logger = logging.getLogger(f"{__name__}.wire")
+
+
+class RedactTokens(logging.Filter):
+    """Replaces connection tokens (``token=...`` in a URL, ``Authorization: Bearer ...``)
+    in log records with ``[redacted]``."""
+
+    _PATTERN = re.compile(r"(token=)[^&\s\"']+|(bearer\s+)[^\s\"']+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._PATTERN.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+wire_logger.addFilter(RedactTokens())
 
 
 class WebSocketServer:
@@ -144,18 +166,30 @@ class WebSocketServer:
         return verify_token(token, secret.get_secret_value() if secret else None)
 
     def _process_request(self, connection: Any, request: Any) -> Any:
+        """The HTTP side: ``GET`` (or ``HEAD``, headers only) of the demo page and
+        ``/healthz``, ``404`` elsewhere, ``405`` (with ``Allow``) for other methods; ``GET
+        /ws`` goes on to the WebSocket handshake."""
         path = urlsplit(request.path).path
+        method = getattr(request, "method", "GET")  # websockets < 14 parses GET only
+        allowed = "GET" if path == "/ws" else "GET, HEAD"
+        if method not in allowed.split(", "):
+            response = connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed\n")
+            response.headers["Allow"] = allowed
+            return response
         if path in ("/", "/demo", "/index.html"):
             html = resources.files(__package__ or "rpc_tasks.websocket").joinpath("static/demo.html")
             response = connection.respond(HTTPStatus.OK, html.read_text(encoding="utf-8"))
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = "text/html; charset=utf-8"
-            return response
-        if path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
-        if path != "/ws":
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        return None
+        elif path == "/healthz":
+            response = connection.respond(HTTPStatus.OK, "ok\n")
+        elif path != "/ws":
+            response = connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        else:
+            return None
+        if method == "HEAD":  # same headers (Content-Length included), no body
+            response = dataclasses.replace(response, body=b"")
+        return response
 
     # -- sockets -------------------------------------------------------------------------------
 
@@ -270,6 +304,7 @@ class WebSocketServer:
                 self.host,
                 self.port,
                 process_request=self._process_request,
+                logger=wire_logger,
                 max_size=self.max_frame,
                 ping_interval=20,
                 ping_timeout=20,

@@ -7,9 +7,11 @@ import time
 from typing import Any
 
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import WebSocketRPCConfig
 from ..exceptions import RPCConnectionError
+from ..redis.connection import MIN_BLOCK_SECONDS, SERVER_SLACK_SECONDS
 from ..redis.replies import queue_reply
 
 #: Prefix of the WebSocket server's shared state (presence, rooms, instance channels).
@@ -210,10 +212,34 @@ class AsyncWSStore:
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def wait_reply(self, key: str, timeout: float) -> bytes | None:
-        """``BLPOP`` a reply (then delete the key)."""
+        """Wait up to ``timeout`` seconds for a reply on ``key``: ``BLPOP`` with ``DEL key``
+        pipelined behind it (one round trip, nothing left behind), read with its own deadline
+        whatever the pool's ``socket_timeout``. ``None`` when no reply came in time (the
+        connection is then dropped, which cancels the ``BLPOP`` on the server)."""
+        wait = max(MIN_BLOCK_SECONDS, float(timeout))
+        pool = self.client.connection_pool
         try:
-            popped = await self.client.blpop([key], timeout=max(0.01, round(timeout, 3)))
-            await self.client.delete(key)
+            conn = await pool.get_connection()
         except RedisError as exc:
             raise self._fail("BLPOP", exc) from exc
-        return None if popped is None else popped[1]
+        try:
+            commands = [("BLPOP", key, round(wait + SERVER_SLACK_SECONDS, 3)), ("DEL", key)]
+            await conn.send_packed_command(conn.pack_commands(commands))
+            try:
+                popped = await conn.read_response(timeout=wait)
+            except RedisTimeoutError:
+                await conn.disconnect()
+                return None
+            await conn.read_response()
+        except (RedisError, OSError) as exc:
+            await conn.disconnect()
+            raise self._fail("BLPOP", exc) from exc
+        except BaseException:  # cancelled mid-wait: never pool a connection with replies due
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        if not popped:
+            return None
+        value = popped[1]
+        return value if isinstance(value, bytes) else str(value).encode()

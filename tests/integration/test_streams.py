@@ -611,7 +611,8 @@ def test_failed_reclaim_pass_keeps_every_handler_slot(
     requests at once afterwards."""
     from rpc_tasks import RPCConnectionError as ConnErr
 
-    server = make_server(config, concurrency=4, claim_interval=0.2)
+    # A failed pass holds reclaiming off for claim_idle (an outage): keep it short here.
+    server = make_server(config, concurrency=4, claim_interval=0.2, claim_idle=0.4)
     real_autoclaim = server.io.autoclaim
     failures = {"left": 3}
 
