@@ -146,6 +146,8 @@ def test_send_keeps_retrying_without_a_deadline(redis_url: str) -> None:
     with running_worker(broker):
         eventually.send(P())
         wait_until(lambda: len(calls) == 4, timeout=10)
+        broker.join(eventually.queue_name, timeout=5000)
+    assert len(calls) == 4, "retried until it succeeded, and not after"
 
 
 def test_retries_exhausted_reports_final_error_and_attempts(redis_url: str) -> None:
