@@ -58,9 +58,8 @@ NOT_A_SERVICE = "[not-a-service]"
 
 def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     longrepr = report.longrepr
-    if isinstance(longrepr, tuple) and len(longrepr) == 3:
-        return str(longrepr[2])
-    return str(longrepr)
+    reason = str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
 
 
 def _fail_skip(report: pytest.TestReport | pytest.CollectReport, config: pytest.Config) -> None:
