@@ -1,4 +1,6 @@
-"""RPCRetries / RPCRateLimits against real Redis and real workers (in-process and CLI)."""
+"""RPCRetries / RPCRateLimits against real Redis and real workers (in-process and CLI). The
+behavioural tests run on BlockingRedisBroker and on RabbitmqBroker (cooldowns and replies in
+Redis, messages in RabbitMQ)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from rpc_tasks import (
 )
 from rpc_tasks.redis.ratestore import RateStore, cooldown_key
 
-from .support import redis_broker, running_worker, unique, wait_until
+from .support import dead_letters, make_broker, redis_broker, running_worker, unique, wait_until
 from .test_cli_and_faults import CLIWorker
 
 pytestmark = pytest.mark.redis
@@ -42,9 +44,12 @@ def unavailable(retry_after: float | None) -> RPCRemoteError:
     )
 
 
-def test_retry_waits_at_least_retry_after(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_retry_waits_at_least_retry_after(
+    redis_url: str, broker_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="rpc_tasks.middleware.retries")
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
     failures: list[float] = []
     starts: list[float] = []
 
@@ -94,8 +99,11 @@ def test_backoff_without_retry_after_is_exponential_with_additive_jitter(redis_u
     assert min(retries.compute_delay_ms(Msg(), noop, 0, None) for _ in range(50)) >= 300
 
 
-def test_non_retryable_error_fails_at_once_and_retry_codes_is_configurable(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_non_retryable_error_fails_at_once_and_retry_codes_is_configurable(
+    redis_url: str, broker_kind: str
+) -> None:
+    broker, _ = make_broker(redis_url)
     calls: Counter[str] = Counter()
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=5, min_backoff=10, retry_codes=["timeout"])
@@ -112,8 +120,9 @@ def test_non_retryable_error_fails_at_once_and_retry_codes_is_configurable(redis
     assert calls["picky"] == 1
 
 
-def test_call_deadline_returns_last_error_instead_of_retrying_late(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_call_deadline_returns_last_error_instead_of_retrying_late(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
     calls: list[float] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=10, min_backoff=10)
@@ -133,8 +142,9 @@ def test_call_deadline_returns_last_error_instead_of_retrying_late(redis_url: st
     assert len(calls) == 1
 
 
-def test_send_keeps_retrying_without_a_deadline(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_send_keeps_retrying_without_a_deadline(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
     calls: list[float] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=10, min_backoff=10, max_backoff=20)
@@ -150,8 +160,9 @@ def test_send_keeps_retrying_without_a_deadline(redis_url: str) -> None:
     assert len(calls) == 4, "retried until it succeeded, and not after"
 
 
-def test_retries_exhausted_reports_final_error_and_attempts(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_retries_exhausted_reports_final_error_and_attempts(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=2, min_backoff=10, max_backoff=20)
     def always_down(params: P) -> R:
@@ -164,12 +175,14 @@ def test_retries_exhausted_reports_final_error_and_attempts(redis_url: str) -> N
     assert err.code is RPCErrorCode.SERVICE_UNAVAILABLE
     assert err.retry_after == 0.05
     assert err.details["attempts"] == 3
-    client = redis.Redis.from_url(redis_url)
-    assert client.zcard(f"{broker.namespace}:{always_down.queue_name}.XQ") == 1
+    assert wait_until(lambda: dead_letters(broker, always_down.queue_name) == 1, timeout=5)
 
 
-def test_cooldown_postpones_without_running_and_without_using_retries(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_cooldown_postpones_without_running_and_without_using_retries(
+    redis_url: str, broker_kind: str
+) -> None:
+    broker, _ = make_broker(redis_url)
     runs: list[tuple[float, int, int]] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0, rate_limit_key="shared-api")
@@ -192,9 +205,12 @@ def test_cooldown_postpones_without_running_and_without_using_retries(redis_url:
     assert spread > 0.01, "the restart is spread, not a stampede"
 
 
-def test_postponement_cap_dead_letters_with_reason(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_postponement_cap_dead_letters_with_reason(
+    redis_url: str, broker_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="rpc_tasks.middleware.ratelimits")
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
     runs: list[int] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit_key="capped", max_postpone=0.5)
@@ -205,14 +221,14 @@ def test_postponement_cap_dead_letters_with_reason(redis_url: str, caplog: pytes
     RateStore(redis.Redis.from_url(redis_url)).open_cooldown(cooldown_key("capped"), 5000)
     with running_worker(broker):
         capped.send(P())
-        client = redis.Redis.from_url(redis_url)
-        wait_until(lambda: client.zcard(f"{broker.namespace}:{capped.queue_name}.XQ") == 1, timeout=5)
+        wait_until(lambda: dead_letters(broker, capped.queue_name) == 1, timeout=5)
     assert runs == []
     assert any("max_postpone" in r.getMessage() and "Gave up" in r.getMessage() for r in caplog.records)
 
 
-def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
 
     @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit_key="busy")
     def busy(params: P) -> R:
@@ -228,8 +244,9 @@ def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str) -> No
     assert info.value.retry_after is not None and 4.0 < info.value.retry_after <= 6.5
 
 
-def test_rate_limit_error_opens_a_shared_cooldown(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_rate_limit_error_opens_a_shared_cooldown(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
     events: list[tuple[str, dict[str, Any]]] = []
 
     def listener(event: str, labels: Any) -> None:
