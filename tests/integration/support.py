@@ -4,6 +4,7 @@ private redis-server processes for fault tests."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -142,16 +143,21 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A throw-away ``redis-server`` on a free port (for restart/AUTH tests)."""
+    """A throw-away ``redis-server`` on a free port (for restart/AUTH tests, and whatever reads
+    or changes server-wide state); with ``unix_socket=True`` it listens on a Unix socket
+    instead of TCP (:meth:`unix_url`)."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, unix_socket: bool = False) -> None:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed")
         self.server = server
+        self.dir = tempfile.mkdtemp(prefix="rpc-tasks-test-redis-")
+        self.socket_path = os.path.join(self.dir, "redis.sock") if unix_socket else None
         self.port = free_port()
         self.extra = list(extra)
-        self.dir = tempfile.mkdtemp(prefix="rpc-tasks-test-redis-")
+        if self.socket_path is not None:
+            self.extra = ["--unixsocket", self.socket_path, "--unixsocketperm", "700", *self.extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -175,6 +181,11 @@ class PrivateRedis:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
+                if self.socket_path is not None:
+                    with socket.socket(socket.AF_UNIX) as sock:
+                        sock.settimeout(0.2)
+                        sock.connect(self.socket_path)
+                    return
                 with socket.create_connection(("127.0.0.1", self.port), 0.2):
                     return
             except OSError:
@@ -190,6 +201,10 @@ class PrivateRedis:
     def url(self, db: int = 0, password: str | None = None) -> str:
         auth = f":{password}@" if password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def unix_url(self, db: int = 0) -> str:
+        assert self.socket_path is not None, "started without unix_socket=True"
+        return f"unix://{self.socket_path}?db={db}"
 
     def __enter__(self) -> PrivateRedis:
         self.start()

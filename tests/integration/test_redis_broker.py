@@ -368,3 +368,33 @@ def test_delayed_messages_run_on_time_when_idle(redis_url: str, broker_kind: str
     lateness = ran[0] - (sent + 0.4)
     assert ran[0] >= sent + 0.4
     assert lateness < 0.3, lateness
+
+
+def test_reply_address_outside_the_prefix_is_never_written(redis_url: str) -> None:
+    """Security: a message whose ``rpc_reply_to`` is not under ``response_key_prefix`` (a
+    forged or misconfigured producer pointing at a key the application owns) gets no write
+    there; the worker logs it and counts it."""
+    broker, config = make_broker(redis_url)
+    ran: list[str] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
+    def echo(params: EchoParams) -> EchoResult:
+        ran.append(params.message)
+        return EchoResult(message=params.message, length=0)
+
+    client = redis.Redis.from_url(redis_url)
+    victim = unique("app:session")
+    client.set(victim, "precious")
+    forged = echo.message_with_options(
+        args=(EchoParams(message="forged").model_dump(),),
+        **{protocol.OPTION_REPLY_TO: victim, protocol.OPTION_DEADLINE: time.time() + 30},
+    )
+    broker.enqueue(forged)
+    replies = broker.middleware[0]
+    with running_worker(broker):
+        wait_until(lambda: replies.counters["bad_reply_to"] == 1, timeout=10)
+        # Positive control: a proper call on the same worker is answered.
+        assert echo.call(EchoParams(message="fine"), timeout=10).message == "fine"
+    assert client.get(victim) == b"precious" and client.type(victim) == b"string"
+    assert reply_keys(redis_url, config.response_key_prefix) == []
+    client.close()

@@ -671,3 +671,81 @@ def test_client_and_server_over_resp3(config: WebSocketRPCConfig) -> None:
     finally:
         assert server.stop(10)
         client.close()
+
+
+# -- trimming, backlog and the reply prefix ---------------------------------------------------
+
+
+def test_pending_entries_trimmed_away_are_dead_lettered_as_trimmed(
+    config: WebSocketRPCConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries a dead consumer left pending and that the stream's MAXLEN trimmed away are
+    recorded on the dead-letter stream with reason ``trimmed`` (and logged as errors)."""
+    caplog.set_level(logging.ERROR)
+    r = redis.Redis.from_url(config.redis_url)
+    io = StreamIO(r)
+    io.ensure_group(config.request_stream, config.consumer_group)
+    for i in range(3):
+        io.add_request(
+            config.request_stream,
+            protocol.encode_request("add", Add(a=i, b=0), reply_to="", timeout=0, correlation_id=f"t{i}"),
+            1000,
+        )
+    lost = [
+        entry_id for entry_id, _ in io.read(config.request_stream, config.consumer_group, "dead", 10, 100)
+    ]
+    assert len(lost) == 3
+    r.xtrim(config.request_stream, maxlen=0, approximate=False)  # what MAXLEN ~ does to an old backlog
+    srv = make_server(config, claim_idle=0.2, claim_interval=0.1)
+    srv.start()
+    try:
+        wait_until(lambda: r.xlen(srv.dead_letter_stream) == 3, timeout=10)
+    finally:
+        srv.stop(10)
+    dead = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(srv.dead_letter_stream)]
+    assert sorted(d["entry_id"] for d in dead) == sorted(lost)
+    assert {d["reason"] for d in dead} == {"trimmed"}
+    assert io.backlog(config.request_stream, config.consumer_group)[0] == 0, "acked: not reported again"
+    assert sum("was trimmed" in rec.getMessage() for rec in caplog.records) == 3
+    assert srv.calls == []  # type: ignore[attr-defined]
+
+
+def test_backlog_over_half_of_stream_maxlen_is_warned(
+    config: WebSocketRPCConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    small = config.model_copy(update={"stream_maxlen": 20})
+    client = WebSocketRPCClient(small)
+    for i in range(12):  # 12 > 20 / 2, all in flight at once (slow handlers)
+        client.fire_and_forget("slow", Add(a=600, b=i))
+    srv = make_server(small, concurrency=16, claim_idle=0.2, claim_interval=0.1)
+    srv.start()
+    try:
+        wait_until(lambda: srv.gauge["peak"] == 12, timeout=10)  # type: ignore[attr-defined]
+        wait_until(lambda: any("backlog" in rec.getMessage() for rec in caplog.records), timeout=10)
+    finally:
+        srv.stop(10)
+        client.close()
+    warning = next(rec for rec in caplog.records if "backlog" in rec.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "stream_maxlen=20" in warning.getMessage() and small.request_stream in warning.getMessage()
+
+
+def test_reply_to_outside_the_prefix_is_never_written(
+    server: RPCServer, config: WebSocketRPCConfig, client: WebSocketRPCClient
+) -> None:
+    """Security: a request whose ``reply_to`` is not under ``response_key_prefix`` (here a key
+    some other part of the application owns) is dead-lettered unrun, and nothing is written
+    there."""
+    r = redis.Redis.from_url(config.redis_url)
+    victim = unique("app:session")
+    r.set(victim, "precious")
+    raw = protocol.encode_request("add", Add(a=1, b=1), reply_to=victim, timeout=5, correlation_id="evil-1")
+    StreamIO(r).add_request(config.request_stream, raw, 1000)
+    wait_until(lambda: r.xlen(server.dead_letter_stream) == 1, timeout=10)
+    fields = {k.decode(): v for k, v in r.xrange(server.dead_letter_stream)[0][1].items()}
+    assert "response_key_prefix" in fields["reason"].decode()
+    assert r.get(victim) == b"precious" and r.type(victim) == b"string"
+    assert server.calls == []  # type: ignore[attr-defined]
+    # Positive control: the same request with a proper reply address is answered.
+    assert client.call("add", Add(a=1, b=1), Sum, timeout=5).total == 2
