@@ -749,3 +749,95 @@ def test_reply_to_outside_the_prefix_is_never_written(
     assert server.calls == []  # type: ignore[attr-defined]
     # Positive control: the same request with a proper reply address is answered.
     assert client.call("add", Add(a=1, b=1), Sum, timeout=5).total == 2
+
+
+# -- the rpc-tasks command line ---------------------------------------------------------------
+
+
+def _cli_env(config: WebSocketRPCConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    env.update(
+        WEBSOCKET_RPC_REDIS_URL=config.redis_url,
+        WEBSOCKET_RPC_REQUEST_STREAM=config.request_stream,
+        WEBSOCKET_RPC_CONSUMER_GROUP=config.consumer_group,
+        WEBSOCKET_RPC_RESPONSE_KEY_PREFIX=config.response_key_prefix,
+    )
+    return env
+
+
+@pytest.mark.parametrize("config", ["readers"], indirect=True)  # the mode is the app's own
+def test_cli_health_exit_codes(config: WebSocketRPCConfig) -> None:
+    """``rpc-tasks health`` exits 0 when a server answers ``ping``, 1 otherwise (no server,
+    or no Redis)."""
+
+    def health(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rpc_tasks.cli", "health", "--timeout", "1"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    env = _cli_env(config)
+    nobody = health(env)
+    assert nobody.returncode == 1 and "no server answered ping" in nobody.stdout, nobody
+    srv = make_server(config)
+    srv.start()
+    try:
+        answered = health(env)
+    finally:
+        srv.stop(10)
+    assert answered.returncode == 0 and "a server answered ping" in answered.stdout, answered
+    no_redis = health({**env, "WEBSOCKET_RPC_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert no_redis.returncode == 1, no_redis
+
+
+@pytest.mark.parametrize("config", ["readers"], indirect=True)  # the mode is the app's own
+def test_cli_serve_stops_gracefully_on_sigterm(config: WebSocketRPCConfig, redis_url: str) -> None:
+    """SIGTERM to ``rpc-tasks serve``: the request in flight finishes, is answered and acked,
+    and the process exits 0."""
+    from tests.integration import stream_app
+
+    env = {
+        **os.environ,
+        "RPC_TEST_REDIS_URL": redis_url,
+        "STREAM_APP_STREAM": config.request_stream,
+        "STREAM_APP_PREFIX": config.response_key_prefix,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rpc_tasks.cli", "serve", "--app", "tests.integration.stream_app:server"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    app_config = stream_app.config.model_copy(
+        update={"request_stream": config.request_stream, "response_key_prefix": config.response_key_prefix}
+    )
+    client = WebSocketRPCClient(app_config)
+    r = redis.Redis.from_url(redis_url)
+    job = unique("job")
+    results: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            client.call("work", stream_app.Work(job=job, seconds=1.5), stream_app.Done, timeout=60)
+        )
+    )
+    try:
+        thread.start()
+        wait_until(lambda: f"start:{job}".encode() in b" ".join(r.lrange(stream_app.LOG_KEY, 0, -1)), 30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        thread.join(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert not thread.is_alive() and len(results) == 1 and results[0].job == job
+    log = [x.decode() for x in r.lrange(stream_app.LOG_KEY, 0, -1)]
+    assert any(x.startswith(f"done:{job}:") for x in log), log
+    assert StreamIO(r).backlog(config.request_stream, stream_app.config.consumer_group)[0] == 0, "acked"
+    client.close()
