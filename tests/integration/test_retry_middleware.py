@@ -348,3 +348,90 @@ def test_rate_limit_string_is_validated_at_decoration(redis_url: str) -> None:
         @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit="fast please")
         def bad(params: P) -> None:
             return None
+
+
+class _Events:
+    """Collects rpc_tasks.metrics events while a test runs."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, labels: Any) -> None:
+        self.seen.append((event, dict(labels)))
+
+    def of(self, event: str, actor: str) -> list[dict[str, Any]]:
+        return [labels for e, labels in list(self.seen) if e == event and labels.get("actor") == actor]
+
+
+@pytest.fixture
+def events() -> Any:
+    listener = _Events()
+    metrics.add_listener(listener)
+    yield listener
+    metrics.remove_listener(listener)
+
+
+def test_proactive_slot_past_the_deadline_answers_the_caller_now(redis_url: str, events: _Events) -> None:
+    """``rate_limit="1/10s"``: a second ``.call()`` whose slot would start after its 2 s deadline
+    is not scheduled; the caller hears ``rate_limit_exceeded`` with ``retry_after`` at once."""
+    broker, _ = redis_broker(redis_url)
+    runs: list[int] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit="1/10s", rate_limit_key=unique("paced"))
+    def paced(params: P) -> R:
+        runs.append(params.n)
+        return R(attempts=1)
+
+    with running_worker(broker):
+        assert paced.call(P(n=1), timeout=5).attempts == 1
+        started = time.monotonic()
+        with pytest.raises(RPCRemoteError) as info:
+            paced.call(P(n=2), timeout=2)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.5, "answered now, not at the deadline"
+    assert info.value.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
+    assert info.value.retry_after is not None and 7.0 < info.value.retry_after <= 10.5
+    assert runs == [1]
+    assert [e["reason"] for e in events.of("gave_up", paced.actor_name)] == ["deadline"]
+
+
+def test_per_message_max_postpone_and_postpone_events(redis_url: str, events: _Events) -> None:
+    """``max_postpone`` as a message option caps that message only: during a 1.5 s cooldown
+    the message with ``max_postpone=0.5`` is dead-lettered at once (a ``gave_up`` event with
+    ``postpone_cap``), the one without it is put back (a ``postpone`` event) and runs."""
+    broker, _ = redis_broker(redis_url)
+    key = unique("cooling")
+    runs: list[int] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit_key=key)
+    def cooled(params: P) -> R:
+        runs.append(params.n)
+        return R(attempts=1)
+
+    RateStore(redis.Redis.from_url(redis_url)).open_cooldown(cooldown_key(key), 1500)
+    with running_worker(broker):
+        cooled.send(P(n=1), max_postpone=0.5)
+        cooled.send(P(n=2))
+        wait_until(lambda: runs == [2], timeout=10)
+        wait_until(lambda: dead_letters(broker, cooled.queue_name) == 1, timeout=5)
+        broker.join(cooled.queue_name, timeout=10_000)
+    assert runs == [2]
+    postpones = events.of("postpone", cooled.actor_name)
+    assert [(p["reason"], p["key"]) for p in postpones] == [("cooldown", key)]
+    assert 1000 < postpones[0]["delay_ms"] <= 1500 + 0.25 * 1500
+    assert [g["reason"] for g in events.of("gave_up", cooled.actor_name)] == ["postpone_cap"]
+
+
+def test_gave_up_event_when_retries_are_exhausted(redis_url: str, events: _Events) -> None:
+    broker, _ = redis_broker(redis_url)
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=1, min_backoff=10, max_backoff=20)
+    def down(params: P) -> R:
+        raise unavailable(None)
+
+    with running_worker(broker):
+        with pytest.raises(RPCRemoteError):
+            down.call(P(), timeout=10)
+    assert len(events.of("retry", down.actor_name)) == 1
+    gave_up = events.of("gave_up", down.actor_name)
+    assert [(g["reason"], g["code"]) for g in gave_up] == [("retries_exhausted", "service_unavailable")]
