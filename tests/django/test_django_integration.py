@@ -243,6 +243,7 @@ def test_rpc_serve_bridge_answers_browser_requests(ws_server: int, tmp_path: Pat
     assert frame["payload"]["result"]["known_user"] is False
 
 
+@pytest.mark.slow
 def test_rpc_serve_without_bridge_serves_the_request_stream(redis_url: str, tmp_path: Path) -> None:
     """``manage.py rpc_serve`` (no ``--bridge``) serves the ``@rpc_method`` handlers of each
     app's ``rpc.py`` from ``request_stream``, and not from ``bridge_stream``."""
@@ -269,6 +270,7 @@ def test_rpc_serve_without_bridge_serves_the_request_stream(redis_url: str, tmp_
         client.close()
 
 
+@pytest.mark.slow
 @pytest.mark.rabbitmq
 def test_django_project_on_rabbitmq(redis_url: str) -> None:
     """``dramatiq_broker_settings("amqp://...")``: the example project's ``rundramatiq`` worker

@@ -765,6 +765,7 @@ def _cli_env(config: WebSocketRPCConfig) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["readers"], indirect=True)  # the mode is the app's own
 def test_cli_health_exit_codes(config: WebSocketRPCConfig) -> None:
     """``rpc-tasks health`` exits 0 when a server answers ``ping``, 1 otherwise (no server,
@@ -794,6 +795,7 @@ def test_cli_health_exit_codes(config: WebSocketRPCConfig) -> None:
     assert no_redis.returncode == 1, no_redis
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["readers"], indirect=True)  # the mode is the app's own
 def test_cli_serve_stops_gracefully_on_sigterm(config: WebSocketRPCConfig, redis_url: str) -> None:
     """SIGTERM to ``rpc-tasks serve``: the request in flight finishes, is answered and acked,
