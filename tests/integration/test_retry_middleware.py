@@ -67,8 +67,8 @@ def test_retry_waits_at_least_retry_after(
     gaps = [starts[i + 1] - failures[i] for i in range(2)]
     print(f"\n[retry_after=0.5] gaps between failure and next attempt: {[round(g, 3) for g in gaps]}")
     assert all(gap >= 0.5 for gap in gaps), gaps
-    # ...and not absurdly later. Dramatiq 2.0's RabbitMQ broker moves the first delayed message
-    # of a worker up to ~3 s late (its delay-queue consumer starts lazily); 2.2's does not.
+    # ...and not absurdly later. With Dramatiq 2.0's RabbitMQ broker the first retry ran ~3 s late
+    # in every run here (2.2's: on time); the README promises no upper bound, only "not earlier".
     assert all(gap < (5.0 if broker_kind == "rabbitmq" else 2.0) for gap in gaps), gaps
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Retry:")]
     assert len(lines) == 2
