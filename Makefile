@@ -51,7 +51,9 @@ test-oldest-dramatiq: $(OLD_VENV)/.installed-stamp
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+## ruff, mypy, and tests/check_assertions.py (every test function asserts something).
 lint: $(STAMP)
+	$(PY) tests/check_assertions.py tests
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

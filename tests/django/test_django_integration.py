@@ -71,6 +71,15 @@ def test_system_checks_report_misconfiguration(monkeypatch: pytest.MonkeyPatch) 
         assert "rpc_tasks.W001" in _ids(check_dramatiq_broker(), WARNING)
 
 
+def test_system_check_e003_without_django_dramatiq() -> None:
+    apps = [a for a in settings.INSTALLED_APPS if a != "django_dramatiq"]
+    with override_settings(INSTALLED_APPS=apps):
+        problems = check_dramatiq_broker()
+    assert _ids(problems) == {"rpc_tasks.E003"}
+    assert "django_dramatiq" in problems[0].msg and "INSTALLED_APPS" in problems[0].msg
+    assert "rpc_tasks.E003" not in _ids(check_dramatiq_broker())  # installed again: no E003
+
+
 def test_broker_built_by_django_dramatiq_has_our_middleware_and_no_prometheus() -> None:
     names = [type(m).__name__ for m in dramatiq.get_broker().middleware]
     assert names[:2] == ["RPCReplies", "RPCRateLimits"] and "RPCRetries" in names
@@ -232,6 +241,70 @@ def test_rpc_serve_bridge_answers_browser_requests(ws_server: int, tmp_path: Pat
     assert frame["type"] == "response" and frame["id"] == "q1"
     assert frame["payload"]["result"]["user_id"] == "carol"
     assert frame["payload"]["result"]["known_user"] is False
+
+
+@pytest.mark.slow
+def test_rpc_serve_without_bridge_serves_the_request_stream(redis_url: str, tmp_path: Path) -> None:
+    """``manage.py rpc_serve`` (no ``--bridge``) serves the ``@rpc_method`` handlers of each
+    app's ``rpc.py`` from ``request_stream``, and not from ``bridge_stream``."""
+    from notifications.rpc import WhoAmI
+    from rpc_tasks import WebSocketRPCClient, WebSocketRPCConfig
+    from rpc_tasks.streams.io import StreamIO
+    from rpc_tasks.websocket.models import BridgeParams
+
+    env = _env(DJANGO_DB=str(tmp_path / "serve.sqlite3"))
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"], cwd=PROJECT, env=env, check=True
+    )
+    server = Proc(sys.executable, "manage.py", "rpc_serve", env=env)
+    config = WebSocketRPCConfig.model_validate(settings.WEBSOCKET_RPC)
+    client = WebSocketRPCClient(config)
+    try:
+        params = BridgeParams(user_id="dave", connection_id="c-1", data={})
+        result = client.call("whoami", params, WhoAmI, timeout=60)  # waits for the server to start
+        assert result.user_id == "dave" and result.known_user is False
+        assert StreamIO(client.redis).backlog(config.request_stream, config.consumer_group)[0] == 0
+        assert not client.redis.exists(config.bridge_stream), "nothing read from (or made) the bridge stream"
+    finally:
+        assert server.stop() == 0
+        client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+def test_django_project_on_rabbitmq(redis_url: str) -> None:
+    """``dramatiq_broker_settings("amqp://...")``: the example project's ``rundramatiq`` worker
+    and a caller in another process run ``.call()`` over RabbitMQ (replies over Redis)."""
+    import pika
+
+    from tests.conftest import AMQP_URL, _reachable
+
+    if not _reachable(AMQP_URL, 5672):
+        pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}")  # --require-services: a failure
+    env = _env(DRAMATIQ_BROKER_URL=AMQP_URL)
+    worker = Proc(sys.executable, "manage.py", "rundramatiq", "--processes", "1", "--threads", "2", env=env)
+    caller = (
+        "import dramatiq; from notifications.tasks import add, AddParams; "
+        "print(type(dramatiq.get_broker()).__name__, add.call(AddParams(a=20, b=22), timeout=60).total)"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", caller],
+            cwd=PROJECT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        assert worker.stop() == 0
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        channel = connection.channel()
+        for name in ("notifications", "notifications.DQ", "notifications.XQ"):
+            channel.queue_delete(name)
+        connection.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].split() == ["RabbitmqBroker", "42"], done.stdout
 
 
 def test_rpc_health_command(redis_url: str, ws_server: int, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,9 +4,11 @@ private redis-server processes for fault tests."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -15,6 +17,7 @@ from typing import Any
 
 import dramatiq
 import redis
+from dramatiq.brokers.redis import RedisBroker
 
 from rpc_tasks import WebSocketRPCConfig, setup_broker
 from rpc_tasks.redis.broker import BlockingRedisBroker
@@ -24,16 +27,89 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
-#: Broker class of :func:`redis_broker` (tests of the plain RedisBroker swap it).
-BROKER_CLASS: Any = BlockingRedisBroker
+#: Which broker :func:`make_broker` builds: "blocking" (rpc-tasks' BlockingRedisBroker, the
+#: default), "plain" (Dramatiq's RedisBroker) or "rabbitmq" (Dramatiq's RabbitmqBroker, replies
+#: over Redis). Tests switch it with the ``broker_kind`` fixture (tests/conftest.py).
+BROKER_KIND = "blocking"
+#: RabbitMQ URL of the "rabbitmq" kind (set by the ``broker_kind`` fixture).
+AMQP_URL = ""
+_rabbit_brokers: list[dramatiq.Broker] = []
 
 
 def redis_broker(url: str, **kwargs: Any) -> tuple[dramatiq.Broker, WebSocketRPCConfig]:
-    """A Redis broker in its own namespace, set up for rpc-tasks (replies on the same DB)."""
+    """A Redis broker in its own namespace, set up for rpc-tasks (replies on the same DB):
+    Dramatiq's plain RedisBroker when ``BROKER_KIND`` is "plain", else BlockingRedisBroker."""
     config = WebSocketRPCConfig(redis_url=url, response_key_prefix=unique("test:resp") + ":")
-    broker = BROKER_CLASS(url=url, namespace=unique("ns"), **kwargs)
+    cls = RedisBroker if BROKER_KIND == "plain" else BlockingRedisBroker
+    broker = cls(url=url, namespace=unique("ns"), **kwargs)
     setup_broker(broker, config=config, set_global=False)
     return broker, config
+
+
+def make_broker(redis_url: str) -> tuple[dramatiq.Broker, WebSocketRPCConfig]:
+    """A broker of ``BROKER_KIND`` set up for rpc-tasks, replies on ``redis_url``. RabbitMQ
+    brokers are remembered so :func:`close_rabbit_brokers` deletes their queues afterwards
+    (tests give every actor a unique queue name)."""
+    if BROKER_KIND != "rabbitmq":
+        return redis_broker(redis_url)
+    config = WebSocketRPCConfig(redis_url=redis_url, response_key_prefix=unique("test:resp") + ":")
+    return _rabbit_broker(config), config
+
+
+def twin_broker(broker: dramatiq.Broker, config: WebSocketRPCConfig) -> dramatiq.Broker:
+    """A second broker on the same queues as ``broker`` (another process's view of them)."""
+    if BROKER_KIND == "rabbitmq":
+        return _rabbit_broker(config)
+    twin = type(broker)(url=config.redis_url, namespace=broker.namespace)
+    setup_broker(twin, config=config, set_global=False)
+    return twin
+
+
+def _rabbit_broker(config: WebSocketRPCConfig) -> dramatiq.Broker:
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=AMQP_URL)
+    setup_broker(broker, config=config, set_global=False)
+    _rabbit_brokers.append(broker)
+    return broker
+
+
+def close_rabbit_brokers() -> None:
+    """Delete the queues (with their delay and dead-letter queues) of the RabbitMQ brokers
+    :func:`make_broker` built, and close them."""
+    while _rabbit_brokers:
+        broker = _rabbit_brokers.pop()
+        for queue in broker.get_declared_queues():
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                with contextlib.suppress(Exception):
+                    broker.channel.queue_delete(name)
+        with contextlib.suppress(Exception):
+            broker.close()
+
+
+def queue_size(broker: dramatiq.Broker, queue: str) -> int:
+    """Messages waiting in ``queue`` (and its delay queue)."""
+    if BROKER_KIND == "rabbitmq":
+        ready, delayed, _ = broker.get_queue_message_counts(queue)
+        return int(ready + delayed)
+    return int(broker.do_qsize(queue))
+
+
+def dead_letters(broker: dramatiq.Broker, queue: str) -> int:
+    """Messages in ``queue``'s dead-letter queue."""
+    if BROKER_KIND == "rabbitmq":
+        return int(broker.get_queue_message_counts(queue)[2])
+    return int(broker.client.zcard(f"{broker.namespace}:{queue}.XQ"))
+
+
+def use_broker_kind(request: Any, monkeypatch: Any, kind: str) -> str:
+    """Make :func:`make_broker` build ``kind`` brokers for one test (the ``broker_kind``
+    fixtures call this); RabbitMQ needs the ``amqp_url`` fixture and cleans up after."""
+    monkeypatch.setattr(sys.modules[__name__], "BROKER_KIND", kind)
+    if kind == "rabbitmq":
+        monkeypatch.setattr(sys.modules[__name__], "AMQP_URL", request.getfixturevalue("amqp_url"))
+        request.addfinalizer(close_rabbit_brokers)
+    return kind
 
 
 @contextlib.contextmanager
@@ -67,16 +143,21 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A throw-away ``redis-server`` on a free port (for restart/AUTH tests)."""
+    """A throw-away ``redis-server`` on a free port (for restart/AUTH tests, and whatever reads
+    or changes server-wide state); with ``unix_socket=True`` it listens on a Unix socket
+    instead of TCP (:meth:`unix_url`)."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, unix_socket: bool = False) -> None:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed")
         self.server = server
+        self.dir = tempfile.mkdtemp(prefix="rpc-tasks-test-redis-")
+        self.socket_path = os.path.join(self.dir, "redis.sock") if unix_socket else None
         self.port = free_port()
         self.extra = list(extra)
-        self.dir = tempfile.mkdtemp(prefix="rpc-tasks-test-redis-")
+        if self.socket_path is not None:
+            self.extra = ["--unixsocket", self.socket_path, "--unixsocketperm", "700", *self.extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -100,6 +181,11 @@ class PrivateRedis:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
+                if self.socket_path is not None:
+                    with socket.socket(socket.AF_UNIX) as sock:
+                        sock.settimeout(0.2)
+                        sock.connect(self.socket_path)
+                    return
                 with socket.create_connection(("127.0.0.1", self.port), 0.2):
                     return
             except OSError:
@@ -115,6 +201,10 @@ class PrivateRedis:
     def url(self, db: int = 0, password: str | None = None) -> str:
         auth = f":{password}@" if password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def unix_url(self, db: int = 0) -> str:
+        assert self.socket_path is not None, "started without unix_socket=True"
+        return f"unix://{self.socket_path}?db={db}"
 
     def __enter__(self) -> PrivateRedis:
         self.start()

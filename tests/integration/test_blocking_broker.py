@@ -42,32 +42,35 @@ def _commands(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
-def test_call_pushes_the_reply_with_the_ack_in_one_script(redis_url: str) -> None:
+def test_call_pushes_the_reply_with_the_ack_in_one_script() -> None:
     """Same Redis for replies and broker: the reply goes out in the ack's script call, so a call
-    costs no MULTI/EXEC, and the message is acked by the time its reply is read."""
-    broker, _ = redis_broker(redis_url)
-    assert isinstance(broker, BlockingRedisBroker)
-    queue = unique("q")
-    echo = _echo_actor(broker, queue)
-    client = redis.Redis.from_url(redis_url)
-    with running_worker(broker, worker_timeout=1000):
-        assert echo.call(EchoParams(message="warm"), timeout=5).message == "warm"
-        before = _commands(client)
-        for i in range(20):
-            assert echo.call(EchoParams(message=f"m{i}"), timeout=5).message == f"m{i}"
-            # Acked atomically with the reply: nothing of this message is left in Redis.
-            assert client.hlen(f"{broker.namespace}:{queue}.msgs") == 0
-        after = _commands(client)
-    assert after.get("exec", 0) - before.get("exec", 0) == 0
-    assert broker._pending_replies == {}
-    client.close()
+    costs no MULTI/EXEC, and the message is acked by the time its reply is read. A private
+    redis-server, since ``INFO commandstats`` counts the whole server's commands."""
+    with PrivateRedis() as server:
+        url = server.url(db=1)
+        broker, _ = redis_broker(url)
+        assert isinstance(broker, BlockingRedisBroker)
+        queue = unique("q")
+        echo = _echo_actor(broker, queue)
+        client = redis.Redis.from_url(url)
+        with running_worker(broker, worker_timeout=1000):
+            assert echo.call(EchoParams(message="warm"), timeout=5).message == "warm"
+            before = _commands(client)
+            for i in range(20):
+                assert echo.call(EchoParams(message=f"m{i}"), timeout=5).message == f"m{i}"
+                # Acked atomically with the reply: nothing of this message is left in Redis.
+                assert client.hlen(f"{broker.namespace}:{queue}.msgs") == 0
+            after = _commands(client)
+        assert after["evalsha"] - before["evalsha"] >= 20, "the counter sees the calls' scripts"
+        assert after.get("exec", 0) - before.get("exec", 0) == 0
+        assert broker._pending_replies == {}
+        client.close()
 
 
-def test_reply_on_another_redis_db_is_pushed_separately(redis_url: str) -> None:
+def test_reply_on_another_redis_db_is_pushed_separately(redis_url: str, second_redis_url: str) -> None:
     """A reply channel on another database cannot share the ack's script: the worker pushes the
     reply itself, and the call still works."""
-    other_db_url = redis_url.rsplit("/", 1)[0] + "/10"
-    config = WebSocketRPCConfig(redis_url=other_db_url, response_key_prefix=unique("test:resp") + ":")
+    config = WebSocketRPCConfig(redis_url=second_redis_url, response_key_prefix=unique("test:resp") + ":")
     broker = BlockingRedisBroker(url=redis_url, namespace=unique("ns"))
     setup_broker(broker, config=config, set_global=False)
     echo = _echo_actor(broker, unique("q"))
@@ -142,7 +145,9 @@ def test_idle_consumer_wakes_at_once_and_tokens_do_not_pile_up(redis_url: str) -
     client.close()
 
 
-def test_pipelined_reads_every_reply_and_survives_a_stale_connection(redis_url: str) -> None:
+def test_pipelined_reads_every_reply_and_survives_a_stale_connection(
+    redis_url: str, second_redis_url: str
+) -> None:
     from rpc_tasks.redis.connection import pipelined, same_redis
 
     client = redis.Redis.from_url(redis_url)
@@ -158,7 +163,7 @@ def test_pipelined_reads_every_reply_and_survives_a_stale_connection(redis_url: 
     killer.close()
     assert pipelined(client, [("PING",)]) == [b"PONG"]
     assert same_redis(client, redis.Redis.from_url(redis_url))
-    assert not same_redis(client, redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/10"))
+    assert not same_redis(client, redis.Redis.from_url(second_redis_url))
     client.close()
 
 
@@ -196,14 +201,15 @@ def test_call_runs_enqueue_hooks_and_survives_a_lost_script_cache() -> None:
         client.close()
 
 
-def test_pinned_connections_belong_to_their_own_pool(redis_url: str) -> None:
+def test_pinned_connections_belong_to_their_own_pool(redis_url: str, second_redis_url: str) -> None:
     """A thread keeps one connection per pool; a pool that is gone does not hand its connection
     to a later pool (which could sit at the same address)."""
     import gc
 
     from rpc_tasks.redis.connection import pipelined
 
-    other_url = redis_url.rsplit("/", 1)[0] + "/10"
+    other_url = second_redis_url
+    other_db = int(other_url.rsplit("/", 1)[1])
 
     def db_of(client: redis.Redis) -> int:
         info = pipelined(client, [("CLIENT", "INFO")], pinned=True)[0]
@@ -214,7 +220,7 @@ def test_pinned_connections_belong_to_their_own_pool(redis_url: str) -> None:
     for _ in range(20):
         a = redis.Redis.from_url(redis_url)
         b = redis.Redis.from_url(other_url)
-        assert db_of(a) == base_db and db_of(b) == 10
+        assert db_of(a) == base_db and db_of(b) == other_db
         a.close()
         b.close()
         del a, b
@@ -272,8 +278,12 @@ def test_call_many_after_a_lost_script_cache_runs_each_message_once() -> None:
             messages = [f"m{i}" for i in range(10)]
             results = record.call_many([EchoParams(message=m) for m in messages], timeout=5)
             assert [r.message for r in results] == messages
-            time.sleep(0.3)  # a duplicate would have run by now
-        assert sorted(seen) == sorted(["warm", *messages])
+            # Every message enqueued so far (a duplicate too) has run once the queue is empty,
+            # and a marker sent after them did run.
+            record.send(EchoParams(message="marker"))
+            wait_until(lambda: "marker" in seen, timeout=10)
+            broker.join(queue, timeout=10_000)
+        assert sorted(seen) == sorted(["warm", *messages, "marker"])
         client.close()
 
 

@@ -1,5 +1,6 @@
-"""@rpc_actor end to end on Redis with in-process workers: every test runs on our
-BlockingRedisBroker and on Dramatiq's plain RedisBroker."""
+"""@rpc_actor end to end with in-process workers: every behavioural test runs on our
+BlockingRedisBroker, on Dramatiq's plain RedisBroker and on Dramatiq's RabbitmqBroker (replies
+over Redis; unique queue names, deleted after the test)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 import dramatiq
 import pytest
 import redis
-from dramatiq.brokers.redis import RedisBroker
 from pydantic import BaseModel, ValidationError
 
 from rpc_tasks import (
@@ -20,21 +20,30 @@ from rpc_tasks import (
     RPCTimeoutError,
     protocol,
     rpc_actor,
-    setup_broker,
 )
 
-from .support import redis_broker, reply_keys, running_worker, unique, wait_until
+from .support import (
+    dead_letters,
+    make_broker,
+    queue_size,
+    reply_keys,
+    running_worker,
+    twin_broker,
+    unique,
+    use_broker_kind,
+    wait_until,
+)
 
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(autouse=True, params=["blocking", "plain"])
+@pytest.fixture(autouse=True, params=["blocking", "plain", "rabbitmq"])
 def broker_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    from . import support
+    return use_broker_kind(request, monkeypatch, str(request.param))
 
-    if request.param == "plain":
-        monkeypatch.setattr(support, "BROKER_CLASS", RedisBroker)
-    return str(request.param)
+
+#: For tests of what only Redis brokers do (their storage, their consumer).
+redis_only = pytest.mark.parametrize("broker_kind", ["blocking", "plain"], indirect=True)
 
 
 class EchoParams(BaseModel):
@@ -47,7 +56,7 @@ class EchoResult(BaseModel):
 
 
 def test_call_returns_typed_result(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
 
     @rpc_actor(broker=broker, queue_name=unique("q"))
     def echo(params: EchoParams) -> EchoResult:
@@ -60,7 +69,7 @@ def test_call_returns_typed_result(redis_url: str) -> None:
 
 
 def test_send_is_processed_in_background_and_pushes_no_reply(redis_url: str) -> None:
-    broker, config = redis_broker(redis_url)
+    broker, config = make_broker(redis_url)
     seen: list[str] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"))
@@ -78,8 +87,8 @@ def test_send_is_processed_in_background_and_pushes_no_reply(redis_url: str) -> 
 
 
 def test_invalid_params_are_rejected_before_enqueue(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
-    ran: list[object] = []
+    broker, _ = make_broker(redis_url)
+    ran: list[EchoParams] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"))
     def echo(params: EchoParams) -> EchoResult:
@@ -90,14 +99,17 @@ def test_invalid_params_are_rejected_before_enqueue(redis_url: str) -> None:
         echo.send({"message": ["not", "a", "string"]})
     with pytest.raises(ValidationError):
         echo.call({"wrong": "field"}, timeout=1)
-    assert broker.do_qsize(echo.queue_name) == 0
+    assert queue_size(broker, echo.queue_name) == 0
     with running_worker(broker):
-        time.sleep(0.3)
-    assert ran == []
+        # Positive control: a valid message sent after the rejected ones runs, and alone.
+        echo.send(EchoParams(message="valid"))
+        wait_until(lambda: ran, timeout=10)
+        broker.join(echo.queue_name, timeout=5000)
+    assert [p.message for p in ran] == ["valid"]
 
 
 def test_typed_remote_error_reaches_caller_with_code_and_retry_after(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
     attempts: list[float] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=5)
@@ -123,7 +135,7 @@ def test_typed_remote_error_reaches_caller_with_code_and_retry_after(redis_url: 
 
 
 def test_unhandled_exception_after_retries_becomes_internal_error(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
     attempts: list[int] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=2, min_backoff=10, max_backoff=20)
@@ -141,7 +153,7 @@ def test_unhandled_exception_after_retries_becomes_internal_error(redis_url: str
 
 
 def test_worker_side_validation_error_reply_for_malformed_message(redis_url: str) -> None:
-    broker, config = redis_broker(redis_url)
+    broker, config = make_broker(redis_url)
     ran: list[object] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=3)
@@ -172,7 +184,7 @@ def test_worker_side_validation_error_reply_for_malformed_message(redis_url: str
 
 
 def test_timeout_has_millisecond_precision(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
     release = threading.Event()
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
@@ -193,7 +205,7 @@ def test_timeout_has_millisecond_precision(redis_url: str) -> None:
 
 
 def test_expired_call_is_skipped_not_executed(redis_url: str) -> None:
-    broker, config = redis_broker(redis_url)
+    broker, config = make_broker(redis_url)
     ran: list[str] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"))
@@ -216,11 +228,8 @@ def test_expired_call_is_skipped_not_executed(redis_url: str) -> None:
 
 def test_unknown_actor_gets_prompt_method_not_found(redis_url: str) -> None:
     queue = unique("q")
-    namespace = unique("ns")
-    worker_broker, config = redis_broker(redis_url)
-    worker_broker.namespace = namespace
-    caller_broker = type(worker_broker)(url=redis_url, namespace=namespace)
-    setup_broker(caller_broker, config=config, set_global=False)
+    worker_broker, config = make_broker(redis_url)
+    caller_broker = twin_broker(worker_broker, config)
 
     @rpc_actor(broker=worker_broker, queue_name=queue, actor_name="known")
     def known(params: EchoParams) -> EchoResult:
@@ -240,23 +249,24 @@ def test_unknown_actor_gets_prompt_method_not_found(redis_url: str) -> None:
     assert "ghost" in info.value.error.message
     assert elapsed < 3
     # Dead-lettered, not silently acked.
-    client = redis.Redis.from_url(redis_url)
-    assert client.zcard(f"{namespace}:{queue}.XQ") == 1
+    assert wait_until(lambda: dead_letters(worker_broker, queue) == 1, timeout=5)
 
 
 def test_reply_keys_always_have_a_ttl(redis_url: str) -> None:
-    broker, config = redis_broker(redis_url)
+    broker, config = make_broker(redis_url)
     gate = threading.Event()
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
     def gated(params: EchoParams) -> EchoResult:
-        gate.wait(5)
+        if params.message == "late":
+            gate.wait(5)
         return EchoResult(message=params.message, length=0)
 
     with running_worker(broker):
+        gated.call(EchoParams(message="warm"), timeout=10)  # consumers up: "late" starts in time
         # The caller gives up; the worker's reply arrives later and must expire on its own.
         with pytest.raises(RPCTimeoutError):
-            gated.call(EchoParams(message="late"), timeout=0.1)
+            gated.call(EchoParams(message="late"), timeout=0.3)
         gate.set()
         keys = wait_until(lambda: reply_keys(redis_url, config.response_key_prefix), timeout=5)
         for i in range(20):
@@ -269,10 +279,13 @@ def test_reply_keys_always_have_a_ttl(redis_url: str) -> None:
         assert 0 < ttl <= config.response_key_ttl
 
 
-def test_structurally_invalid_message_is_dead_lettered_with_an_error_reply(redis_url: str) -> None:
+@redis_only
+def test_structurally_invalid_message_is_dead_lettered_with_an_error_reply(
+    redis_url: str, broker_kind: str
+) -> None:
     """Valid JSON that is not a valid Dramatiq message (here: no ``args``) must not crash the
     consumer or loop: the caller gets ``invalid_request`` and the message is dead-lettered."""
-    broker, config = redis_broker(redis_url)
+    broker, config = make_broker(redis_url)
     ran: list[str] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"))
@@ -305,7 +318,7 @@ def test_structurally_invalid_message_is_dead_lettered_with_an_error_reply(redis
 
 
 def test_call_many_returns_results_in_order_with_errors_in_place(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
     def maybe(params: EchoParams) -> EchoResult:
@@ -318,7 +331,7 @@ def test_call_many_returns_results_in_order_with_errors_in_place(redis_url: str)
     words = [f"w{i}" for i in range(60)]
     with pytest.raises(ValidationError):
         maybe.call_many([*map(lambda w: EchoParams(message=w), words), {"message": 1}], timeout=5)
-    assert broker.do_qsize(maybe.queue_name) == 0, "nothing enqueued when one params object is invalid"
+    assert queue_size(broker, maybe.queue_name) == 0, "nothing enqueued when one params object is invalid"
     with running_worker(broker, threads=4):
         results = maybe.call_many([EchoParams(message=w) for w in words], timeout=10)
         assert [r.message for r in results] == words
@@ -335,10 +348,12 @@ def test_call_many_returns_results_in_order_with_errors_in_place(redis_url: str)
         assert maybe.call_many([], timeout=1) == []
 
 
+@pytest.mark.parametrize("broker_kind", ["blocking"], indirect=True)
 def test_delayed_messages_run_on_time_when_idle(redis_url: str, broker_kind: str) -> None:
     """The blocking consumer must not oversleep a delayed message's eta (retries and
-    postponements use delays)."""
-    broker, _ = redis_broker(redis_url)
+    postponements use delays). Only BlockingRedisBroker promises this: Dramatiq's own brokers
+    poll, and that they never run a message early is Dramatiq's to test."""
+    broker, _ = make_broker(redis_url)
     ran: list[float] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"))
@@ -352,5 +367,34 @@ def test_delayed_messages_run_on_time_when_idle(redis_url: str, broker_kind: str
         wait_until(lambda: ran, timeout=5)
     lateness = ran[0] - (sent + 0.4)
     assert ran[0] >= sent + 0.4
-    if broker_kind == "blocking":
-        assert lateness < 0.3, lateness
+    assert lateness < 0.3, lateness
+
+
+def test_reply_address_outside_the_prefix_is_never_written(redis_url: str) -> None:
+    """Security: a message whose ``rpc_reply_to`` is not under ``response_key_prefix`` (a
+    forged or misconfigured producer pointing at a key the application owns) gets no write
+    there; the worker logs it and counts it."""
+    broker, config = make_broker(redis_url)
+    ran: list[str] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
+    def echo(params: EchoParams) -> EchoResult:
+        ran.append(params.message)
+        return EchoResult(message=params.message, length=0)
+
+    client = redis.Redis.from_url(redis_url)
+    victim = unique("app:session")
+    client.set(victim, "precious")
+    forged = echo.message_with_options(
+        args=(EchoParams(message="forged").model_dump(),),
+        **{protocol.OPTION_REPLY_TO: victim, protocol.OPTION_DEADLINE: time.time() + 30},
+    )
+    broker.enqueue(forged)
+    replies = broker.middleware[0]
+    with running_worker(broker):
+        wait_until(lambda: replies.counters["bad_reply_to"] == 1, timeout=10)
+        # Positive control: a proper call on the same worker is answered.
+        assert echo.call(EchoParams(message="fine"), timeout=10).message == "fine"
+    assert client.get(victim) == b"precious" and client.type(victim) == b"string"
+    assert reply_keys(redis_url, config.response_key_prefix) == []
+    client.close()

@@ -1,4 +1,6 @@
-"""RPCRetries / RPCRateLimits against real Redis and real workers (in-process and CLI)."""
+"""RPCRetries / RPCRateLimits against real Redis and real workers (in-process and CLI). The
+behavioural tests run on BlockingRedisBroker and on RabbitmqBroker (cooldowns and replies in
+Redis, messages in RabbitMQ)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from rpc_tasks import (
 )
 from rpc_tasks.redis.ratestore import RateStore, cooldown_key
 
-from .support import redis_broker, running_worker, unique, wait_until
+from .support import dead_letters, make_broker, redis_broker, running_worker, unique, wait_until
 from .test_cli_and_faults import CLIWorker
 
 pytestmark = pytest.mark.redis
@@ -42,9 +44,12 @@ def unavailable(retry_after: float | None) -> RPCRemoteError:
     )
 
 
-def test_retry_waits_at_least_retry_after(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_retry_waits_at_least_retry_after(
+    redis_url: str, broker_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="rpc_tasks.middleware.retries")
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
     failures: list[float] = []
     starts: list[float] = []
 
@@ -62,7 +67,9 @@ def test_retry_waits_at_least_retry_after(redis_url: str, caplog: pytest.LogCapt
     gaps = [starts[i + 1] - failures[i] for i in range(2)]
     print(f"\n[retry_after=0.5] gaps between failure and next attempt: {[round(g, 3) for g in gaps]}")
     assert all(gap >= 0.5 for gap in gaps), gaps
-    assert all(gap < 2.0 for gap in gaps), gaps  # and not absurdly later
+    # ...and not absurdly later. With Dramatiq 2.0's RabbitMQ broker the first retry ran ~3 s late
+    # in every run here (2.2's: on time); the README promises no upper bound, only "not earlier".
+    assert all(gap < (5.0 if broker_kind == "rabbitmq" else 2.0) for gap in gaps), gaps
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Retry:")]
     assert len(lines) == 2
     assert f"actor={flaky.actor_name}" in lines[0] and "attempt=1" in lines[0]
@@ -94,8 +101,11 @@ def test_backoff_without_retry_after_is_exponential_with_additive_jitter(redis_u
     assert min(retries.compute_delay_ms(Msg(), noop, 0, None) for _ in range(50)) >= 300
 
 
-def test_non_retryable_error_fails_at_once_and_retry_codes_is_configurable(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_non_retryable_error_fails_at_once_and_retry_codes_is_configurable(
+    redis_url: str, broker_kind: str
+) -> None:
+    broker, _ = make_broker(redis_url)
     calls: Counter[str] = Counter()
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=5, min_backoff=10, retry_codes=["timeout"])
@@ -112,8 +122,9 @@ def test_non_retryable_error_fails_at_once_and_retry_codes_is_configurable(redis
     assert calls["picky"] == 1
 
 
-def test_call_deadline_returns_last_error_instead_of_retrying_late(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_call_deadline_returns_last_error_instead_of_retrying_late(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
     calls: list[float] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=10, min_backoff=10)
@@ -133,8 +144,9 @@ def test_call_deadline_returns_last_error_instead_of_retrying_late(redis_url: st
     assert len(calls) == 1
 
 
-def test_send_keeps_retrying_without_a_deadline(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_send_keeps_retrying_without_a_deadline(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
     calls: list[float] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=10, min_backoff=10, max_backoff=20)
@@ -146,10 +158,13 @@ def test_send_keeps_retrying_without_a_deadline(redis_url: str) -> None:
     with running_worker(broker):
         eventually.send(P())
         wait_until(lambda: len(calls) == 4, timeout=10)
+        broker.join(eventually.queue_name, timeout=5000)
+    assert len(calls) == 4, "retried until it succeeded, and not after"
 
 
-def test_retries_exhausted_reports_final_error_and_attempts(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_retries_exhausted_reports_final_error_and_attempts(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=2, min_backoff=10, max_backoff=20)
     def always_down(params: P) -> R:
@@ -162,12 +177,14 @@ def test_retries_exhausted_reports_final_error_and_attempts(redis_url: str) -> N
     assert err.code is RPCErrorCode.SERVICE_UNAVAILABLE
     assert err.retry_after == 0.05
     assert err.details["attempts"] == 3
-    client = redis.Redis.from_url(redis_url)
-    assert client.zcard(f"{broker.namespace}:{always_down.queue_name}.XQ") == 1
+    assert wait_until(lambda: dead_letters(broker, always_down.queue_name) == 1, timeout=5)
 
 
-def test_cooldown_postpones_without_running_and_without_using_retries(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_cooldown_postpones_without_running_and_without_using_retries(
+    redis_url: str, broker_kind: str
+) -> None:
+    broker, _ = make_broker(redis_url)
     runs: list[tuple[float, int, int]] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0, rate_limit_key="shared-api")
@@ -190,9 +207,12 @@ def test_cooldown_postpones_without_running_and_without_using_retries(redis_url:
     assert spread > 0.01, "the restart is spread, not a stampede"
 
 
-def test_postponement_cap_dead_letters_with_reason(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_postponement_cap_dead_letters_with_reason(
+    redis_url: str, broker_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="rpc_tasks.middleware.ratelimits")
-    broker, _ = redis_broker(redis_url)
+    broker, _ = make_broker(redis_url)
     runs: list[int] = []
 
     @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit_key="capped", max_postpone=0.5)
@@ -203,14 +223,14 @@ def test_postponement_cap_dead_letters_with_reason(redis_url: str, caplog: pytes
     RateStore(redis.Redis.from_url(redis_url)).open_cooldown(cooldown_key("capped"), 5000)
     with running_worker(broker):
         capped.send(P())
-        client = redis.Redis.from_url(redis_url)
-        wait_until(lambda: client.zcard(f"{broker.namespace}:{capped.queue_name}.XQ") == 1, timeout=5)
+        wait_until(lambda: dead_letters(broker, capped.queue_name) == 1, timeout=5)
     assert runs == []
     assert any("max_postpone" in r.getMessage() and "Gave up" in r.getMessage() for r in caplog.records)
 
 
-def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
 
     @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit_key="busy")
     def busy(params: P) -> R:
@@ -226,8 +246,9 @@ def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str) -> No
     assert info.value.retry_after is not None and 4.0 < info.value.retry_after <= 6.5
 
 
-def test_rate_limit_error_opens_a_shared_cooldown(redis_url: str) -> None:
-    broker, _ = redis_broker(redis_url)
+@pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
+def test_rate_limit_error_opens_a_shared_cooldown(redis_url: str, broker_kind: str) -> None:
+    broker, _ = make_broker(redis_url)
     events: list[tuple[str, dict[str, Any]]] = []
 
     def listener(event: str, labels: Any) -> None:
@@ -329,3 +350,90 @@ def test_rate_limit_string_is_validated_at_decoration(redis_url: str) -> None:
         @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit="fast please")
         def bad(params: P) -> None:
             return None
+
+
+class _Events:
+    """Collects rpc_tasks.metrics events while a test runs."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, labels: Any) -> None:
+        self.seen.append((event, dict(labels)))
+
+    def of(self, event: str, actor: str) -> list[dict[str, Any]]:
+        return [labels for e, labels in list(self.seen) if e == event and labels.get("actor") == actor]
+
+
+@pytest.fixture
+def events() -> Any:
+    listener = _Events()
+    metrics.add_listener(listener)
+    yield listener
+    metrics.remove_listener(listener)
+
+
+def test_proactive_slot_past_the_deadline_answers_the_caller_now(redis_url: str, events: _Events) -> None:
+    """``rate_limit="1/10s"``: a second ``.call()`` whose slot would start after its 2 s deadline
+    is not scheduled; the caller hears ``rate_limit_exceeded`` with ``retry_after`` at once."""
+    broker, _ = redis_broker(redis_url)
+    runs: list[int] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit="1/10s", rate_limit_key=unique("paced"))
+    def paced(params: P) -> R:
+        runs.append(params.n)
+        return R(attempts=1)
+
+    with running_worker(broker):
+        assert paced.call(P(n=1), timeout=5).attempts == 1
+        started = time.monotonic()
+        with pytest.raises(RPCRemoteError) as info:
+            paced.call(P(n=2), timeout=2)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.5, "answered now, not at the deadline"
+    assert info.value.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
+    assert info.value.retry_after is not None and 7.0 < info.value.retry_after <= 10.5
+    assert runs == [1]
+    assert [e["reason"] for e in events.of("gave_up", paced.actor_name)] == ["deadline"]
+
+
+def test_per_message_max_postpone_and_postpone_events(redis_url: str, events: _Events) -> None:
+    """``max_postpone`` as a message option caps that message only: during a 1.5 s cooldown
+    the message with ``max_postpone=0.5`` is dead-lettered at once (a ``gave_up`` event with
+    ``postpone_cap``), the one without it is put back (a ``postpone`` event) and runs."""
+    broker, _ = redis_broker(redis_url)
+    key = unique("cooling")
+    runs: list[int] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), rate_limit_key=key)
+    def cooled(params: P) -> R:
+        runs.append(params.n)
+        return R(attempts=1)
+
+    RateStore(redis.Redis.from_url(redis_url)).open_cooldown(cooldown_key(key), 1500)
+    with running_worker(broker):
+        cooled.send(P(n=1), max_postpone=0.5)
+        cooled.send(P(n=2))
+        wait_until(lambda: runs == [2], timeout=10)
+        wait_until(lambda: dead_letters(broker, cooled.queue_name) == 1, timeout=5)
+        broker.join(cooled.queue_name, timeout=10_000)
+    assert runs == [2]
+    postpones = events.of("postpone", cooled.actor_name)
+    assert [(p["reason"], p["key"]) for p in postpones] == [("cooldown", key)]
+    assert 1000 < postpones[0]["delay_ms"] <= 1500 + 0.25 * 1500
+    assert [g["reason"] for g in events.of("gave_up", cooled.actor_name)] == ["postpone_cap"]
+
+
+def test_gave_up_event_when_retries_are_exhausted(redis_url: str, events: _Events) -> None:
+    broker, _ = redis_broker(redis_url)
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=1, min_backoff=10, max_backoff=20)
+    def down(params: P) -> R:
+        raise unavailable(None)
+
+    with running_worker(broker):
+        with pytest.raises(RPCRemoteError):
+            down.call(P(), timeout=10)
+    assert len(events.of("retry", down.actor_name)) == 1
+    gave_up = events.of("gave_up", down.actor_name)
+    assert [(g["reason"], g["code"]) for g in gave_up] == [("retries_exhausted", "service_unavailable")]

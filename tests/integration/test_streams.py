@@ -139,11 +139,21 @@ def test_result_not_matching_result_model_is_validation_error(
 def test_fire_and_forget_runs_and_creates_no_reply_key(
     server: RPCServer, client: WebSocketRPCClient, config: WebSocketRPCConfig
 ) -> None:
+    io = StreamIO(client.redis)
+    # Positive control: a request with a timeout whose reply nobody reads leaves its reply key,
+    # so the check below would see a reply if the fire-and-forget request got one.
+    unread = ReplyChannel(client.redis, prefix=config.response_key_prefix).key_for("unread-1")
+    io.add_request(
+        config.request_stream,
+        protocol.encode_request("add", Add(a=0, b=0), reply_to=unread, timeout=5, correlation_id="unread-1"),
+        1000,
+    )
     entry_id = client.fire_and_forget("add", Add(a=1, b=2))
     assert isinstance(entry_id, str) and "-" in entry_id
-    wait_until(lambda: len(server.calls) == 1)  # type: ignore[attr-defined]
-    time.sleep(0.2)
-    assert reply_keys(config.redis_url, config.response_key_prefix) == []
+    wait_until(lambda: len(server.calls) == 2)  # type: ignore[attr-defined]
+    # Replies go out with the XACK (one MULTI): once nothing is pending, every reply is written.
+    wait_until(lambda: io.backlog(config.request_stream, config.consumer_group)[0] == 0, timeout=10)
+    assert reply_keys(config.redis_url, config.response_key_prefix) == [unread.encode()]
 
 
 def test_unknown_method_and_invalid_params(server: RPCServer, client: WebSocketRPCClient) -> None:
@@ -201,34 +211,46 @@ def test_client_against_an_old_server_that_sends_plain_responses(config: WebSock
     io = StreamIO(client.redis)
     io.ensure_group(config.request_stream, config.consumer_group)
 
+    seen: list[dict[str, Any]] = []
+    failures: list[BaseException] = []
+
     def old_server() -> None:
-        entries: list[Any] = []
-        while not entries:
-            entries = io.read(config.request_stream, config.consumer_group, "old", 1, 100)
-        entry_id, fields = entries[0]
-        req = json.loads(fields["payload"])
-        assert set(req) >= {"correlation_id", "timestamp", "method", "reply_to", "timeout", "params"}
-        plain = {
-            "correlation_id": req["correlation_id"],
-            "timestamp": "2026-01-01T00:00:00Z",
-            "success": False,
-            "result": None,
-            "error": "user 42 is offline",
-            "error_code": "user_not_connected",
-        }
-        io.finish(
-            config.request_stream,
-            config.consumer_group,
-            entry_id,
-            req["reply_to"],
-            json.dumps(plain).encode(),
-        )
+        try:
+            entries: list[Any] = []
+            deadline = time.monotonic() + 10
+            while not entries and time.monotonic() < deadline:
+                entries = io.read(config.request_stream, config.consumer_group, "old", 1, 100)
+            if not entries:
+                return
+            entry_id, fields = entries[0]
+            req = json.loads(fields["payload"])
+            seen.append(req)
+            plain = {
+                "correlation_id": req["correlation_id"],
+                "timestamp": "2026-01-01T00:00:00Z",
+                "success": False,
+                "result": None,
+                "error": "user 42 is offline",
+                "error_code": "user_not_connected",
+            }
+            io.finish(
+                config.request_stream,
+                config.consumer_group,
+                entry_id,
+                req["reply_to"],
+                json.dumps(plain).encode(),
+            )
+        except BaseException as exc:  # reported by the test below
+            failures.append(exc)
 
     thread = threading.Thread(target=old_server)
     thread.start()
     with pytest.raises(RPCRemoteError) as info:
         client.call("send_notification", Add(a=1, b=1), Sum, timeout=5)
-    thread.join(5)
+    thread.join(15)
+    assert not thread.is_alive() and failures == []
+    assert len(seen) == 1
+    assert set(seen[0]) >= {"correlation_id", "timestamp", "method", "reply_to", "timeout", "params"}
     assert info.value.error.code is RPCErrorCode.USER_NOT_CONNECTED
     assert info.value.retry_after is None and info.value.is_retryable is False
 
@@ -268,7 +290,11 @@ def test_200_threads_share_a_small_pool(server: RPCServer, config: WebSocketRPCC
             pool.map(lambda i: small.call("add", Add(a=i, b=1), Sum, timeout=30).total, range(200))
         )
     assert results == [i + 1 for i in range(200)]
-    assert len(small.redis.connection_pool._connections) <= 10
+    pool = small.redis.connection_pool
+    # The setting reached the pool, and the 200 callers really shared its 10 connections
+    # (they waited for one instead of failing with "Too many connections").
+    assert isinstance(pool, redis.BlockingConnectionPool) and pool.max_connections == 10
+    assert len(pool._connections) == 10
 
 
 def test_expired_request_is_dropped_not_run(server: RPCServer, config: WebSocketRPCConfig) -> None:

@@ -4,6 +4,7 @@ but RequestDecodeError."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -55,13 +56,71 @@ def test_round_trip(method: str, params: dict, timeout: int, ext: bool) -> None:
     assert set(json.loads(raw)) >= {"correlation_id", "timestamp", "method", "reply_to", "timeout", "params"}
 
 
+def _should_accept(obj: object) -> bool:
+    """The README's request rules, written independently of the decoder: a JSON object with a
+    non-empty correlation_id (<= 128 chars), a method matching ^[a-zA-Z0-9_.]+$ (<= 256), an
+    integer timeout 0..300, an ISO-8601 timestamp, reply_to a string (or absent/null) and
+    required when timeout > 0, params an object (or absent/null)."""
+    if not isinstance(obj, dict):
+        return False
+    cid, method, timeout = obj.get("correlation_id"), obj.get("method"), obj.get("timeout")
+    if not (isinstance(cid, str) and 0 < len(cid) <= 128):
+        return False
+    if not (isinstance(method, str) and len(method) <= 256 and re.fullmatch(r"[a-zA-Z0-9_.]+", method)):
+        return False
+    if not (type(timeout) is int and 0 <= timeout <= 300):
+        return False
+    stamp = obj.get("timestamp")
+    if not isinstance(stamp, str) or len(stamp) > 64:
+        return False
+    try:
+        datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    reply_to = obj.get("reply_to")
+    if reply_to is not None and not isinstance(reply_to, str):
+        return False
+    if timeout > 0 and not reply_to:
+        return False
+    return obj.get("params") is None or isinstance(obj.get("params"), dict)
+
+
+VALID = {
+    "correlation_id": "c1",
+    "timestamp": "2026-01-01T00:00:00Z",
+    "method": "send_notification",
+    "reply_to": "list:response:c1",
+    "timeout": 5,
+    "params": {"user_id": "42"},
+}
+
+
+def _check_decision(raw: bytes | str, obj: object) -> None:
+    if _should_accept(obj):
+        assert isinstance(obj, dict)
+        req = decode_request(raw)
+        assert (req.correlation_id, req.method, req.timeout) == (
+            obj["correlation_id"],
+            obj["method"],
+            obj["timeout"],
+        )
+        assert req.params == (obj.get("params") or {})
+        assert req.reply_to == obj.get("reply_to")
+    else:
+        with pytest.raises(RequestDecodeError):
+            decode_request(raw)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300), json_values.map(lambda v: json.dumps(v))))
-def test_garbage_only_raises_request_decode_error(data: object) -> None:
+def test_garbage_is_rejected_with_request_decode_error(data: bytes | str) -> None:
     try:
-        decode_request(data)  # type: ignore[arg-type]
-    except RequestDecodeError:
-        pass
+        obj = json.loads(data)
+    except ValueError:
+        with pytest.raises(RequestDecodeError):
+            decode_request(data)
+        return
+    _check_decision(data, obj)
 
 
 @settings(max_examples=300, deadline=None)
@@ -74,11 +133,39 @@ def test_garbage_only_raises_request_decode_error(data: object) -> None:
         max_size=7,
     )
 )
-def test_wrong_shapes_only_raise_request_decode_error(obj: dict) -> None:
-    try:
-        decode_request(json.dumps(obj).encode())
-    except RequestDecodeError:
-        pass
+def test_wrong_shapes_are_rejected_with_request_decode_error(obj: dict) -> None:
+    _check_decision(json.dumps(obj).encode(), obj)
+
+
+_field_values = {
+    "correlation_id": st.sampled_from(["", "c" * 128, "c" * 129, None, 5, "ok"]),
+    "timestamp": st.sampled_from(["2026-01-01T00:00:00Z", "2026-01-01 00:00:00", "yesterday", "", None, 0]),
+    "method": st.sampled_from(["a.b_c", "bad name", "x" * 256, "x" * 257, "", None, ["m"]]),
+    "reply_to": st.sampled_from(["list:response:c1", "", None, 3]),
+    "timeout": st.sampled_from([0, 1, 300, 301, -1, 5.0, True, "5", None]),
+    "params": st.sampled_from([{}, {"a": 1}, None, [], "p", 1]),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(_field_values)).flatmap(lambda k: st.tuples(st.just(k), _field_values[k])))
+def test_one_field_changed_is_accepted_or_rejected_as_documented(change: tuple[str, object]) -> None:
+    """Near-valid requests (one field changed or dropped): both decisions occur, so a decoder
+    that accepts everything, or nothing, fails."""
+    key, value = change
+    obj = {**VALID, key: value}
+    _check_decision(json.dumps(obj).encode(), obj)
+    dropped = {k: v for k, v in VALID.items() if k != key}
+    _check_decision(json.dumps(dropped).encode(), dropped)
+
+
+def test_near_valid_requests_cover_both_decisions() -> None:
+    assert _should_accept(VALID)
+    decode_request(json.dumps(VALID))
+    assert not _should_accept({**VALID, "timeout": True})
+    assert not _should_accept({**VALID, "reply_to": None})
+    assert _should_accept({**VALID, "reply_to": None, "timeout": 0})
+    assert _should_accept({**VALID, "params": None})
 
 
 def test_encode_validates_method_timeout_and_size() -> None:
