@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from . import compat
 from .exceptions import (
     RPCConnectionError,
     RPCPayloadTooLargeError,
@@ -222,13 +223,19 @@ def encode_response(
     }
     if error is None:
         envelope["result"] = model_to_wire(result)
+        if envelope["result"] is None and not extended:
+            envelope["result"] = {}  # older clients read a null result as a failure
         try:
             return dumps(envelope, max_bytes=max_bytes, what="result")
         except (RPCPayloadTooLargeError, RPCProtocolError) as exc:
             error = error_from_exception(exc)
             envelope.update(success=False, result=None)
-    envelope["error"] = _truncate(error.message or error.wire_code)
-    envelope["error_code"] = error.wire_code
+    if extended:
+        envelope["error"] = _truncate(error.message or error.wire_code)
+        envelope["error_code"] = error.wire_code
+    else:  # an older peer: its own codes and text limit (rpc_tasks.compat)
+        envelope["error"] = compat.legacy_error_text(clean_text(error.message), error.wire_code)
+        envelope["error_code"] = compat.legacy_error_code(error)
     if extended:
         envelope[ERROR_DETAILS_EXTENSION] = {
             "retryable": error.retryable,
@@ -276,9 +283,11 @@ def decode_response(data: bytes | str, *, max_bytes: int | None = None) -> Respo
                 retry_after = value
         if isinstance(ext.get("details"), dict):
             details = ext["details"]
-    raw_code = obj.get("error_code")
+    raw_code, message = compat.unwrap_legacy_error(
+        obj.get("error_code") if isinstance(obj.get("error_code"), str) else None,
+        obj.get("error") if isinstance(obj.get("error"), str) else None,
+    )
     code, unknown = parse_error_code(clean_text(raw_code)[:128] if isinstance(raw_code, str) else None)
-    message = obj.get("error")
     try:
         error = RPCError(
             code=code,
