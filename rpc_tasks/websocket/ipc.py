@@ -27,9 +27,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -55,6 +57,13 @@ class RoomParams(BaseModel):
 
     room: str = Field(pattern=ROOM_PATTERN)
     notify_room: bool = False
+
+
+def brings_token(request: Any) -> bool:
+    """The upgrade request carries credentials (``?token=`` or an ``Authorization`` header):
+    a native login. Without them the socket may log in the django-ipc way."""
+    query = parse_qs(urlsplit(request.path).query, keep_blank_values=True)
+    return "token" in query or bool(request.headers.get("Authorization"))
 
 
 def bearer_token(message: Any) -> str | None:
@@ -109,7 +118,7 @@ def error_frame(
         "message": compat.legacy_error_text(message),
         "details": None,
         "retryable": error.retryable,
-        "retry_after": retry_after,
+        "retry_after": None if retry_after is None else math.ceil(retry_after),  # whole seconds there
     }
     if validation_errors is not None:
         body["validation_errors"] = validation_errors

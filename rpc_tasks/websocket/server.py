@@ -52,7 +52,7 @@ from .auth import TokenClaims, TokenError, verify_token
 from .bridge import MAX_IN_FLIGHT, Bridge
 from .connection import Connection
 from .fanout import Fanout
-from .ipc import AUTH_TIMEOUT, IpcDialect, auth_frame, first_frame_login, to_ipc
+from .ipc import AUTH_TIMEOUT, IpcDialect, auth_frame, brings_token, first_frame_login, to_ipc
 from .methods import ServerMethods
 from .store import AsyncWSStore
 
@@ -167,13 +167,6 @@ class WebSocketServer:
             issuer=self.jwt_issuer,
         )
 
-    @staticmethod
-    def brings_token(request: Any) -> bool:
-        """The upgrade request carries credentials (``?token=`` or an ``Authorization``
-        header): a native login. Without them the socket may log in the django-ipc way."""
-        query = parse_qs(urlsplit(request.path).query, keep_blank_values=True)
-        return "token" in query or bool(request.headers.get("Authorization"))
-
     def _process_request(self, connection: Any, request: Any) -> Any:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None  # a WebSocket on any path (django-ipc's clients use / or /ws)
@@ -184,15 +177,8 @@ class WebSocketServer:
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/health":
-            conns = list(self._fanout.conns.values()) if self._fanout is not None else []
-            body = {
-                "status": "ok",
-                "server_id": self.instance_id,
-                "connections": len(conns),
-                "authenticated": len(conns),
-                "users": len({c.user_id for c in conns}),
-            }
-            return _typed(connection.respond(HTTPStatus.OK, json.dumps(body)), "application/json")
+            body = _health(self.instance_id, self._fanout)
+            return _typed(connection.respond(HTTPStatus.OK, body), "application/json")
         if path != "/ws":
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         return None
@@ -200,7 +186,7 @@ class WebSocketServer:
     # -- sockets -------------------------------------------------------------------------------
 
     async def _handler(self, ws: Any) -> None:
-        ipc = not self.brings_token(ws.request)
+        ipc = not brings_token(ws.request)
         if ipc:
             claims = await first_frame_login(ws, self.verify, self.auth_timeout)
             if claims is None:
@@ -372,3 +358,11 @@ def _typed(response: Any, content_type: str) -> Any:
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = f"{content_type}; charset=utf-8"
     return response
+
+
+def _health(instance_id: str, fanout: Fanout | None) -> str:
+    """``GET /health``: JSON like django-ipc's health endpoint (this instance's sockets)."""
+    conns = list(fanout.conns.values()) if fanout is not None else []
+    users = len({c.user_id for c in conns})
+    body = {"status": "ok", "server_id": instance_id, "connections": len(conns), "users": users}
+    return json.dumps(body | {"authenticated": len(conns)})
