@@ -346,11 +346,19 @@ class RequestDecodeError(RPCProtocolError):
     """A stream entry is not a valid request; ``reply_to``/``correlation_id`` are set when
     they could be read, so the server can still send an error reply."""
 
-    def __init__(self, reason: str, reply_to: str | None = None, correlation_id: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        wants_error_details: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.reply_to = reply_to
         self.correlation_id = correlation_id
+        #: The request announced ``error_details`` (its error reply may carry our own codes).
+        self.wants_error_details = wants_error_details
 
 
 def wire_timeout(timeout: float) -> int:
@@ -414,8 +422,13 @@ def decode_request(data: bytes | str | None, *, max_bytes: int | None = None) ->
     cid = obj.get("correlation_id")
     correlation_id = cid if isinstance(cid, str) and 0 < len(cid) <= 128 else None
 
+    raw_ext = obj.get(EXTENSIONS_KEY, [])
+    extensions = (
+        frozenset(x for x in raw_ext if isinstance(x, str)) if isinstance(raw_ext, list) else frozenset()
+    )
+
     def bad(reason: str) -> RequestDecodeError:
-        return RequestDecodeError(reason, reply_to, correlation_id)
+        return RequestDecodeError(reason, reply_to, correlation_id, ERROR_DETAILS_EXTENSION in extensions)
 
     if correlation_id is None:
         raise bad("correlation_id must be a non-empty string")
@@ -437,10 +450,6 @@ def decode_request(data: bytes | str | None, *, max_bytes: int | None = None) ->
         params = {}
     if not isinstance(params, dict):
         raise bad("params must be a JSON object")
-    raw_ext = obj.get(EXTENSIONS_KEY, [])
-    extensions = (
-        frozenset(x for x in raw_ext if isinstance(x, str)) if isinstance(raw_ext, list) else frozenset()
-    )
     return Request(correlation_id, timestamp, method, reply_to, timeout, params, extensions)
 
 

@@ -38,7 +38,8 @@ class BroadcastRequest(BaseModel):
 
     ``event_type`` is also read from django-ipc's ``type`` (default ``"info"``, as there) and
     ``payload`` from ``data``; ``title`` and ``message`` are the human-readable text (django-ipc
-    browsers show ``message``). Unknown keys are ignored and ``null`` stands for "not given".
+    browsers show ``message``; they default to ``event_type`` and ``title``). Unknown keys are
+    ignored and ``null`` stands for "not given".
     """
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -78,6 +79,9 @@ class BroadcastRequest(BaseModel):
             raise ValueError("target='user' needs a user_id")
         if self.target is BroadcastTarget.USERS and not self.user_ids:
             raise ValueError("target='users' needs at least one user id")
+        # django-ipc requires both texts; default them so that what we write is accepted there
+        self.title = self.title or self.event_type
+        self.message = self.message or self.title
         return self
 
     @property
@@ -98,8 +102,6 @@ class BroadcastRequest(BaseModel):
         data: dict[str, Any] = handler(self)
         if "event_type" in data:
             data["type"] = data["event_type"]
-            data["title"] = data.get("title") or data["event_type"]
-            data["message"] = data.get("message") or data["title"]
         if "payload" in data:
             data["data"] = data["payload"]
         if data.get("user_ids") == []:

@@ -127,9 +127,9 @@ class BatchNotificationRequest(BaseModel):
     """Send a notification to several users (1 to 1000).
 
     Two shapes are read: ours, one notification for ``user_ids``; django-ipc's,
-    ``notifications`` (a list of :class:`NotificationRequest`). :meth:`requests` gives the
-    individual notifications either way; it is written in django-ipc's shape, which both server
-    families read.
+    ``notifications`` (a list of :class:`NotificationRequest`). Ours is spelled out into
+    ``notifications`` (both are written; django-ipc ignores our keys, our server reads
+    ``notifications`` first), so :meth:`requests` gives the individual notifications either way.
     """
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -160,18 +160,8 @@ class BatchNotificationRequest(BaseModel):
             raise ValueError("give user_ids (with notification_type) or notifications")
         if self.user_ids and not self.notification_type:
             raise ValueError("user_ids needs notification_type")
-        return self
-
-    @model_serializer(mode="plain")
-    def _ipc_form(self) -> dict[str, Any]:
-        # Written in django-ipc's form, which both server families read.
-        return {"notifications": [r.model_dump(mode="json") for r in self.requests()]}
-
-    def requests(self) -> list[NotificationRequest]:
-        """The individual notifications (``notifications``, then one per ``user_ids``)."""
-        out = list(self.notifications)
-        for user_id in dict.fromkeys(self.user_ids):
-            out.append(
+        if not self.notifications:  # our shape: spelled out in django-ipc's, which is written too
+            self.notifications = [
                 NotificationRequest(
                     user_id=user_id,
                     notification_type=self.notification_type or "",
@@ -180,8 +170,14 @@ class BatchNotificationRequest(BaseModel):
                     priority=self.priority,
                     data=self.data,
                 )
-            )
-        return out
+                for user_id in dict.fromkeys(self.user_ids)
+            ]
+        return self
+
+    def requests(self) -> list[NotificationRequest]:
+        """The individual notifications (``user_ids`` are spelled out into ``notifications``
+        when those are not given)."""
+        return list(self.notifications)
 
 
 class BatchNotificationResponse(BaseModel):

@@ -173,7 +173,9 @@ class Dispatcher:
             if reply_to is not None:
                 error = RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"invalid request: {exc.reason}")
                 payload = protocol.encode_response(
-                    exc.correlation_id or compat.UNKNOWN_CORRELATION_ID, error=error, extended=False
+                    exc.correlation_id or compat.UNKNOWN_CORRELATION_ID,
+                    error=error,
+                    extended=exc.wants_error_details,
                 )
             self._dead_letter(entry_id, f"invalid request: {exc.reason}", raw, reply_to, payload)
             return "dead"

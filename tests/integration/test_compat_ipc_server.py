@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
+import redis
 from pydantic import BaseModel
 
 pytest.importorskip("websockets")
@@ -64,6 +65,10 @@ class IpcServer:
             if os.environ.get("RPC_TASKS_REQUIRE_SERVICES") == "1":
                 pytest.fail(message, pytrace=False)
             pytest.skip(message)
+        probe = redis.Redis.from_url(redis_url)
+        #: Redis connections with a higher id were opened after this point (by the server).
+        self.first_client_id = max(int(c["id"]) for c in probe.client_list()) + 1
+        probe.close()
         self.port, self.health = free_port(), free_port()
         self.stream, group = unique("ipc:req"), unique("ipc_group")
         args = ["127.0.0.1", str(self.port), str(self.health), redis_url, self.stream, group, SECRET]
@@ -174,7 +179,7 @@ def test_django_ipc_errors_reach_us_as_remote_errors(client: WebSocketRPCClient)
     assert "delay_ms" in info.value.error.message
 
 
-def test_what_django_ipc_never_does(client: WebSocketRPCClient) -> None:
+def test_what_django_ipc_never_does(ipc: IpcServer, client: WebSocketRPCClient) -> None:
     # It sends no reply when its error text would be over 500 characters: a title over its 200
     # characters (ours allows 1024) fails validation with the title echoed in the text.
     request = NotificationRequest(
@@ -183,7 +188,11 @@ def test_what_django_ipc_never_does(client: WebSocketRPCClient) -> None:
     with pytest.raises(RPCTimeoutError):
         client.call("send_notification", request, NotificationResponse, timeout=3)
     # It subscribes to no Pub/Sub channel (so a PUBLISH broadcast reaches nobody): none of the
-    # connections on this test's DB is subscribed to anything.
-    db = client.redis.connection_pool.connection_kwargs.get("db", 0)
-    clients = [c for c in client.redis.client_list() if int(c.get("db", -1)) == int(db)]
-    assert clients and all(int(c.get("sub", 0)) + int(c.get("psub", 0)) == 0 for c in clients)
+    # connections opened since it started (its own, and this test's) is subscribed to anything.
+    db = int(client.redis.connection_pool.connection_kwargs.get("db", 0))
+    opened = [
+        c
+        for c in client.redis.client_list()
+        if int(c["id"]) >= ipc.first_client_id and int(c.get("db", -1)) == db
+    ]
+    assert len(opened) > 1 and all(int(c.get("sub", 0)) + int(c.get("psub", 0)) == 0 for c in opened)

@@ -109,8 +109,9 @@ def test_batch_reads_both_shapes_and_writes_django_ipcs() -> None:
     ours = BatchNotificationRequest(user_ids=["1", "2", "1"], notification_type="a", title="t", message="m")
     assert [r.user_id for r in ours.requests()] == ["1", "2"]
     wire = ours.model_dump(mode="json")
-    assert set(wire) == {"notifications"} and wire["notifications"][0]["type"] == "a"
+    assert wire["notifications"][0]["type"] == "a" and wire["user_ids"] == ["1", "2", "1"]
     assert [r.user_id for r in BatchNotificationRequest.model_validate(wire).requests()] == ["1", "2"]
+    assert BatchNotificationRequest.model_validate(wire) == ours  # no duplicates on the way back
     with pytest.raises(ValueError):
         BatchNotificationRequest.model_validate({})
 
