@@ -13,7 +13,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# django-ipc 1.0.9 for the interop tests, in its own venv: it pins redis<7 and websockets<16,
+# which would downgrade what the suite runs on (tests/integration/test_compat_ipc_server.py).
+IPC_VENV ?= .venv-ipc
+IPC_STAMP := $(IPC_VENV)/.installed-stamp
+$(IPC_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(IPC_VENV)
+	$(IPC_VENV)/bin/python -m pip install --quiet "django-ipc==1.0.9"
+	touch $(IPC_STAMP)
+
+install: $(STAMP) $(IPC_STAMP)
 
 # Celery, matplotlib and tqdm for the benchmark's comparison paths, plot and progress bar.
 $(BENCH_STAMP): $(STAMP)
@@ -29,7 +38,7 @@ django-demo: $(STAMP)
 	$(PY) examples/django_project/run.py
 
 ## Run the whole test suite (unit + integration against real Redis/RabbitMQ).
-test: $(STAMP)
+test: $(STAMP) $(IPC_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m pytest tests/django --ds=project.test_settings $(PYTEST_ARGS)
 

@@ -125,6 +125,9 @@ def _ws(args: argparse.Namespace) -> int:
         instance_id=args.instance_id or None,
         serve_rpc=not args.no_rpc,
         presence_ttl=args.presence_ttl,
+        auth_timeout=args.auth_timeout,
+        jwt_audience=args.jwt_audience or None,
+        jwt_issuer=args.jwt_issuer or None,
     )
     server.run_forever()
     return 0
@@ -171,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument(
         "--presence-ttl", type=int, default=30, help="seconds a socket stays online without a heartbeat"
     )
+    ws.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a socket without a token has to send django-ipc's 'Bearer <JWT>' frame",
+    )
+    ws.add_argument("--jwt-audience", default="", help="tokens must carry this 'aud' claim")
+    ws.add_argument("--jwt-issuer", default="", help="tokens must carry this 'iss' claim")
     ws.set_defaults(func=_ws)
     return parser
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from . import compat
 from .exceptions import (
     RPCConnectionError,
     RPCPayloadTooLargeError,
@@ -222,13 +223,19 @@ def encode_response(
     }
     if error is None:
         envelope["result"] = model_to_wire(result)
+        if envelope["result"] is None and not extended:
+            envelope["result"] = {}  # older clients read a null result as a failure
         try:
             return dumps(envelope, max_bytes=max_bytes, what="result")
         except (RPCPayloadTooLargeError, RPCProtocolError) as exc:
             error = error_from_exception(exc)
             envelope.update(success=False, result=None)
-    envelope["error"] = _truncate(error.message or error.wire_code)
-    envelope["error_code"] = error.wire_code
+    if extended:
+        envelope["error"] = _truncate(error.message or error.wire_code)
+        envelope["error_code"] = error.wire_code
+    else:  # an older peer: its own codes and text limit (rpc_tasks.compat)
+        envelope["error"] = compat.legacy_error_text(clean_text(error.message), error.wire_code)
+        envelope["error_code"] = compat.legacy_error_code(error)
     if extended:
         envelope[ERROR_DETAILS_EXTENSION] = {
             "retryable": error.retryable,
@@ -276,9 +283,11 @@ def decode_response(data: bytes | str, *, max_bytes: int | None = None) -> Respo
                 retry_after = value
         if isinstance(ext.get("details"), dict):
             details = ext["details"]
-    raw_code = obj.get("error_code")
+    raw_code, message = compat.unwrap_legacy_error(
+        obj.get("error_code") if isinstance(obj.get("error_code"), str) else None,
+        obj.get("error") if isinstance(obj.get("error"), str) else None,
+    )
     code, unknown = parse_error_code(clean_text(raw_code)[:128] if isinstance(raw_code, str) else None)
-    message = obj.get("error")
     try:
         error = RPCError(
             code=code,
@@ -337,11 +346,19 @@ class RequestDecodeError(RPCProtocolError):
     """A stream entry is not a valid request; ``reply_to``/``correlation_id`` are set when
     they could be read, so the server can still send an error reply."""
 
-    def __init__(self, reason: str, reply_to: str | None = None, correlation_id: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        wants_error_details: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.reply_to = reply_to
         self.correlation_id = correlation_id
+        #: The request announced ``error_details`` (its error reply may carry our own codes).
+        self.wants_error_details = wants_error_details
 
 
 def wire_timeout(timeout: float) -> int:
@@ -405,8 +422,13 @@ def decode_request(data: bytes | str | None, *, max_bytes: int | None = None) ->
     cid = obj.get("correlation_id")
     correlation_id = cid if isinstance(cid, str) and 0 < len(cid) <= 128 else None
 
+    raw_ext = obj.get(EXTENSIONS_KEY, [])
+    extensions = (
+        frozenset(x for x in raw_ext if isinstance(x, str)) if isinstance(raw_ext, list) else frozenset()
+    )
+
     def bad(reason: str) -> RequestDecodeError:
-        return RequestDecodeError(reason, reply_to, correlation_id)
+        return RequestDecodeError(reason, reply_to, correlation_id, ERROR_DETAILS_EXTENSION in extensions)
 
     if correlation_id is None:
         raise bad("correlation_id must be a non-empty string")
@@ -428,10 +450,6 @@ def decode_request(data: bytes | str | None, *, max_bytes: int | None = None) ->
         params = {}
     if not isinstance(params, dict):
         raise bad("params must be a JSON object")
-    raw_ext = obj.get(EXTENSIONS_KEY, [])
-    extensions = (
-        frozenset(x for x in raw_ext if isinstance(x, str)) if isinstance(raw_ext, list) else frozenset()
-    )
     return Request(correlation_id, timestamp, method, reply_to, timeout, params, extensions)
 
 

@@ -29,6 +29,13 @@ class RPCErrorCode(str, Enum):
     SERVICE_UNAVAILABLE = "service_unavailable"
     INVALID_REQUEST = "invalid_request"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    # Codes of django-ipc's enum (read from its peers; see rpc_tasks.compat).
+    INVALID_PARAMS = "invalid_params"
+    UNAUTHORIZED = "unauthorized"
+    ROOM_NOT_FOUND = "room_not_found"
+    RESOURCE_NOT_FOUND = "resource_not_found"
+    CONNECTION_ERROR = "connection_error"
+    REDIS_ERROR = "redis_error"
 
 
 #: Codes that are retryable unless the error says otherwise.

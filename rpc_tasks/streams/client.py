@@ -19,10 +19,17 @@ from .. import protocol
 from ..config import WebSocketRPCConfig, get_config
 from ..exceptions import RPCException, RPCRemoteError, RPCTimeoutError
 from ..models.base import new_correlation_id
-from ..models.errors import RPCError
+from ..models.errors import RPCError, RPCErrorCode
 from ..redis.connection import client_from_config
 from ..redis.replies import ReplyChannel
-from .builtins import PING_METHOD, PingParams, PingResult
+from .builtins import (
+    PING_METHOD,
+    SYSTEM_PING_METHOD,
+    PingParams,
+    PingResult,
+    SystemPingParams,
+    SystemPingResult,
+)
 from .io import StreamIO
 
 logger = logging.getLogger(__name__)
@@ -145,11 +152,23 @@ class WebSocketRPCClient:
         return count
 
     def health_check(self, timeout: float = 5) -> bool:
-        """True when a server answers the built-in ``ping`` within ``timeout`` seconds.
-        Never raises."""
+        """True when a server answers a ping within ``timeout`` seconds. Never raises.
+
+        Asks ``ping`` first; a server that answers it does not know that method (django-ipc,
+        whose ping is ``system.ping``) is asked ``system.ping`` in the time that is left, so the
+        check never waits longer than ``timeout``. A ping that gets no answer is not retried.
+        """
+        deadline = time.monotonic() + timeout
         try:
-            result = self.call(PING_METHOD, PingParams(), PingResult, timeout=timeout)
-            return bool(result.pong)
+            try:
+                result = self.call(PING_METHOD, PingParams(), PingResult, timeout=timeout)
+                return bool(result.pong)
+            except RPCRemoteError as exc:
+                left = deadline - time.monotonic()
+                if not _unknown_method(exc) or left <= 0:
+                    raise
+            self.call(SYSTEM_PING_METHOD, SystemPingParams(), SystemPingResult, timeout=left)
+            return True
         except (RPCException, ValueError) as exc:
             logger.debug("health check failed: %s", exc)
             return False
@@ -201,6 +220,15 @@ class WebSocketRPCClient:
                 duration_ms,
                 outcome,
             )
+
+
+def _unknown_method(exc: RPCRemoteError) -> bool:
+    """The server said it does not know the method (ours: ``method_not_found``; django-ipc's
+    Streams bridge: ``internal_error`` "Unknown RPC method: ...")."""
+    if exc.error.code is RPCErrorCode.METHOD_NOT_FOUND:
+        return True
+    unknown = exc.error.message.startswith("Unknown RPC method")
+    return exc.error.code is RPCErrorCode.INTERNAL_ERROR and unknown
 
 
 _client: WebSocketRPCClient | None = None

@@ -21,13 +21,23 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .. import protocol
+from .. import compat, protocol
 from ..config import WebSocketRPCConfig, get_config
 from ..exceptions import RPCException
 from ..models.errors import RPCError, RPCErrorCode
 from ..redis.connection import client_from_config
 from ..signatures import MISSING, infer_models
-from .builtins import EchoParams, EchoResult, PingParams, PingResult, echo
+from .builtins import (
+    SYSTEM_PING_METHOD,
+    EchoParams,
+    EchoResult,
+    PingParams,
+    PingResult,
+    SystemPingParams,
+    SystemPingResult,
+    echo,
+    system_ping,
+)
 from .io import StreamIO
 
 logger = logging.getLogger("rpc_tasks.streams.server")
@@ -61,7 +71,7 @@ class Dispatcher:
       consumer_name: this consumer's name in the group (default: host-pid-random).
       max_deliveries: deliveries after which an entry is dead-lettered instead of run again.
       dead_letter_stream: where unprocessable entries go (default ``<stream>:dead``).
-      builtins: register ``ping`` and ``echo``.
+      builtins: register ``ping``, ``system.ping`` and ``echo``.
     """
 
     def __init__(
@@ -90,6 +100,9 @@ class Dispatcher:
         if builtins:
             self.register("ping", self._ping, params_model=PingParams, result_model=PingResult)
             self.register("echo", echo, params_model=EchoParams, result_model=EchoResult)
+            self.register(
+                SYSTEM_PING_METHOD, system_ping, params_model=SystemPingParams, result_model=SystemPingResult
+            )
 
     @property
     def io(self) -> StreamIO:
@@ -167,7 +180,9 @@ class Dispatcher:
             if reply_to is not None:
                 error = RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"invalid request: {exc.reason}")
                 payload = protocol.encode_response(
-                    exc.correlation_id or "unknown", error=error, extended=False
+                    exc.correlation_id or compat.UNKNOWN_CORRELATION_ID,
+                    error=error,
+                    extended=exc.wants_error_details,
                 )
             self._dead_letter(entry_id, f"invalid request: {exc.reason}", raw, reply_to, payload)
             return "dead"

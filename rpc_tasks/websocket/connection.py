@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ..models.connections import ConnectionInfo
@@ -22,11 +23,18 @@ class Connection:
     so slow that the queue fills up is disconnected (close code
     :data:`~rpc_tasks.websocket.frames.CLOSE_TOO_SLOW`) instead of buffering without end.
     Incoming messages spend tokens of a bucket that refills at ``rate`` per second up to
-    ``burst``.
+    ``burst``. ``translate`` rewrites every frame offered (a socket of another dialect).
     """
 
     def __init__(
-        self, ws: Any, info: ConnectionInfo, *, send_queue: int, burst: int, counters: Counter[str]
+        self,
+        ws: Any,
+        info: ConnectionInfo,
+        *,
+        send_queue: int,
+        burst: int,
+        counters: Counter[str],
+        translate: Callable[[str], str] | None = None,
     ) -> None:
         self.id = info.connection_id
         self.user_id = info.user_id
@@ -39,6 +47,8 @@ class Connection:
         self.closing = False
         self._counters = counters
         self._close_task: asyncio.Task[None] | None = None
+        #: Rewrites native frames for a socket that speaks another dialect (django-ipc's).
+        self.translate = translate
 
     async def write_loop(self) -> None:
         """Send queued frames until the socket fails (run as one task per connection)."""
@@ -59,6 +69,8 @@ class Connection:
         full queue disconnects the (too slow) reader."""
         if self.closing:
             return None
+        if self.translate is not None:
+            frame = self.translate(frame)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] | None = loop.create_future() if wait else None
         try:

@@ -102,6 +102,8 @@ class Fanout:
                 "payload": req.payload,
                 "target": req.target.value,
                 "room": req.room,
+                "title": req.title,
+                "message": req.message,
             },
         )
         users: set[str] | None
@@ -110,7 +112,7 @@ class Fanout:
         elif req.target is BroadcastTarget.ROOM:
             users = await self.store.room_members(req.room or "")
         else:
-            users = set(req.user_ids)
+            users = set(req.recipients() or ())
         conn_ids = self.local_conns_of(users, set(req.exclude_user_ids))
         sockets = await self.deliver(conn_ids, frame)
         reached = {self.conns[c].user_id for c in conn_ids if c in self.conns}
@@ -140,7 +142,11 @@ class Fanout:
         instances = await self.store.publish(self.broadcast_channel, envelope)
         acks = await self.store.collect_acks(ack, instances, self.delivery_timeout + 1)
         return BroadcastResponse(
-            recipients=sum(a // 1_000_000 for a in acks), users=sum(a % 1_000_000 for a in acks)
+            target=req.target,
+            recipients=sum(a // 1_000_000 for a in acks),
+            users=sum(a % 1_000_000 for a in acks),
+            room=req.room,
+            user_id=req.user_id,
         )
 
     async def listen(self, ready: asyncio.Event) -> None:

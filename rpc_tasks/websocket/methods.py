@@ -38,11 +38,16 @@ class ServerMethods:
         self.counters = counters
 
     async def send_notification(self, req: NotificationRequest) -> NotificationResponse:
-        """Deliver a notification to every socket of the user, on any instance."""
+        """Deliver a notification to every socket of the user, on any instance (not when its
+        ``expires_at`` has passed)."""
         notification_id = str(uuid.uuid4())
-        frame = frames.frame(
-            "notification", req.model_dump(mode="json", exclude={"require_connected"}), notification_id
-        )
+        if req.expired:
+            return NotificationResponse(
+                user_id=req.user_id, delivered=False, error="notification expired before delivery"
+            )
+        payload = req.model_dump(mode="json", exclude={"require_connected"})
+        payload.pop("type", None)  # django-ipc's name; native frames keep notification_type
+        frame = frames.frame("notification", payload, notification_id)
         connections, took = await self.fanout.deliver_to_user(req.user_id, frame)
         if connections == 0 and req.require_connected:
             raise RPCRemoteError(
@@ -50,33 +55,31 @@ class ServerMethods:
             )
         self.counters["notifications"] += 1
         return NotificationResponse(
+            user_id=req.user_id,
             delivered=took > 0,
             user_connected=connections > 0,
             connection_count=connections,
+            connections=connections,
+            error=None if connections else f"User {req.user_id} is not connected",
             notification_id=notification_id,
         )
 
     async def send_batch(self, req: BatchNotificationRequest) -> BatchNotificationResponse:
-        """Deliver one notification to several users."""
+        """Deliver notifications to several users (either request shape)."""
         delivered: list[str] = []
         offline: list[str] = []
-        for user_id in dict.fromkeys(req.user_ids):
-            single = NotificationRequest(
-                user_id=user_id,
-                notification_type=req.notification_type,
-                title=req.title,
-                message=req.message,
-                priority=req.priority,
-                data=req.data,
-            )
+        results: list[dict[str, Any]] = []
+        for single in req.requests():
             result = await self.send_notification(single)
-            (delivered if result.delivered else offline).append(user_id)
+            (delivered if result.delivered else offline).append(single.user_id)
+            results.append(result.model_dump(mode="json"))
         return BatchNotificationResponse(
             total=len(delivered) + len(offline),
             delivered=len(delivered),
             failed=len(offline),
             delivered_user_ids=delivered,
             offline_user_ids=offline,
+            results=results,
         )
 
     async def broadcast(self, req: BroadcastRequest) -> BroadcastResponse:
@@ -85,15 +88,13 @@ class ServerMethods:
 
     async def join_room(self, req: RoomRequest) -> RoomResponse:
         """Add a user to a room (all their sockets, on every instance)."""
-        return RoomResponse(
-            room=req.room, user_id=req.user_id, members=await self.store.room_join(req.room, req.user_id)
-        )
+        members = await self.store.room_join(req.room, req.user_id)
+        return RoomResponse(room=req.room, user_id=req.user_id, members=members, joined=True)
 
     async def leave_room(self, req: RoomRequest) -> RoomResponse:
         """Remove a user from a room."""
-        return RoomResponse(
-            room=req.room, user_id=req.user_id, members=await self.store.room_leave(req.room, req.user_id)
-        )
+        members = await self.store.room_leave(req.room, req.user_id)
+        return RoomResponse(room=req.room, user_id=req.user_id, members=members, left=True)
 
     async def get_presence(self, req: PresenceQuery) -> PresenceResponse:
         """A user's live connections (from Redis presence, all instances)."""

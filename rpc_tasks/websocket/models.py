@@ -26,6 +26,8 @@ class RoomResponse(BaseModel):
     room: str
     user_id: str
     members: int
+    joined: bool | None = Field(default=None, description="django-ipc's answer to join_room")
+    left: bool | None = Field(default=None, description="django-ipc's answer to leave_room")
 
 
 class PresenceQuery(BaseModel):

@@ -3,9 +3,12 @@
 ``rpc-tasks ws --host 127.0.0.1 --port 8765`` starts it (needs ``pip install rpc-tasks[websocket]``
 and ``websocket_secret`` in the config). It
 
-* authenticates each socket with a signed token (:mod:`rpc_tasks.websocket.auth`, ``?token=...`` or an
-  ``Authorization: Bearer`` header); a missing, forged or expired token is refused with close
-  code **4401** and the reason;
+* authenticates each socket with an HS256 JWT (:mod:`rpc_tasks.websocket.auth`): ``?token=...``
+  or an ``Authorization: Bearer`` header (a forged or expired token is refused with close code
+  **4401** and the reason), or, from a socket that brings neither, django-ipc's first frame
+  ``Bearer <JWT>``; such a socket speaks django-ipc's frames (:mod:`rpc_tasks.websocket.ipc`);
+* accepts the upgrade on any path (``/``, ``/ws``, ...); plain HTTP gets the demo page at ``/``,
+  ``/healthz`` (text) and ``/health`` (JSON);
 * hosts the Streams consumer (:class:`~rpc_tasks.streams.server.RPCServer`) with the methods
   ``send_notification``, ``send_batch_notifications``, ``broadcast``, ``join_room``,
   ``leave_room``, ``get_presence`` (plus ``ping``/``echo``);
@@ -19,7 +22,7 @@ and ``websocket_secret`` in the config). It
   ``rate_limit_exceeded`` and ``retry_after``);
 * serves a tiny demo page at ``/`` (``/?token=...``) that shows incoming notifications.
 
-Frames to browsers are JSON ``{"type", "id", "payload", "timestamp"}``; ``type`` is one of
+Native frames to browsers are JSON ``{"type", "id", "payload", "timestamp"}``; ``type`` is one of
 ``welcome``, ``notification``, ``broadcast``, ``response``, ``error``, ``pong``.
 Frames from browsers: ``{"type": "ping"}`` or
 ``{"type": "request", "id": "...", "method": "...", "params": {...}}`` (the bridge).
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 import signal
@@ -50,6 +54,7 @@ from .auth import TokenClaims, TokenError, verify_token
 from .bridge import MAX_IN_FLIGHT, Bridge
 from .connection import Connection
 from .fanout import Fanout
+from .ipc import AUTH_TIMEOUT, IpcDialect, auth_frame, brings_token, first_frame_login, to_ipc
 from .methods import ServerMethods
 from .store import AsyncWSStore
 
@@ -98,6 +103,9 @@ class WebSocketServer:
       delivery_timeout: seconds to wait for sockets (and other instances) to take a frame.
       bridge_timeout: seconds a browser request waits for Django.
       rpc_concurrency: handler threads of the Streams consumer.
+      auth_timeout: seconds a socket without a token has to log in the django-ipc way.
+      jwt_audience: when set, tokens must carry this ``aud``.
+      jwt_issuer: when set, tokens must carry this ``iss``.
     """
 
     def __init__(
@@ -116,6 +124,9 @@ class WebSocketServer:
         delivery_timeout: float = 2.0,
         bridge_timeout: float = 30.0,
         rpc_concurrency: int = 16,
+        auth_timeout: float = AUTH_TIMEOUT,
+        jwt_audience: str | None = None,
+        jwt_issuer: str | None = None,
     ) -> None:
         self.config = config or get_config()
         if self.config.websocket_secret is None:
@@ -135,10 +146,14 @@ class WebSocketServer:
         self.delivery_timeout = delivery_timeout
         self.bridge_timeout = bridge_timeout
         self.rpc_concurrency = rpc_concurrency
+        self.auth_timeout = auth_timeout
+        self.jwt_audience = jwt_audience
+        self.jwt_issuer = jwt_issuer
         self.counters: Counter[str] = Counter()
         self._store: AsyncWSStore | None = None
         self._fanout: Fanout | None = None
         self._bridge: Bridge | None = None
+        self._ipc: IpcDialect | None = None
         self._stop: asyncio.Event | None = None
         self.bound_port: int | None = None
 
@@ -162,13 +177,25 @@ class WebSocketServer:
         header = request.headers.get("Authorization", "")
         if not token and header.lower().startswith("bearer "):
             token = header[7:].strip()
+        return self.verify(token)
+
+    def verify(self, token: str | None) -> TokenClaims:
+        """Check a JWT with this server's secret, audience and issuer."""
         secret = self.config.websocket_secret
-        return verify_token(token, secret.get_secret_value() if secret else None)
+        return verify_token(
+            token,
+            secret.get_secret_value() if secret else None,
+            audience=self.jwt_audience,
+            issuer=self.jwt_issuer,
+        )
 
     def _process_request(self, connection: Any, request: Any) -> Any:
-        """The HTTP side: ``GET`` (or ``HEAD``, headers only) of the demo page and
-        ``/healthz``, ``404`` elsewhere, ``405`` (with ``Allow``) for other methods; ``GET
-        /ws`` goes on to the WebSocket handshake."""
+        """The HTTP side: a WebSocket upgrade on any path goes on to the handshake (django-ipc's
+        clients use ``/`` or ``/ws``); otherwise ``GET`` (or ``HEAD``, headers only) of the demo
+        page, ``/healthz`` and ``/health`` (JSON), ``404`` elsewhere, ``405`` (with ``Allow``)
+        for other methods."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
         path = urlsplit(request.path).path
         method = getattr(request, "method", "GET")  # websockets < 14 parses GET only
         allowed = "GET" if path == "/ws" else "GET, HEAD"
@@ -178,11 +205,14 @@ class WebSocketServer:
             return response
         if path in ("/", "/demo", "/index.html"):
             html = resources.files(__package__ or "rpc_tasks.websocket").joinpath("static/demo.html")
-            response = connection.respond(HTTPStatus.OK, html.read_text(encoding="utf-8"))
-            del response.headers["Content-Type"]
-            response.headers["Content-Type"] = "text/html; charset=utf-8"
+            response = _typed(
+                connection.respond(HTTPStatus.OK, html.read_text(encoding="utf-8")), "text/html"
+            )
         elif path == "/healthz":
             response = connection.respond(HTTPStatus.OK, "ok\n")
+        elif path == "/health":
+            body = _health(self.instance_id, self._fanout)
+            response = _typed(connection.respond(HTTPStatus.OK, body), "application/json")
         elif path != "/ws":
             response = connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         else:
@@ -194,23 +224,42 @@ class WebSocketServer:
     # -- sockets -------------------------------------------------------------------------------
 
     async def _handler(self, ws: Any) -> None:
-        try:
-            claims = self.authenticate(ws.request)
-        except TokenError as exc:
-            self.counters["refused"] += 1
-            await ws.close(frames.CLOSE_UNAUTHORIZED, f"unauthorized: {exc.reason}")
-            return
+        ipc = not brings_token(ws.request)
+        if ipc:
+            claims = await first_frame_login(ws, self.verify, self.auth_timeout)
+            if claims is None:
+                self.counters["refused"] += 1
+                return
+        else:
+            try:
+                claims = self.authenticate(ws.request)
+            except TokenError as exc:
+                self.counters["refused"] += 1
+                await ws.close(frames.CLOSE_UNAUTHORIZED, f"unauthorized: {exc.reason}")
+                return
         info = ConnectionInfo(
             connection_id=uuid.uuid4().hex, user_id=claims.user_id, instance_id=self.instance_id
         )
-        conn = Connection(ws, info, send_queue=self.send_queue, burst=self.burst, counters=self.counters)
+        conn = Connection(
+            ws,
+            info,
+            send_queue=self.send_queue,
+            burst=self.burst,
+            counters=self.counters,
+            translate=to_ipc if ipc else None,
+        )
         self.fanout.add(conn)
         self.counters["connected"] += 1
         writer = asyncio.create_task(conn.write_loop())
         try:
             await self.store.register(conn.id, conn.user_id, info.model_dump_json().encode())
-            welcome = {"connection_id": conn.id, "user_id": conn.user_id, "instance_id": self.instance_id}
-            conn.offer(frames.frame("welcome", welcome))
+            if ipc:
+                from .. import __version__
+
+                conn.offer(auth_frame(__version__))
+            else:
+                welcome = {"connection_id": conn.id, "user_id": conn.user_id, "instance_id": self.instance_id}
+                conn.offer(frames.frame("welcome", welcome))
             async for message in ws:
                 self._on_message(conn, message)
         except Exception as exc:  # ConnectionClosed and friends
@@ -230,6 +279,9 @@ class WebSocketServer:
         if retry_after is not None:
             self.counters["rate_limited"] += 1
             conn.error(None, RPCErrorCode.RATE_LIMIT_EXCEEDED, "too many messages", retry_after)
+            return
+        if conn.translate is not None and self._ipc is not None:
+            self._ipc.on_message(conn, message)
             return
         obj = frames.parse(message)
         if isinstance(obj, str):
@@ -286,6 +338,7 @@ class WebSocketServer:
             counters=self.counters,
         )
         self._bridge = Bridge(self.config, store, self.bridge_timeout) if self.config.enable_bridge else None
+        self._ipc = IpcDialect(store, self._bridge)
         listening = asyncio.Event()
         tasks = [asyncio.create_task(fanout.listen(listening)), asyncio.create_task(self._heartbeat())]
         rpc: Any = None
@@ -337,3 +390,18 @@ class WebSocketServer:
             await self.serve(stop)
 
         asyncio.run(main())
+
+
+def _typed(response: Any, content_type: str) -> Any:
+    """``response`` with its ``Content-Type`` replaced (``respond`` writes text/plain)."""
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = f"{content_type}; charset=utf-8"
+    return response
+
+
+def _health(instance_id: str, fanout: Fanout | None) -> str:
+    """``GET /health``: JSON like django-ipc's health endpoint (this instance's sockets)."""
+    conns = list(fanout.conns.values()) if fanout is not None else []
+    users = len({c.user_id for c in conns})
+    body = {"status": "ok", "server_id": instance_id, "connections": len(conns), "users": users}
+    return json.dumps(body | {"authenticated": len(conns)})

@@ -333,6 +333,7 @@ def test_poison_entries_go_to_the_dead_letter_stream(
                     "reply_to": reply_to,
                     "timeout": 5,
                     "params": {},
+                    "extensions": ["error_details"],  # else the code is the older peers' invalid_params
                 }
             ).encode()
         },
