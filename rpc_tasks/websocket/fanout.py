@@ -14,6 +14,7 @@ import json
 import logging
 import uuid
 from collections import Counter, defaultdict
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -202,3 +203,25 @@ class Fanout:
             logger.warning("ignoring malformed Pub/Sub message: %s", exc)
         except RPCException as exc:
             logger.warning("could not handle Pub/Sub message: %s", exc)
+
+    async def heartbeat(self, presence_ttl: float) -> None:
+        """Keep this instance's and its sockets' presence alive (every ``presence_ttl / 3``
+        seconds, and at once when :attr:`resync` is set after Redis came back)."""
+        period = max(0.2, presence_ttl / 3)
+        retry = 0.5
+        while True:
+            records = []
+            for conn in list(self.conns.values()):
+                conn.info.last_seen = datetime.now(timezone.utc)
+                records.append((conn.id, conn.user_id, conn.info.model_dump_json().encode()))
+            try:
+                await self.store.refresh(self.instance_id, records)
+                wait, retry = period, 0.5
+            except RPCException as exc:
+                # Retry sooner than a full period: after a Redis restart (no presence left)
+                # users would look offline until the next successful refresh.
+                logger.warning("presence heartbeat failed: %s", exc)
+                wait, retry = min(retry, period), min(retry * 2, period)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.resync.wait(), wait)
+            self.resync.clear()

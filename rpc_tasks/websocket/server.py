@@ -31,7 +31,6 @@ Frames from browsers: ``{"type": "ping"}`` or
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -39,7 +38,6 @@ import re
 import signal
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -303,27 +301,6 @@ class WebSocketServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
-        period = max(0.2, self.presence_ttl / 3)
-        retry = 0.5
-        resync = self.fanout.resync
-        while True:
-            records = []
-            for conn in list(self.fanout.conns.values()):
-                conn.info.last_seen = datetime.now(timezone.utc)
-                records.append((conn.id, conn.user_id, conn.info.model_dump_json().encode()))
-            try:
-                await self.store.refresh(self.instance_id, records)
-                wait, retry = period, 0.5
-            except RPCException as exc:
-                # Retry sooner than a full period: after a Redis restart (no presence left)
-                # users would look offline until the next successful refresh.
-                logger.warning("presence heartbeat failed: %s", exc)
-                wait, retry = min(retry, period), min(retry * 2, period)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(resync.wait(), wait)
-            resync.clear()
-
     async def serve(self, stop: asyncio.Event | None = None, started: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set."""
         from websockets.asyncio.server import serve
@@ -340,7 +317,10 @@ class WebSocketServer:
         self._bridge = Bridge(self.config, store, self.bridge_timeout) if self.config.enable_bridge else None
         self._ipc = IpcDialect(store, self._bridge)
         listening = asyncio.Event()
-        tasks = [asyncio.create_task(fanout.listen(listening)), asyncio.create_task(self._heartbeat())]
+        tasks = [
+            asyncio.create_task(fanout.listen(listening)),
+            asyncio.create_task(fanout.heartbeat(self.presence_ttl)),
+        ]
         rpc: Any = None
         try:
             await asyncio.wait_for(listening.wait(), 10)
