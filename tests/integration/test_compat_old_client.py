@@ -147,6 +147,8 @@ def test_old_client_fire_and_forget_runs_the_handler(server: RPCServer, old: leg
     request = legacy.NotificationRequest(user_id="7", type="ping_me", title="T", message="M")
     old.fire_and_forget("send_notification", request)
     wait_until(lambda: any(s.user_id == "7" for s in server.seen), timeout=10)  # type: ignore[attr-defined]
+    seen = [s for s in server.seen if s.user_id == "7"]  # type: ignore[attr-defined]
+    assert len(seen) == 1 and seen[0].notification_type == "ping_me"
 
 
 def test_unreadable_request_gets_a_reply_with_a_uuid_correlation_id(
