@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from benchmarks import aio_report
 from benchmarks.common import median, percentile
 
 #: Table order and what each path is compared with ("floor").
@@ -18,6 +19,9 @@ PATH_ORDER = (
     "plain-send",
     "dramatiq-send",
     "inflight",
+    "acall",
+    "acall-1k",
+    "acall-10k",
     "inflight-dramatiq",
     "dramatiq-results",
     "celery",
@@ -37,6 +41,9 @@ DESCRIPTIONS = {
     "plain-send": "plain @dramatiq.actor .send() on the same broker and worker as send, measured like send",
     "dramatiq-send": "plain @dramatiq.actor .send(), Dramatiq RedisBroker, measured like send",
     "inflight": ".call_many() batches from one thread (calls/s only)",
+    "acall": "await .acall(), one at a time, one event loop (call's worker)",
+    "acall-1k": "1,000 .acall()s kept in flight from one loop (calls/s, loop lag)",
+    "acall-10k": "10,000 .acall()s at once from one loop (calls/s, connections, RSS, loop lag)",
     "inflight-dramatiq": "Dramatiq Results: batches of .send(), then get_result(block=True) of each "
     "(calls/s only)",
     "dramatiq-results": "Dramatiq Results: @dramatiq.actor(store_results=True), get_result(block=True)",
@@ -77,7 +84,7 @@ def summarize(raw: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any
             "max_ms": max(lat) if lat else math.nan,
             "redis_cmds_per_call": cmds / calls if calls else math.nan,
         }
-        for extra in ("enqueue_per_s", "drain_after_last_send_s"):
+        for extra in ("enqueue_per_s", "drain_after_last_send_s", *aio_report.EXTRA_KEYS):
             if extra in run:
                 entry[extra] = run[extra]
         if run.get("batch_ms"):
@@ -97,6 +104,7 @@ def summarize(raw: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any
         "drain_after_last_send_s",
         "batch_p50_ms",
         "batch_p99_ms",
+        *aio_report.EXTRA_KEYS,
     ):
         values = [r[key] for r in runs if key in r]
         if values:
@@ -215,6 +223,7 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             if _measured(call, "p50_ms") and call is not None
             else math.nan,
         }
+    out |= aio_report.comparisons(summaries)
     return out
 
 
@@ -272,6 +281,7 @@ def comparison_lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"{_f(c['call_vs_scripts_floor'], '.2f')}x (+{_f(c['call_minus_scripts_floor_ms'], '.3f')} ms: "
             f"Dramatiq's worker, middleware and validation)"
         )
+    lines += aio_report.lines(comp)
     return ["Ratios:", *(f"  {line}" for line in lines)] if lines else []
 
 

@@ -80,6 +80,9 @@ WORKER_OF = {
     "send": "rpc",
     "plain-send": "rpc",
     "inflight": "rpc",
+    "acall": "rpc",
+    "acall-1k": "rpc",
+    "acall-10k": "rpc",
     "call-plain": "rpc-plain",
     "call-rabbitmq": "rpc-rabbitmq",
     "dramatiq-send": "dramatiq-plain",
@@ -92,7 +95,10 @@ WORKER_OF = {
 #: The floors share a group (and so interleaved runs) with the paths whose goals are ratios to
 #: them: on a noisy machine, ratios of runs minutes apart move with the machine, not the code.
 GROUPS = (
-    Group("rpc", ("raw", "scripts-floor", "call", "send", "plain-send", "inflight")),
+    Group(
+        "rpc",
+        ("raw", "scripts-floor", "call", "send", "plain-send", "inflight", "acall", "acall-1k", "acall-10k"),
+    ),
     Group("rpc-plain", ("call-plain",)),
     Group("rpc-rabbitmq", ("call-rabbitmq",)),
     Group("dramatiq-plain", ("dramatiq-send",)),
@@ -314,6 +320,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="window of the idle CPU measurement")
     parser.add_argument("--threads", type=int, default=4, help="worker threads (Dramatiq, RPCServer)")
     parser.add_argument("--batch", type=int, default=100, help="calls in flight per call_many()")
+    parser.add_argument("--concurrency", type=int, default=10_000, help="acalls at once in acall-10k")
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
@@ -462,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.idle_gap),
                 "--batch",
                 str(args.batch),
+                "--concurrency",
+                str(args.concurrency),
                 "--max-seconds",
                 str(budget),
                 "--out",
