@@ -3,10 +3,11 @@
 
 Same requests (:func:`rpc_tasks.protocol.encode_request`, the ``XADD`` of
 :meth:`StreamIO.request_command <rpc_tasks.streams.io.StreamIO.request_command>`), same
-replies, same errors: a server cannot tell the two apart. The reply address is the loop's
-reply inbox (a list under ``response_key_prefix``, see :mod:`rpc_tasks.aio.replies`) instead
-of one list per call, which servers treat like any other reply address. Every command goes
-through the loop's pipe, so any number of concurrent calls share two connections.
+replies, same errors: a server cannot tell the two apart. A lone call waits on its own reply
+key, as the sync client does (:mod:`rpc_tasks.aio.lane`); concurrent calls give the loop's
+reply inbox as their address (a list under ``response_key_prefix``, see
+:mod:`rpc_tasks.aio.replies`), which servers treat like any other reply address, and their
+commands go through the loop's pipe: any number of concurrent calls share three connections.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..models.errors import RPCError
 from ..streams.builtins import PING_METHOD, PingParams, PingResult
 from ..streams.io import StreamIO
 from .connection import ConnectionSpec, loop_local
+from .lane import FastLane, FirstCommandFailed
 from .replies import ReplyReader
 
 logger = logging.getLogger(__name__)
@@ -82,28 +84,12 @@ class AsyncWebSocketRPCClient:
             raise ValueError(f"timeout must be at most {protocol.MAX_REQUEST_TIMEOUT} s")
         started = time.monotonic()
         correlation_id = new_correlation_id()
-        reader = self._reader()
-        future = reader.expect(correlation_id)
-        loop = asyncio.get_running_loop()
-        timer = loop.call_at(loop.time() + timeout, _expire, future, method, timeout)
         outcome = "error"
         try:
-            payload = protocol.encode_request(
-                method,
-                params,
-                reply_to=reader.inbox,
-                timeout=protocol.wire_timeout(timeout),
-                correlation_id=correlation_id,
-                extensions=self._extensions,
-                max_bytes=self.config.max_payload_bytes,
-            )
-            request = StreamIO.request_command(self.config.request_stream, payload, self.config.stream_maxlen)
-            await self._run("XADD", request)
-            try:
-                response = await future
-            except RPCTimeoutError:
+            response = await self._request(method, params, correlation_id, timeout)
+            if response is None:
                 outcome = "timeout"
-                raise
+                raise RPCTimeoutError(method, timeout)
             if not response.success:
                 error = response.error or RPCError(message="remote call failed")
                 outcome = f"remote_error:{error.wire_code}"
@@ -112,11 +98,52 @@ class AsyncWebSocketRPCClient:
             outcome = "ok"
             return result
         finally:
+            self._log(method, correlation_id, started, outcome)
+
+    def _encode(self, method: str, params: BaseModel, correlation_id: str, reply_to: str, timeout: float) -> bytes:
+        return protocol.encode_request(
+            method,
+            params,
+            reply_to=reply_to,
+            timeout=protocol.wire_timeout(timeout),
+            correlation_id=correlation_id,
+            extensions=self._extensions,
+            max_bytes=self.config.max_payload_bytes,
+        )
+
+    async def _request(
+        self, method: str, params: BaseModel, correlation_id: str, timeout: float
+    ) -> protocol.Response | None:
+        """Send the request and wait for its decoded response (``None``: timed out). A lone
+        call uses the fast lane (its own reply key, one round trip), others the loop's inbox."""
+        reader = self._reader()
+        lane: FastLane = loop_local(("ws-lane", self), lambda: FastLane(self.spec))
+        stream, maxlen = self.config.request_stream, self.config.stream_maxlen
+        if not reader.waiting and not lane.busy:
+            reply_to = protocol.reply_key(self.config.response_key_prefix, correlation_id)
+            payload = self._encode(method, params, correlation_id, reply_to, timeout)
+            try:
+                raw = await lane.request(StreamIO.request_command(stream, payload, maxlen), reply_to, timeout)
+            except FirstCommandFailed as exc:
+                raise RPCConnectionError(f"Redis XADD failed: {exc}") from exc.__cause__
+            except (redis.RedisError, OSError) as exc:
+                raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
+            return None if raw is None else protocol.decode_response(raw, max_bytes=self.config.max_payload_bytes)
+        future = reader.expect(correlation_id)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + timeout, _expire, future, method, timeout)
+        try:
+            payload = self._encode(method, params, correlation_id, reader.inbox, timeout)
+            await self._run("XADD", StreamIO.request_command(stream, payload, maxlen))
+            try:
+                return await future
+            except RPCTimeoutError:
+                return None
+        finally:
             timer.cancel()
             reader.forget(correlation_id)
             if future.done() and not future.cancelled():
                 future.exception()
-            self._log(method, correlation_id, started, outcome)
 
     async def fire_and_forget(self, method: str, params: BaseModel) -> str:
         """Send a request nobody waits for (``timeout = 0``); returns the stream entry id."""
