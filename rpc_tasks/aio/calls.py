@@ -62,20 +62,19 @@ def reader_for(channel: ReplyChannel) -> ReplyReader:
 
 
 def _broker_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe | None:
-    """The pipe that runs ``broker``'s enqueue command on this loop, or ``None`` (use a thread)."""
-    if not callable(getattr(broker, "enqueue_command", None)):
-        return None
-    client = getattr(broker, "client", None)
-    if client is None:
-        return None
-    if same_redis(client, channel.client):
-        return reader_for(channel).pipe
+    """The pipe that runs ``broker``'s enqueue command on this loop, or ``None`` (use a thread).
+    Worked out once per loop, broker and channel."""
 
     def build() -> CommandPipe | bool:
+        client = getattr(broker, "client", None)
+        if not callable(getattr(broker, "enqueue_command", None)) or client is None:
+            return False
+        if same_redis(client, channel.client):
+            return reader_for(channel).pipe
         spec = ConnectionSpec.like(client)
         return False if spec is None else CommandPipe(spec)
 
-    pipe = loop_local(("pipe", broker), build)
+    pipe = loop_local(("pipe", broker, channel), build)
     return pipe if isinstance(pipe, CommandPipe) else None
 
 

@@ -29,7 +29,7 @@ from ..redis.connection import pack
 
 #: Most commands sent in one write (keeps each step of the loop short).
 MAX_BATCH = 32
-#: Seconds a non-blocking command's reply may take before the connection counts as lost.
+#: Seconds the first reply of a write may take before the connection counts as lost.
 REPLY_TIMEOUT = 30.0
 
 #: Settings a sync connection and its ``redis.asyncio`` twin share.
@@ -71,8 +71,10 @@ class ConnectionSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def connect(self) -> Any:
-        """A new (not yet connected) connection; it connects on its first command."""
-        return self.connection_class(**self.kwargs)
+        """A new (not yet connected) connection; it connects on its first command. It has no
+        socket timeout (redis-py's default of 5 s would wrap every write in a task and every
+        read in a timer): reads that may wait say how long themselves (see :func:`read_reply`)."""
+        return self.connection_class(**{**self.kwargs, "socket_timeout": None})
 
     @classmethod
     def from_url(cls, url: str) -> ConnectionSpec:
@@ -183,9 +185,11 @@ async def send_batch(
     try:
         # The hot paths' RESP packer (redis-py's pure-Python one costs ~10x more per command).
         await conn.send_packed_command(pack(conn, commands), check_health=False)
-        for _, future in batch:
+        for index, (_, future) in enumerate(batch):
             try:
-                reply = await read_reply(conn, REPLY_TIMEOUT)
+                # The first reply of a write is waited for with a timeout (a stalled server),
+                # the others follow it (a timer per reply would cost more than the read).
+                reply = await (read_reply(conn, REPLY_TIMEOUT) if index == 0 else conn.read_response())
             except redis.ResponseError as exc:
                 if not future.done():
                     future.set_exception(exc)
@@ -230,5 +234,8 @@ async def aclose_loop_connections() -> None:
     before the loop ends (e.g. at the end of ``asyncio.run``'s main) to close the sockets
     cleanly."""
     table = _per_loop.pop(asyncio.get_running_loop(), {})
+    closed: set[int] = set()
     for value in table.values():
-        await value.aclose()
+        if id(value) not in closed and callable(getattr(value, "aclose", None)):
+            closed.add(id(value))
+            await value.aclose()

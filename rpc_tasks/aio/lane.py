@@ -74,7 +74,7 @@ class FastLane:
             if popped is None:
                 await conn.disconnect(nowait=True)
                 return None
-            await read_reply(conn, REPLY_TIMEOUT)  # the DEL
+            await conn.read_response()  # the DEL, run as soon as the BLPOP returned
         except BaseException:
             # Lost connection, or a cancelled caller: never reuse a connection with replies
             # still in flight (redis-py has usually dropped it already).

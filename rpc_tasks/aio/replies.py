@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from .. import protocol
 from ..exceptions import RPCConnectionError, RPCException
-from .connection import REPLY_TIMEOUT, CommandPipe, ConnectionSpec, read_reply, send_batch
+from .connection import CommandPipe, ConnectionSpec, read_reply, send_batch
 
 #: Server-side timeout of the reader's ``BLPOP`` (it loops while calls wait).
 BLOCK_SECONDS = 5
@@ -120,7 +120,7 @@ class ReplyReader:
                 self._blocking = True
                 popped = await read_reply(conn, BLOCK_SECONDS + _SLACK)
                 self._blocking = False
-                rest = await read_reply(conn, REPLY_TIMEOUT)
+                rest = await conn.read_response()  # LPOP: runs as soon as the BLPOP returned
                 self._taking = True
                 if popped:
                     self._deliver(popped[1])
