@@ -295,7 +295,7 @@ class FakeRPCClient:
             yield self
         finally:
             with client_module._client_lock, async_module._client_lock:
-                client_module._client, async_module._client = previous  # type: ignore[assignment]
+                client_module._client, async_module._client = previous
 
     @property
     def aio(self) -> AsyncFakeRPCClient:

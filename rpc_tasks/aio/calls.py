@@ -88,11 +88,14 @@ async def _enqueue(
     return await _finish(actor, message, _submit(actor, message, pipe))
 
 
-def _submit(actor: RPCActor[Any, Any], message: dramatiq.Message[Any], pipe: CommandPipe) -> asyncio.Future[Any]:
+def _submit(
+    actor: RPCActor[Any, Any], message: dramatiq.Message[Any], pipe: CommandPipe
+) -> asyncio.Future[Any]:
     """Queue the broker's enqueue command of ``message`` on ``pipe`` (runs the before-enqueue
     hooks now)."""
     try:
-        return pipe.submit(actor.broker.enqueue_command(message))
+        broker: Any = actor.broker  # a BlockingRedisBroker (see _broker_pipe)
+        return pipe.submit(broker.enqueue_command(message))
     except _ENQUEUE_ERRORS as exc:
         raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
 
@@ -101,7 +104,7 @@ async def _finish(
     actor: RPCActor[Any, Any], message: dramatiq.Message[Any], future: asyncio.Future[Any]
 ) -> dramatiq.Message[Any]:
     """Wait for a submitted enqueue, then run the after-enqueue hooks."""
-    broker = actor.broker
+    broker: Any = actor.broker
     try:
         try:
             await future
@@ -116,10 +119,10 @@ async def _finish(
     return message
 
 
-def _expire(futures: Sequence[asyncio.Future[Any]], error: RPCTimeoutError) -> None:
+def _expire(futures: Sequence[asyncio.Future[Any]], method: str, timeout: float) -> None:
     for future in futures:
         if not future.done():
-            future.set_exception(RPCTimeoutError(error.method, error.timeout_seconds))
+            future.set_exception(RPCTimeoutError(method, timeout))
 
 
 def _result(actor: RPCActor[Any, Any], response: protocol.Response) -> Any:
@@ -152,14 +155,16 @@ async def acall(
     message.options[protocol.OPTION_DEADLINE] = deadline
     loop = asyncio.get_running_loop()
     timer = loop.call_at(
-        loop.time() + (deadline - time.time()), _expire, (future,), RPCTimeoutError(actor.actor_name, timeout)
+        loop.time() + (deadline - time.time()), _expire, (future,), actor.actor_name, timeout
     )
+    correlation_id = message.message_id
     try:
         await _enqueue(actor, message, delay, pipe)
+        del message, params  # only the reply is left to wait for: free the request meanwhile
         response = await future
     finally:
         timer.cancel()
-        reader.forget(message.message_id)
+        reader.forget(correlation_id)
         if future.done() and not future.cancelled():
             future.exception()  # retrieved (e.g. a timeout while the enqueue failed)
     return _result(actor, response)
@@ -181,7 +186,7 @@ async def _lone_call(
 ) -> Any:
     """A call nothing else waits alongside: enqueue, ``BLPOP`` and ``DEL`` of its own reply key
     in one write on the fast lane (as the sync ``.call()`` does; see :mod:`rpc_tasks.aio.lane`)."""
-    broker = actor.broker
+    broker: Any = actor.broker
     key = channel.key_for(message.message_id)
     message.options[protocol.OPTION_REPLY_TO] = key
     message.options[protocol.OPTION_DEADLINE] = deadline
@@ -235,8 +240,7 @@ async def acall_many(
         message.options[protocol.OPTION_REPLY_TO] = reader.inbox
         message.options[protocol.OPTION_DEADLINE] = deadline
     loop = asyncio.get_running_loop()
-    error = RPCTimeoutError(actor.actor_name, timeout)
-    timer = loop.call_at(loop.time() + (deadline - time.time()), _expire, futures, error)
+    timer = loop.call_at(loop.time() + (deadline - time.time()), _expire, futures, actor.actor_name, timeout)
     outcomes: list[Any] = []
     submitted: list[asyncio.Future[Any]] = []
     try:
@@ -254,7 +258,7 @@ async def acall_many(
                 outcomes.append(exc)
     finally:
         timer.cancel()
-        for message, future in zip(messages, futures, strict=True):
+        for message in messages:
             reader.forget(message.message_id)
         for future in [*futures, *submitted]:
             if future.done() and not future.cancelled():

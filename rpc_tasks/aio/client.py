@@ -59,7 +59,9 @@ class AsyncWebSocketRPCClient:
         config = self.config
 
         def build() -> ReplyReader:
-            return ReplyReader(self.spec, prefix=config.response_key_prefix, max_bytes=config.max_payload_bytes)
+            return ReplyReader(
+                self.spec, prefix=config.response_key_prefix, max_bytes=config.max_payload_bytes
+            )
 
         reader: ReplyReader = loop_local(("ws-client", self), build)
         return reader
@@ -100,7 +102,9 @@ class AsyncWebSocketRPCClient:
         finally:
             self._log(method, correlation_id, started, outcome)
 
-    def _encode(self, method: str, params: BaseModel, correlation_id: str, reply_to: str, timeout: float) -> bytes:
+    def _encode(
+        self, method: str, params: BaseModel, correlation_id: str, reply_to: str, timeout: float
+    ) -> bytes:
         return protocol.encode_request(
             method,
             params,
@@ -128,7 +132,11 @@ class AsyncWebSocketRPCClient:
                 raise RPCConnectionError(f"Redis XADD failed: {exc}") from exc.__cause__
             except (redis.RedisError, OSError) as exc:
                 raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
-            return None if raw is None else protocol.decode_response(raw, max_bytes=self.config.max_payload_bytes)
+            return (
+                None
+                if raw is None
+                else protocol.decode_response(raw, max_bytes=self.config.max_payload_bytes)
+            )
         future = reader.expect(correlation_id)
         loop = asyncio.get_running_loop()
         timer = loop.call_at(loop.time() + timeout, _expire, future, method, timeout)

@@ -28,7 +28,7 @@ from ..exceptions import RPCConnectionError
 from ..redis.connection import pack
 
 #: Most commands sent in one write (keeps each step of the loop short).
-MAX_BATCH = 32
+MAX_BATCH = 16
 #: Seconds the first reply of a write may take before the connection counts as lost.
 REPLY_TIMEOUT = 30.0
 

@@ -56,7 +56,10 @@ class FastLane:
             self._conn = self.spec.connect()
         conn = self._conn
         wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
-        commands: list[tuple[Any, ...]] = [("BLPOP", key, round(wait_for + SERVER_SLACK_SECONDS, 3)), ("DEL", key)]
+        commands: list[tuple[Any, ...]] = [
+            ("BLPOP", key, round(wait_for + SERVER_SLACK_SECONDS, 3)),
+            ("DEL", key),
+        ]
         if first is not None:
             commands.insert(0, first)
         try:

@@ -5,7 +5,7 @@ reader's *inbox* as its reply address: a list under ``response_key_prefix``
 (``<prefix>aio-<random hex>``), so workers and servers, which ``LPUSH`` + ``EXPIRE`` each reply
 to the address a request names, need no change and every reply keeps its TTL. The reader
 ``BLPOP``s the inbox (with ``LPOP <inbox> 32`` pipelined behind, so a burst of replies costs one
-round trip per 17), decodes each reply once and resolves the future of its correlation id.
+round trip per 9), decodes each reply once and resolves the future of its correlation id.
 Replies nobody waits for any more (the call timed out or was cancelled) are dropped and
 counted (``counters["dropped"]``).
 
@@ -37,7 +37,7 @@ from .connection import CommandPipe, ConnectionSpec, read_reply, send_batch
 BLOCK_SECONDS = 5
 #: Extra replies taken with each ``BLPOP`` (``LPOP <inbox> count``). Each reply wakes its
 #: caller in the loop's next step: more per round trip would make that step longer.
-POP_BATCH = 16
+POP_BATCH = 8
 _SLACK = 2.0
 
 

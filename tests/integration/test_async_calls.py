@@ -137,7 +137,9 @@ def test_timed_out_and_cancelled_calls_leave_no_task_future_or_key_without_ttl(r
         # The same through the reply reader: the first call takes the fast lane, the others
         # wait on the loop's inbox; all time out, or are cancelled, alike.
         slow = EchoParams(text="slow", sleep=0.6)
-        outcomes = await asyncio.gather(*(echo.acall(slow, timeout=0.2) for _ in range(3)), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(echo.acall(slow, timeout=0.2) for _ in range(3)), return_exceptions=True
+        )
         assert all(isinstance(o, RPCTimeoutError) for o in outcomes), outcomes
         lone = asyncio.ensure_future(echo.acall(slow, timeout=10))
         await asyncio.sleep(0.05)
@@ -175,7 +177,8 @@ def test_many_concurrent_calls_share_a_few_connections(redis_url: str) -> None:
     config = WebSocketRPCConfig(redis_url=redis_url, response_key_prefix=unique("test:resp") + ":")
     broker = BlockingRedisBroker(url=redis_url, namespace=unique("ns"))
     broker.add_middleware(
-        RPCReplies(config, redis_client=make_redis(redis_url, client_name=name)), before=type(broker.middleware[0])
+        RPCReplies(config, redis_client=make_redis(redis_url, client_name=name)),
+        before=type(broker.middleware[0]),
     )
     setup_broker(broker, config=config, set_global=False)
     echo = declare_echo(broker)
@@ -208,7 +211,8 @@ def test_waiting_calls_fail_with_connection_error_when_redis_restarts_then_recov
         async def scenario() -> None:
             assert await echo.acall(EchoParams(text="before"), timeout=10) == EchoResult(text="before")
             waiting = [
-                asyncio.ensure_future(echo.acall(EchoParams(text="slow", sleep=1.5), timeout=20)) for _ in range(3)
+                asyncio.ensure_future(echo.acall(EchoParams(text="slow", sleep=1.5), timeout=20))
+                for _ in range(3)
             ]
             await asyncio.sleep(0.3)
             await asyncio.to_thread(restart, server)

@@ -67,7 +67,9 @@ def test_async_client_call_errors_fire_and_forget_broadcast_and_health(redis_url
 
     async def scenario() -> None:
         assert await client.call("add", Add(a=1, b=2), Sum, timeout=10) == Sum(total=3)
-        results = await asyncio.gather(*(client.call("add", Add(a=i, b=1), Sum, timeout=10) for i in range(50)))
+        results = await asyncio.gather(
+            *(client.call("add", Add(a=i, b=1), Sum, timeout=10) for i in range(50))
+        )
         assert [r.total for r in results] == [i + 1 for i in range(50)]
         with pytest.raises(RPCRemoteError) as info:
             await client.call("add", Add(a=-1, b=0), Sum, timeout=10)
