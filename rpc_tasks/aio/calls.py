@@ -23,7 +23,7 @@ import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import dramatiq
 from dramatiq.asyncio import async_to_sync
@@ -39,8 +39,8 @@ from .connection import CommandPipe, ConnectionSpec, loop_local
 from .lane import FastLane, FirstCommandFailed
 from .replies import ReplyReader
 
-if TYPE_CHECKING:
-    from ..actor import RPCActor
+#: An :class:`rpc_tasks.RPCActor` (not imported: ``rpc_tasks.actor`` imports this module).
+Actor = Any
 
 _ENQUEUE_ERRORS = (ConnectionClosed, ConnectionFailed, RedisError, OSError)
 
@@ -79,7 +79,7 @@ def _broker_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe 
 
 
 async def _enqueue(
-    actor: RPCActor[Any, Any], message: dramatiq.Message[Any], delay: Any, pipe: CommandPipe | None
+    actor: Actor, message: dramatiq.Message[Any], delay: Any, pipe: CommandPipe | None
 ) -> dramatiq.Message[Any]:
     """Enqueue a freshly built message without blocking the loop; errors as the sync path's."""
     if pipe is None or delay is not None:
@@ -89,7 +89,7 @@ async def _enqueue(
 
 
 def _submit(
-    actor: RPCActor[Any, Any], message: dramatiq.Message[Any], pipe: CommandPipe
+    actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe
 ) -> asyncio.Future[Any]:
     """Queue the broker's enqueue command of ``message`` on ``pipe`` (runs the before-enqueue
     hooks now)."""
@@ -101,7 +101,7 @@ def _submit(
 
 
 async def _finish(
-    actor: RPCActor[Any, Any], message: dramatiq.Message[Any], future: asyncio.Future[Any]
+    actor: Actor, message: dramatiq.Message[Any], future: asyncio.Future[Any]
 ) -> dramatiq.Message[Any]:
     """Wait for a submitted enqueue, then run the after-enqueue hooks."""
     broker: Any = actor.broker
@@ -125,7 +125,7 @@ def _expire(futures: Sequence[asyncio.Future[Any]], method: str, timeout: float)
             future.set_exception(RPCTimeoutError(method, timeout))
 
 
-def _result(actor: RPCActor[Any, Any], response: protocol.Response) -> Any:
+def _result(actor: Actor, response: protocol.Response) -> Any:
     if not response.success:
         raise RPCRemoteError(response.error or RPCError(message="remote call failed"))
     if actor.result_model is None:
@@ -134,7 +134,7 @@ def _result(actor: RPCActor[Any, Any], response: protocol.Response) -> Any:
 
 
 async def acall(
-    actor: RPCActor[Any, Any], params: Any, timeout: float | None, options: dict[str, Any]
+    actor: Actor, params: Any, timeout: float | None, options: dict[str, Any]
 ) -> Any:
     """See :meth:`rpc_tasks.RPCActor.acall`."""
     replies = actor._replies()
@@ -177,7 +177,7 @@ def lane_for(channel: ReplyChannel) -> FastLane:
 
 
 async def _lone_call(
-    actor: RPCActor[Any, Any],
+    actor: Actor,
     message: dramatiq.Message[Any],
     channel: ReplyChannel,
     lane: FastLane,
@@ -216,7 +216,7 @@ def _failed(exc: BaseException) -> asyncio.Future[Any]:
 
 
 async def acall_many(
-    actor: RPCActor[Any, Any],
+    actor: Actor,
     params_list: Sequence[Any | Mapping[str, Any]],
     timeout: float | None,
     return_exceptions: bool,
@@ -270,7 +270,7 @@ async def acall_many(
     return outcomes
 
 
-async def asend(actor: RPCActor[Any, Any], params: Any, options: dict[str, Any]) -> dramatiq.Message[Any]:
+async def asend(actor: Actor, params: Any, options: dict[str, Any]) -> dramatiq.Message[Any]:
     """See :meth:`rpc_tasks.RPCActor.asend`."""
     delay = options.pop("delay", None)
     message = actor.message_with_options(args=(params,), **options)
@@ -290,7 +290,7 @@ async def _probe() -> None:  # pragma: no cover - never awaited
 _WRAPPER_CODE = getattr(async_to_sync(_probe), "__code__", None)
 
 
-def coroutine_function(actor: RPCActor[Any, Any]) -> Callable[..., Awaitable[Any]] | None:
+def coroutine_function(actor: Actor) -> Callable[..., Awaitable[Any]] | None:
     """The ``async def`` function of an async actor (Dramatiq wraps it with ``async_to_sync``
     to run it on the ``AsyncIO`` middleware's loop thread); ``None`` for a plain actor."""
     fn: Any = actor.fn
@@ -302,7 +302,7 @@ def coroutine_function(actor: RPCActor[Any, Any]) -> Callable[..., Awaitable[Any
     return None
 
 
-async def run_directly(actor: RPCActor[Any, Any], params: Any) -> Any:
+async def run_directly(actor: Actor, params: Any) -> Any:
     """``await actor(params)`` outside a worker: validate, await the function, check the result."""
     fn = coroutine_function(actor)
     if fn is None:  # pragma: no cover - only called for async actors

@@ -117,3 +117,27 @@ def test_async_actor_called_directly_is_awaited(redis_url: str) -> None:
     assert asyncio.run(double(Params(n=3))) == Result(doubled=6, loop_thread="direct")
     with pytest.raises(ValidationError):
         asyncio.run(double({"n": "x"}))
+
+
+def test_async_actor_time_limit_interrupts_the_coroutine(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+    cancelled: list[bool] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), time_limit=300, max_retries=0)
+    async def too_slow(params: Params) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    # The dramatiq CLI emits process_boot, which starts the TimeLimit watchdog thread; an
+    # in-process Worker does not.
+    broker.emit_after("process_boot")
+    with running_worker(broker, threads=2):
+        started = time.monotonic()
+        with pytest.raises(RPCRemoteError) as info:
+            too_slow.call(Params(n=1), timeout=10)
+        assert time.monotonic() - started < 5
+    assert info.value.error.code is RPCErrorCode.TIMEOUT
+    assert cancelled == [True]  # the coroutine itself was cancelled, not left running
