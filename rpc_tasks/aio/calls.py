@@ -88,9 +88,7 @@ async def _enqueue(
     return await _finish(actor, message, _submit(actor, message, pipe))
 
 
-def _submit(
-    actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe
-) -> asyncio.Future[Any]:
+def _submit(actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe) -> asyncio.Future[Any]:
     """Queue the broker's enqueue command of ``message`` on ``pipe`` (runs the before-enqueue
     hooks now)."""
     try:
@@ -133,9 +131,7 @@ def _result(actor: Actor, response: protocol.Response) -> Any:
     return actor.result_model.model_validate(response.result)
 
 
-async def acall(
-    actor: Actor, params: Any, timeout: float | None, options: dict[str, Any]
-) -> Any:
+async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[str, Any]) -> Any:
     """See :meth:`rpc_tasks.RPCActor.acall`."""
     replies = actor._replies()
     config = replies.config
