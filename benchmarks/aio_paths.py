@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any
 
-from benchmarks.client import CALL_TIMEOUT, CallPath
+from benchmarks.client import CALL_TIMEOUT, CallPath, Path
 from benchmarks.common import MESSAGE, percentile
 
 
@@ -238,4 +238,112 @@ def redis_connections(port: int | None = None) -> int:
     return count
 
 
-PATHS = {cls.name: cls for cls in (AcallPath, Acall1kPath, Acall10kPath)}
+# -- async peers ------------------------------------------------------------------------------
+
+
+class TaskiqPath(Path):
+    """Taskiq + taskiq-redis: ``await (await echo.kiq(x)).wait_result()`` at its default
+    ``check_interval`` (0.2 s)."""
+
+    name = "taskiq"
+    check_interval = 0.2
+
+    def setup(self) -> None:
+        state = _taskiq_state()
+        self.broker, self.echo, self.loop = state["broker"], state["echo"], state["loop"]
+
+    async def _one(self, timeout: float) -> None:
+        task = await self.echo.kiq(MESSAGE)
+        result = await task.wait_result(check_interval=self.check_interval, timeout=timeout)
+        if result.return_value != MESSAGE:
+            raise AssertionError(f"bad echo {result!r}")
+
+    def probe(self) -> None:
+        self.loop.run_until_complete(self._one(1.0))
+
+    def one(self) -> None:
+        self.loop.run_until_complete(self._one(CALL_TIMEOUT))
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        return dict(self.loop.run_until_complete(self._run(n, bar)))
+
+    async def _run(self, n: int, bar: Any) -> dict[str, Any]:
+        clock = time.perf_counter
+        latencies: list[float] = []
+        started = clock()
+        for _ in range(n):
+            t0 = clock()
+            await self._one(CALL_TIMEOUT)
+            latencies.append((clock() - t0) * 1000.0)
+            bar.update(1)
+        return {"calls": n, "elapsed_s": clock() - started, "latencies_ms": latencies}
+
+    def close(self) -> None:
+        state = _taskiq_state()
+        state["users"] -= 1
+        if state["users"] == 0:
+            self.loop.run_until_complete(self.broker.shutdown())
+            self.loop.close()
+
+
+#: The Taskiq broker is a module-level object bound to the loop it started on: one loop for
+#: the Taskiq paths of the process.
+_taskiq: dict[str, Any] = {}
+
+
+def _taskiq_state() -> dict[str, Any]:
+    if not _taskiq:
+        from benchmarks.workers.taskiq_app import broker, echo
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(broker.startup())
+        _taskiq.update(broker=broker, echo=echo, loop=loop, users=0)
+    _taskiq["users"] += 1
+    return _taskiq
+
+
+class TaskiqFastPath(TaskiqPath):
+    """Taskiq at its fastest: ``wait_result(check_interval=0)`` (polls the result key in a loop)."""
+
+    name = "taskiq-fast"
+    check_interval = 0.0
+
+
+class Taskiq10kPath(TaskiqPath):
+    """``--concurrency`` Taskiq calls at once from one loop (default ``check_interval``)."""
+
+    name = "taskiq-10k"
+    first_call = False
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        return dict(self.loop.run_until_complete(self._many(bar)))
+
+    async def _many(self, bar: Any) -> dict[str, Any]:
+        count = Acall10kPath.concurrency
+        baseline = redis_connections()
+        peak = {"conns": baseline}
+        done = asyncio.Event()
+
+        async def sampler() -> None:
+            while not done.is_set():
+                peak["conns"] = max(peak["conns"], redis_connections())
+                await asyncio.sleep(0.05)
+
+        watch = asyncio.ensure_future(sampler())
+        started = time.perf_counter()
+        await asyncio.gather(*(self._one(120.0) for _ in range(count)))
+        elapsed = time.perf_counter() - started
+        done.set()
+        watch.cancel()
+        bar.update(count)
+        return {
+            "calls": count,
+            "elapsed_s": elapsed,
+            "latencies_ms": [],
+            "peak_redis_connections": peak["conns"] - baseline,
+        }
+
+
+PATHS = {
+    cls.name: cls for cls in (AcallPath, Acall1kPath, Acall10kPath, TaskiqPath, TaskiqFastPath, Taskiq10kPath)
+}

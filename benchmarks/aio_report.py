@@ -62,6 +62,28 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             entry["inflight_calls_per_s"] = inflight["calls_per_s"]
             entry["ratio_to_inflight"] = many["calls_per_s"] / inflight["calls_per_s"]
         out["acall_10k"] = entry
+    peers = {p: summaries[p] for p in ("taskiq", "taskiq-fast") if _ok(summaries.get(p), "p50_ms")}
+    if _ok(acall, "p50_ms") and peers:
+        assert acall is not None
+        best = min(peers, key=lambda p: peers[p]["p50_ms"])
+        ratio = acall["p50_ms"] / peers[best]["p50_ms"]
+        out["acall_vs_async_peers"] = {
+            "acall_p50_ms": acall["p50_ms"],
+            "peers_p50_ms": {p: peers[p]["p50_ms"] for p in peers},
+            "best_peer": best,
+            "ratio_to_best": ratio,
+            "goal": 1 / 3,
+            "goal_met": ratio <= 1 / 3,
+        }
+    peer_many = summaries.get("taskiq-10k")
+    if _ok(many, "calls_per_s") and _ok(peer_many, "calls_per_s"):
+        assert many is not None and peer_many is not None
+        out["acall_10k_vs_taskiq_10k"] = {
+            "acall_calls_per_s": many["calls_per_s"],
+            "taskiq_calls_per_s": peer_many["calls_per_s"],
+            "taskiq_peak_redis_connections": peer_many.get("peak_redis_connections"),
+            "ratio": many["calls_per_s"] / peer_many["calls_per_s"],
+        }
     lag = summaries.get("acall-1k")
     if _ok(lag, "loop_lag_p99_ms"):
         assert lag is not None
@@ -106,6 +128,20 @@ def lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"{_f(c['client_cpu_us_per_call'], '.0f')} us/call; RSS growth "
             f"{_f(c['rss_growth_mb'], '.1f')} MB (goal < {MAX_RSS_GROWTH_MB:.0f}); loop lag p99 "
             f"{_f(c['loop_lag_p99_ms'], '.1f')} ms"
+        )
+    c = comp.get("acall_vs_async_peers")
+    if c:
+        peers = ", ".join(f"{p} {v:.3f} ms" for p, v in c["peers_p50_ms"].items())
+        verdict = "met" if c["goal_met"] else "NOT met"
+        out.append(
+            f"acall vs async peers: p50 {c['acall_p50_ms']:.3f} ms vs {peers}: "
+            f"{c['ratio_to_best']:.2f}x the best (goal <= 0.33: {verdict})"
+        )
+    c = comp.get("acall_10k_vs_taskiq_10k")
+    if c:
+        out.append(
+            f"acall-10k vs taskiq-10k: {c['acall_calls_per_s']:.0f} / {c['taskiq_calls_per_s']:.0f} calls/s "
+            f"= {c['ratio']:.2f}x (Taskiq's connections: {_f(c['taskiq_peak_redis_connections'], '.0f')})"
         )
     c = comp.get("acall_1k_loop_lag")
     if c:

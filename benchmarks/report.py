@@ -25,6 +25,9 @@ PATH_ORDER = (
     "inflight-dramatiq",
     "dramatiq-results",
     "celery",
+    "taskiq",
+    "taskiq-fast",
+    "taskiq-10k",
     "streams-raw",
     "streams",
 )
@@ -48,6 +51,10 @@ DESCRIPTIONS = {
     "(calls/s only)",
     "dramatiq-results": "Dramatiq Results: @dramatiq.actor(store_results=True), get_result(block=True)",
     "celery": "Celery 5, Redis broker + backend, -P solo, .delay().get()",
+    "taskiq": "Taskiq + taskiq-redis (RedisStreamBroker, RedisAsyncResultBackend), "
+    "await (await echo.kiq(x)).wait_result() (check_interval 0.2 s)",
+    "taskiq-fast": "the same with wait_result(check_interval=0)",
+    "taskiq-10k": "10,000 Taskiq calls at once from one loop (default check_interval)",
     "streams-raw": "Streams floor: client XADD+BLPOP, server XREADGROUP BLOCK+LPUSH+XACK",
     "streams": "WebSocketRPCClient.call('echo') against an RPCServer process",
 }

@@ -89,6 +89,9 @@ WORKER_OF = {
     "dramatiq-results": "dramatiq-results",
     "inflight-dramatiq": "dramatiq-results",
     "celery": "celery",
+    "taskiq": "taskiq",
+    "taskiq-fast": "taskiq",
+    "taskiq-10k": "taskiq",
     "streams-raw": "streams-raw",
     "streams": "streams",
 }
@@ -104,9 +107,12 @@ GROUPS = (
     Group("dramatiq-plain", ("dramatiq-send",)),
     Group("dramatiq-results", ("dramatiq-results", "inflight-dramatiq")),
     Group("celery", ("celery",)),
+    Group("taskiq", ("taskiq", "taskiq-fast", "taskiq-10k")),
     Group("streams", ("streams-raw", "streams")),
 )
 ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
+#: Groups whose comparison library is an optional bench dependency: (modules, what to say).
+OPTIONAL_PACKAGES = {"taskiq": (("taskiq", "taskiq_redis"), "taskiq/taskiq-redis")}
 
 
 def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[list[str], dict[str, str]]:
@@ -154,6 +160,19 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
             "WARNING",
             "-n",
             f"bench-{tag}@%h",
+        ]
+        return cmd, {}
+    if group == "taskiq":
+        cmd = [
+            py,
+            "-m",
+            "taskiq",
+            "worker",
+            "benchmarks.workers.taskiq_app:broker",
+            "--workers",
+            "1",
+            "--log-level",
+            "WARNING",
         ]
         return cmd, {}
     if group == "streams":
@@ -294,7 +313,18 @@ def release_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("rpc-tasks", "dramatiq", "redis", "hiredis", "pydantic", "pika", "celery", "kombu"):
+    for dist in (
+        "rpc-tasks",
+        "dramatiq",
+        "redis",
+        "hiredis",
+        "pydantic",
+        "pika",
+        "celery",
+        "kombu",
+        "taskiq",
+        "taskiq-redis",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -413,6 +443,13 @@ def main(argv: list[str] | None = None) -> int:
                 msg = "skipped: celery is not installed (pip install 'celery[redis]')"
                 print(f"[{i}/{len(groups)}] celery: {msg}", flush=True)
                 raw_results["celery"] = {"path": "celery", "skipped": msg}
+                continue
+            missing = OPTIONAL_PACKAGES.get(group.name)
+            if missing and any(importlib.util.find_spec(m) is None for m in missing[0]):
+                msg = f"skipped: {missing[1]} is not installed (pip install 'rpc-tasks[bench]')"
+                print(f"[{i}/{len(groups)}] {group.name}: {msg}", flush=True)
+                for p in paths:
+                    raw_results[p] = {"path": p, "skipped": msg}
                 continue
             if group.name == "rpc-rabbitmq":
                 problem, rabbitmq_version = rabbitmq_check(args.rabbitmq_url)
