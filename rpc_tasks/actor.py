@@ -12,7 +12,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
@@ -368,14 +368,17 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """True for an ``async def`` actor (run on Dramatiq's ``AsyncIO`` event loop thread)."""
         return _aio_calls.coroutine_function(self) is not None
 
-    async def acall(
+    # Plain methods returning the coroutine (``await actor.acall(...)``): one coroutine frame
+    # per waiting call instead of two (10,000 waiting calls: ~4 MB less).
+
+    def acall(
         self, params: TParams | Mapping[str, Any], /, *, timeout: float | None = None, **options: Any
-    ) -> TResult:
+    ) -> Coroutine[Any, Any, TResult]:
         """:meth:`call` for ``asyncio``: same validation, options, deadline, errors and result,
         waiting without blocking the event loop (see :mod:`rpc_tasks.aio.calls`)."""
-        return cast(TResult, await _aio_calls.acall(self, params, timeout, options))
+        return _aio_calls.acall(self, params, timeout, options)
 
-    async def acall_many(
+    def acall_many(
         self,
         params_list: Sequence[TParams | Mapping[str, Any]],
         /,
@@ -383,13 +386,15 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         timeout: float | None = None,
         return_exceptions: bool = False,
         **options: Any,
-    ) -> list[Any]:
+    ) -> Coroutine[Any, Any, list[Any]]:
         """:meth:`call_many` for ``asyncio`` (same arguments, results and errors)."""
-        return await _aio_calls.acall_many(self, params_list, timeout, return_exceptions, options)
+        return _aio_calls.acall_many(self, params_list, timeout, return_exceptions, options)
 
-    async def asend(self, params: TParams | Mapping[str, Any], /, **options: Any) -> dramatiq.Message[Any]:
+    def asend(
+        self, params: TParams | Mapping[str, Any], /, **options: Any
+    ) -> Coroutine[Any, Any, dramatiq.Message[Any]]:
         """:meth:`send` for ``asyncio``: validated, enqueued without blocking the loop."""
-        return await _aio_calls.asend(self, params, options)
+        return _aio_calls.asend(self, params, options)
 
 
 P = TypeVar("P", bound=BaseModel)
