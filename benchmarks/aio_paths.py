@@ -318,8 +318,11 @@ class Taskiq10kPath(TaskiqPath):
     def run(self, n: int, bar: Any) -> dict[str, Any]:
         return dict(self.loop.run_until_complete(self._many(bar)))
 
+    def count(self) -> int:
+        return Acall10kPath.concurrency
+
     async def _many(self, bar: Any) -> dict[str, Any]:
-        count = Acall10kPath.concurrency
+        count = self.count()
         baseline = redis_connections()
         peak = {"conns": baseline}
         done = asyncio.Event()
@@ -344,6 +347,24 @@ class Taskiq10kPath(TaskiqPath):
         }
 
 
+class Taskiq1kPath(Taskiq10kPath):
+    """1,000 Taskiq calls at once (at 10,000 its pools give up; see ``workers/taskiq_app.py``)."""
+
+    name = "taskiq-1k"
+
+    def count(self) -> int:
+        return 1000
+
+
 PATHS = {
-    cls.name: cls for cls in (AcallPath, Acall1kPath, Acall10kPath, TaskiqPath, TaskiqFastPath, Taskiq10kPath)
+    cls.name: cls
+    for cls in (
+        AcallPath,
+        Acall1kPath,
+        Acall10kPath,
+        TaskiqPath,
+        TaskiqFastPath,
+        Taskiq1kPath,
+        Taskiq10kPath,
+    )
 }

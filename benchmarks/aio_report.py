@@ -75,15 +75,21 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             "goal": 1 / 3,
             "goal_met": ratio <= 1 / 3,
         }
-    peer_many = summaries.get("taskiq-10k")
-    if _ok(many, "calls_per_s") and _ok(peer_many, "calls_per_s"):
-        assert many is not None and peer_many is not None
-        out["acall_10k_vs_taskiq_10k"] = {
-            "acall_calls_per_s": many["calls_per_s"],
-            "taskiq_calls_per_s": peer_many["calls_per_s"],
-            "taskiq_peak_redis_connections": peer_many.get("peak_redis_connections"),
-            "ratio": many["calls_per_s"] / peer_many["calls_per_s"],
-        }
+    for peer in ("taskiq-1k", "taskiq-10k"):
+        peer_many = summaries.get(peer)
+        if not _ok(many, "calls_per_s") or not peer_many:
+            continue
+        assert many is not None
+        entry = {"peer": peer, "acall_calls_per_s": many["calls_per_s"]}
+        if _ok(peer_many, "calls_per_s"):
+            entry |= {
+                "peer_calls_per_s": peer_many["calls_per_s"],
+                "peer_peak_redis_connections": peer_many.get("peak_redis_connections"),
+                "ratio": many["calls_per_s"] / peer_many["calls_per_s"],
+            }
+        else:
+            entry["peer_error"] = str(peer_many.get("error") or peer_many.get("skipped") or "not measured")
+        out[f"acall_10k_vs_{peer.replace('-', '_')}"] = entry
     lag = summaries.get("acall-1k")
     if _ok(lag, "loop_lag_p99_ms"):
         assert lag is not None
@@ -137,12 +143,16 @@ def lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"acall vs async peers: p50 {c['acall_p50_ms']:.3f} ms vs {peers}: "
             f"{c['ratio_to_best']:.2f}x the best (goal <= 0.33: {verdict})"
         )
-    c = comp.get("acall_10k_vs_taskiq_10k")
-    if c:
-        out.append(
-            f"acall-10k vs taskiq-10k: {c['acall_calls_per_s']:.0f} / {c['taskiq_calls_per_s']:.0f} calls/s "
-            f"= {c['ratio']:.2f}x (Taskiq's connections: {_f(c['taskiq_peak_redis_connections'], '.0f')})"
-        )
+    for key in ("acall_10k_vs_taskiq_1k", "acall_10k_vs_taskiq_10k"):
+        c = comp.get(key)
+        if c and "ratio" in c:
+            out.append(
+                f"acall-10k vs {c['peer']}: {c['acall_calls_per_s']:.0f} / {c['peer_calls_per_s']:.0f} "
+                f"calls/s = {c['ratio']:.2f}x (Taskiq's connections: "
+                f"{_f(c['peer_peak_redis_connections'], '.0f')})"
+            )
+        elif c:
+            out.append(f"acall-10k ({c['acall_calls_per_s']:.0f} calls/s) vs {c['peer']}: {c['peer_error']}")
     c = comp.get("acall_1k_loop_lag")
     if c:
         out.append(

@@ -27,6 +27,7 @@ PATH_ORDER = (
     "celery",
     "taskiq",
     "taskiq-fast",
+    "taskiq-1k",
     "taskiq-10k",
     "streams-raw",
     "streams",
@@ -54,6 +55,7 @@ DESCRIPTIONS = {
     "taskiq": "Taskiq + taskiq-redis (RedisStreamBroker, RedisAsyncResultBackend), "
     "await (await echo.kiq(x)).wait_result() (check_interval 0.2 s)",
     "taskiq-fast": "the same with wait_result(check_interval=0)",
+    "taskiq-1k": "1,000 Taskiq calls at once from one loop (default check_interval)",
     "taskiq-10k": "10,000 Taskiq calls at once from one loop (default check_interval)",
     "streams-raw": "Streams floor: client XADD+BLPOP, server XREADGROUP BLOCK+LPUSH+XACK",
     "streams": "WebSocketRPCClient.call('echo') against an RPCServer process",

@@ -91,6 +91,7 @@ WORKER_OF = {
     "celery": "celery",
     "taskiq": "taskiq",
     "taskiq-fast": "taskiq",
+    "taskiq-1k": "taskiq",
     "taskiq-10k": "taskiq",
     "streams-raw": "streams-raw",
     "streams": "streams",
@@ -107,7 +108,7 @@ GROUPS = (
     Group("dramatiq-plain", ("dramatiq-send",)),
     Group("dramatiq-results", ("dramatiq-results", "inflight-dramatiq")),
     Group("celery", ("celery",)),
-    Group("taskiq", ("taskiq", "taskiq-fast", "taskiq-10k")),
+    Group("taskiq", ("taskiq", "taskiq-fast", "taskiq-1k", "taskiq-10k")),
     Group("streams", ("streams-raw", "streams")),
 )
 ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)

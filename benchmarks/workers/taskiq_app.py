@@ -1,8 +1,9 @@
 """Taskiq path, worker side (also imported by the client): taskiq-redis's ``RedisStreamBroker``
 and ``RedisAsyncResultBackend``, stock settings apart from the URL, a per-run stream name,
-results that expire (60 s), pools of at most 200 connections each and a 30 s connect timeout
-(with its defaults, 10,000 concurrent calls fail with "Timeout connecting to server": a
-connection per waiting call, opened while the loop is busy starting the others).
+results that expire (60 s), and pools of at most 200 connections each, a 30 s connect timeout
+and 120 s to wait for a free connection. With its defaults, 10,000 concurrent calls fail:
+"Timeout connecting to server" (a connection per waiting call, opened while the loop is busy
+starting the others), then, with 200 connections, "No connection available" (20 s).
 
     taskiq worker benchmarks.workers.taskiq_app:broker --workers 1
 
