@@ -15,6 +15,7 @@ settings), taken from a redis-py client's pool or from a URL.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,8 +84,7 @@ class ConnectionSpec:
             pool = aredis.ConnectionPool.from_url(url)
         except (ValueError, RedisError) as exc:
             raise RPCConnectionError(f"bad Redis URL {redact_url(url)!r}: {exc}") from None
-        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _PORTABLE or k.startswith("ssl_")}
-        return cls(pool.connection_class, kwargs)
+        return cls(pool.connection_class, dict(pool.connection_kwargs))
 
     @classmethod
     def like(cls, client: redis.Redis) -> ConnectionSpec | None:
@@ -211,6 +211,7 @@ async def send_batch(
 
 #: Per event loop: the readers and pipes of that loop, by what they serve.
 _per_loop: dict[asyncio.AbstractEventLoop, dict[object, Any]] = {}
+_per_loop_lock = threading.Lock()
 
 
 def loop_local(key: object, factory: Callable[[], Any]) -> Any:
@@ -219,9 +220,10 @@ def loop_local(key: object, factory: Callable[[], Any]) -> Any:
     loop = asyncio.get_running_loop()
     table = _per_loop.get(loop)
     if table is None:
-        for old in [other for other in _per_loop if other.is_closed()]:
-            del _per_loop[old]
-        table = _per_loop[loop] = {}
+        with _per_loop_lock:  # loops of other threads may register at the same time
+            for old in [other for other in _per_loop if other.is_closed()]:
+                del _per_loop[old]
+            table = _per_loop.setdefault(loop, {})
     value = table.get(key)
     if value is None:
         value = table[key] = factory()
