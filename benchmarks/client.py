@@ -538,6 +538,7 @@ def main() -> int:
     parser.add_argument("--first-samples", type=int, default=5)
     parser.add_argument("--idle-gap", type=float, default=1.5)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=10_000, help="acalls at once in acall-10k")
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="hard limit of this process")
     parser.add_argument("--out", required=True)
@@ -549,6 +550,10 @@ def main() -> int:
     timer.start()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     InflightPath.batch = InflightDramatiqPath.batch = args.batch
+    from benchmarks import aio_paths  # the async paths (they subclass CallPath)
+
+    PATHS.update(aio_paths.PATHS)
+    aio_paths.Acall10kPath.concurrency = args.concurrency
 
     selected = [p for p in args.paths.split(",") if p]
     r = redis.Redis.from_url(redis_url())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from benchmarks import aio_report
 from benchmarks.common import median, percentile
 
 #: Table order and what each path is compared with ("floor").
@@ -18,9 +19,16 @@ PATH_ORDER = (
     "plain-send",
     "dramatiq-send",
     "inflight",
+    "acall",
+    "acall-1k",
+    "acall-10k",
     "inflight-dramatiq",
     "dramatiq-results",
     "celery",
+    "taskiq",
+    "taskiq-fast",
+    "taskiq-1k",
+    "taskiq-10k",
     "streams-raw",
     "streams",
 )
@@ -37,10 +45,18 @@ DESCRIPTIONS = {
     "plain-send": "plain @dramatiq.actor .send() on the same broker and worker as send, measured like send",
     "dramatiq-send": "plain @dramatiq.actor .send(), Dramatiq RedisBroker, measured like send",
     "inflight": ".call_many() batches from one thread (calls/s only)",
+    "acall": "await .acall(), one at a time, one event loop (call's worker)",
+    "acall-1k": "1,000 .acall()s kept in flight from one loop (calls/s, loop lag)",
+    "acall-10k": "10,000 .acall()s at once from one loop (calls/s, connections, RSS, loop lag)",
     "inflight-dramatiq": "Dramatiq Results: batches of .send(), then get_result(block=True) of each "
     "(calls/s only)",
     "dramatiq-results": "Dramatiq Results: @dramatiq.actor(store_results=True), get_result(block=True)",
     "celery": "Celery 5, Redis broker + backend, -P solo, .delay().get()",
+    "taskiq": "Taskiq + taskiq-redis (RedisStreamBroker, RedisAsyncResultBackend), "
+    "await (await echo.kiq(x)).wait_result() (check_interval 0.2 s)",
+    "taskiq-fast": "the same with wait_result(check_interval=0)",
+    "taskiq-1k": "1,000 Taskiq calls at once from one loop (default check_interval)",
+    "taskiq-10k": "10,000 Taskiq calls at once from one loop (default check_interval)",
     "streams-raw": "Streams floor: client XADD+BLPOP, server XREADGROUP BLOCK+LPUSH+XACK",
     "streams": "WebSocketRPCClient.call('echo') against an RPCServer process",
 }
@@ -77,7 +93,7 @@ def summarize(raw: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any
             "max_ms": max(lat) if lat else math.nan,
             "redis_cmds_per_call": cmds / calls if calls else math.nan,
         }
-        for extra in ("enqueue_per_s", "drain_after_last_send_s"):
+        for extra in ("enqueue_per_s", "drain_after_last_send_s", *aio_report.EXTRA_KEYS):
             if extra in run:
                 entry[extra] = run[extra]
         if run.get("batch_ms"):
@@ -97,6 +113,7 @@ def summarize(raw: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any
         "drain_after_last_send_s",
         "batch_p50_ms",
         "batch_p99_ms",
+        *aio_report.EXTRA_KEYS,
     ):
         values = [r[key] for r in runs if key in r]
         if values:
@@ -215,6 +232,7 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             if _measured(call, "p50_ms") and call is not None
             else math.nan,
         }
+    out |= aio_report.comparisons(summaries)
     return out
 
 
@@ -272,6 +290,7 @@ def comparison_lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"{_f(c['call_vs_scripts_floor'], '.2f')}x (+{_f(c['call_minus_scripts_floor_ms'], '.3f')} ms: "
             f"Dramatiq's worker, middleware and validation)"
         )
+    lines += aio_report.lines(comp)
     return ["Ratios:", *(f"  {line}" for line in lines)] if lines else []
 
 

@@ -80,27 +80,40 @@ WORKER_OF = {
     "send": "rpc",
     "plain-send": "rpc",
     "inflight": "rpc",
+    "acall": "rpc",
+    "acall-1k": "rpc",
+    "acall-10k": "rpc",
     "call-plain": "rpc-plain",
     "call-rabbitmq": "rpc-rabbitmq",
     "dramatiq-send": "dramatiq-plain",
     "dramatiq-results": "dramatiq-results",
     "inflight-dramatiq": "dramatiq-results",
     "celery": "celery",
+    "taskiq": "taskiq",
+    "taskiq-fast": "taskiq",
+    "taskiq-1k": "taskiq",
+    "taskiq-10k": "taskiq",
     "streams-raw": "streams-raw",
     "streams": "streams",
 }
 #: The floors share a group (and so interleaved runs) with the paths whose goals are ratios to
 #: them: on a noisy machine, ratios of runs minutes apart move with the machine, not the code.
 GROUPS = (
-    Group("rpc", ("raw", "scripts-floor", "call", "send", "plain-send", "inflight")),
+    Group(
+        "rpc",
+        ("raw", "scripts-floor", "call", "send", "plain-send", "inflight", "acall", "acall-1k", "acall-10k"),
+    ),
     Group("rpc-plain", ("call-plain",)),
     Group("rpc-rabbitmq", ("call-rabbitmq",)),
     Group("dramatiq-plain", ("dramatiq-send",)),
     Group("dramatiq-results", ("dramatiq-results", "inflight-dramatiq")),
     Group("celery", ("celery",)),
+    Group("taskiq", ("taskiq", "taskiq-fast", "taskiq-1k", "taskiq-10k")),
     Group("streams", ("streams-raw", "streams")),
 )
 ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
+#: Groups whose comparison library is an optional bench dependency: (modules, what to say).
+OPTIONAL_PACKAGES = {"taskiq": (("taskiq", "taskiq_redis"), "taskiq/taskiq-redis")}
 
 
 def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[list[str], dict[str, str]]:
@@ -148,6 +161,19 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
             "WARNING",
             "-n",
             f"bench-{tag}@%h",
+        ]
+        return cmd, {}
+    if group == "taskiq":
+        cmd = [
+            py,
+            "-m",
+            "taskiq",
+            "worker",
+            "benchmarks.workers.taskiq_app:broker",
+            "--workers",
+            "1",
+            "--log-level",
+            "WARNING",
         ]
         return cmd, {}
     if group == "streams":
@@ -288,7 +314,18 @@ def release_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("rpc-tasks", "dramatiq", "redis", "hiredis", "pydantic", "pika", "celery", "kombu"):
+    for dist in (
+        "rpc-tasks",
+        "dramatiq",
+        "redis",
+        "hiredis",
+        "pydantic",
+        "pika",
+        "celery",
+        "kombu",
+        "taskiq",
+        "taskiq-redis",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -314,6 +351,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="window of the idle CPU measurement")
     parser.add_argument("--threads", type=int, default=4, help="worker threads (Dramatiq, RPCServer)")
     parser.add_argument("--batch", type=int, default=100, help="calls in flight per call_many()")
+    parser.add_argument("--concurrency", type=int, default=10_000, help="acalls at once in acall-10k")
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
@@ -407,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(groups)}] celery: {msg}", flush=True)
                 raw_results["celery"] = {"path": "celery", "skipped": msg}
                 continue
+            missing = OPTIONAL_PACKAGES.get(group.name)
+            if missing and any(importlib.util.find_spec(m) is None for m in missing[0]):
+                msg = f"skipped: {missing[1]} is not installed (pip install 'rpc-tasks[bench]')"
+                print(f"[{i}/{len(groups)}] {group.name}: {msg}", flush=True)
+                for p in paths:
+                    raw_results[p] = {"path": p, "skipped": msg}
+                continue
             if group.name == "rpc-rabbitmq":
                 problem, rabbitmq_version = rabbitmq_check(args.rabbitmq_url)
                 if problem:
@@ -462,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.idle_gap),
                 "--batch",
                 str(args.batch),
+                "--concurrency",
+                str(args.concurrency),
                 "--max-seconds",
                 str(budget),
                 "--out",

@@ -12,9 +12,11 @@
 
     echo.send(EchoParams(message="hi"))
     result = echo.call(EchoParams(message="hi"), timeout=2.5)
+    result = await echo.acall(EchoParams(message="hi"), timeout=2.5)  # in a coroutine
 """
 
 from .actor import RPCActor, find_replies_middleware, rpc_actor
+from .aio import AsyncWebSocketRPCClient, aclose_loop_connections, get_async_rpc_client
 from .broker_setup import check_broker, install_middleware, middleware_paths, setup_broker
 from .config import WebSocketRPCConfig, get_config, redact_url
 from .context import current_message
@@ -64,6 +66,7 @@ from .streams import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncWebSocketRPCClient",
     "BaseRPCMessage",
     "BaseRPCRequest",
     "BaseRPCResponse",
@@ -102,9 +105,11 @@ __all__ = [
     "WebSocketRPCClient",
     "WebSocketRPCConfig",
     "__version__",
+    "aclose_loop_connections",
     "check_broker",
     "current_message",
     "find_replies_middleware",
+    "get_async_rpc_client",
     "get_config",
     "get_rpc_client",
     "install_middleware",

@@ -12,9 +12,9 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Generic, TypeVar, cast, overload
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 import dramatiq
 from dramatiq.errors import ConnectionClosed, ConnectionFailed
@@ -22,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from . import context, protocol
+from .aio import calls as _aio_calls
+from .broker_setup import install_asyncio
 from .exceptions import (
     RPCConfigurationError,
     RPCConnectionError,
@@ -307,6 +309,8 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         if not in_worker:
             if kwargs or len(args) != 1:
                 raise TypeError(f"{self.actor_name}() takes exactly one params argument")
+            if self.is_async:  # ``await actor(params)``, as calling the ``async def`` would be
+                return _aio_calls.run_directly(self, args[0])
             result = self._coerce_result(self.fn(self.validate_params(args[0])))
             return result
         assert ctx is not None
@@ -359,9 +363,59 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
     def _has_results_middleware(self) -> bool:
         return self._middleware_view()[1]
 
+    # -- async callers: see rpc_tasks.aio --------------------------------------------------------
+
+    @property
+    def is_async(self) -> bool:
+        """True for an ``async def`` actor (run on Dramatiq's ``AsyncIO`` event loop thread)."""
+        return _aio_calls.coroutine_function(self) is not None
+
+    # Plain methods returning the coroutine (``await actor.acall(...)``): one coroutine frame
+    # per waiting call instead of two (10,000 waiting calls: ~4 MB less).
+
+    def acall(
+        self, params: TParams | Mapping[str, Any], /, *, timeout: float | None = None, **options: Any
+    ) -> Coroutine[Any, Any, TResult]:
+        """:meth:`call` for ``asyncio``: same validation, options, deadline, errors and result,
+        waiting without blocking the event loop (see :mod:`rpc_tasks.aio.calls`)."""
+        return _aio_calls.acall(self, params, timeout, options)
+
+    def acall_many(
+        self,
+        params_list: Sequence[TParams | Mapping[str, Any]],
+        /,
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        **options: Any,
+    ) -> Coroutine[Any, Any, list[Any]]:
+        """:meth:`call_many` for ``asyncio`` (same arguments, results and errors)."""
+        return _aio_calls.acall_many(self, params_list, timeout, return_exceptions, options)
+
+    def asend(
+        self, params: TParams | Mapping[str, Any], /, **options: Any
+    ) -> Coroutine[Any, Any, dramatiq.Message[Any]]:
+        """:meth:`send` for ``asyncio``: validated, enqueued without blocking the loop."""
+        return _aio_calls.asend(self, params, options)
+
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R", bound="BaseModel | None")
+
+
+class RPCActorDecorator(Protocol):
+    """What ``@rpc_actor(...)`` with options returns: takes a plain or an ``async def``
+    function of one params model."""
+
+    @overload
+    def __call__(self, fn: Callable[[P], Awaitable[R]], /) -> RPCActor[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[[P], R], /) -> RPCActor[P, R]: ...
+
+
+@overload
+def rpc_actor(fn: Callable[[P], Awaitable[R]], /) -> RPCActor[P, R]: ...
 
 
 @overload
@@ -378,7 +432,7 @@ def rpc_actor(
     params_model: type[BaseModel] | None = None,
     result_model: type[BaseModel] | None = ...,
     **options: Any,
-) -> Callable[[Callable[[P], R]], RPCActor[P, R]]: ...
+) -> RPCActorDecorator: ...
 
 
 def rpc_actor(
@@ -409,11 +463,14 @@ def rpc_actor(
     are Dramatiq actor options (``max_retries``, ``time_limit``, ``min_backoff``, ...). The
     actor is declared on ``broker`` or on Dramatiq's global broker at decoration time, so set
     the broker up first (:func:`rpc_tasks.setup_broker`).
+
+    An ``async def`` function makes an async actor: workers run it on the event loop thread
+    of Dramatiq's ``AsyncIO`` middleware (added to the broker here if it lacks it), with the
+    same validation, retries, rate limits, deadlines and replies; ``await actor(params)`` runs
+    it in-process.
     """
 
     def decorator(fn: Callable[..., Any]) -> RPCActor[Any, Any]:
-        if inspect.iscoroutinefunction(fn):
-            raise TypeError("@rpc_actor supports plain (synchronous) functions only")
         pm, rm = infer_models(fn, params_model, result_model)
         if options.get("rate_limit") is not None:
             parse_rate(options["rate_limit"])  # a clear error now, not on the first message
@@ -428,6 +485,8 @@ def rpc_actor(
             **options,
         )
         functools.update_wrapper(actor, fn, updated=())
+        if inspect.iscoroutinefunction(fn):  # run by Dramatiq's AsyncIO middleware
+            install_asyncio(actor.broker)
         return cast(RPCActor[Any, Any], actor)
 
     if fn is not None:

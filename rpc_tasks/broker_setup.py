@@ -19,7 +19,14 @@ from .exceptions import RPCConfigurationError
 from .middleware import RPCRateLimits, RPCReplies, RPCRetries
 from .middleware.order import check_broker, middleware_paths
 
-__all__ = ["check_broker", "install_encoder", "install_middleware", "middleware_paths", "setup_broker"]
+__all__ = [
+    "check_broker",
+    "install_asyncio",
+    "install_encoder",
+    "install_middleware",
+    "middleware_paths",
+    "setup_broker",
+]
 
 
 def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | None = None) -> dramatiq.Broker:
@@ -57,6 +64,20 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
             broker.add_middleware(limits, before=first_after)
         else:
             broker.add_middleware(limits)
+    install_asyncio(broker)
+    return broker
+
+
+# -- async actors ------------------------------------------------------------------------------
+
+
+def install_asyncio(broker: dramatiq.Broker) -> dramatiq.Broker:
+    """Add Dramatiq's ``AsyncIO`` middleware (the event loop thread that runs ``async def``
+    actors) unless the broker has it (idempotent; ``@rpc_actor`` calls it for async actors)."""
+    from dramatiq.middleware.asyncio import AsyncIO
+
+    if not any(isinstance(m, AsyncIO) for m in broker.middleware):
+        broker.add_middleware(AsyncIO())
     return broker
 
 

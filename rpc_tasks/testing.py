@@ -1,6 +1,7 @@
 """Test helpers for projects that use rpc-tasks.
 
-* :class:`InlineRunner` - run ``@rpc_actor`` ``.call()`` / ``.send()`` in the calling thread,
+* :class:`InlineRunner` - run ``@rpc_actor`` ``.call()`` / ``.send()`` (and their async twins
+  ``acall`` / ``acall_many`` / ``asend``; ``async def`` actors too) in the calling thread,
   through the same validation and JSON round trip as the wire, and *simulate* the retry policy
   of :class:`middleware.RPCRetries` (``retry_after``, backoff, ``max_retries``, the caller's
   deadline) on a virtual clock: no sleeping, no Redis. ``runner.attempts`` records every attempt
@@ -8,7 +9,8 @@
 * :class:`FakeRPCClient` - a stand-in for :class:`~rpc_tasks.streams.client.WebSocketRPCClient` that you
   script: ``fake.returns("send_notification", NotificationResponse(...))``,
   ``fake.fails("send_notification", "rate_limit_exceeded", retry_after=2.5, times=2)``.
-  ``fake.install()`` makes :func:`rpc_tasks.get_rpc_client` return it.
+  ``fake.install()`` makes :func:`rpc_tasks.get_rpc_client` return it and
+  :func:`rpc_tasks.get_async_rpc_client` its coroutine twin (``fake.aio``).
 * :func:`in_process_worker` - a real ``dramatiq.Worker`` in this process (needs Redis for replies).
 * :class:`RPCTestCaseMixin` - both of the first two for ``unittest`` / Django ``TestCase``.
 * pytest fixtures: add ``pytest_plugins = ["rpc_tasks.testing"]`` to ``conftest.py`` for
@@ -20,10 +22,13 @@ with :func:`in_process_worker`).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import inspect
 import json
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
@@ -80,7 +85,43 @@ class InlineRunner:
                 runner._run(actor, message, None, reply=False)
             return message
 
-        self._patches = [mock.patch.object(RPCActor, "call", call), mock.patch.object(RPCActor, "send", send)]
+        async def acall(
+            actor: RPCActor[Any, Any], params: Any, /, *, timeout: float | None = None, **options: Any
+        ) -> Any:
+            return call(actor, params, timeout=timeout, **options)
+
+        async def acall_many(
+            actor: RPCActor[Any, Any],
+            params_list: Any,
+            /,
+            *,
+            timeout: float | None = None,
+            return_exceptions: bool = False,
+            **options: Any,
+        ) -> list[Any]:
+            outcomes: list[Any] = []
+            for params in params_list:
+                try:
+                    outcomes.append(call(actor, params, timeout=timeout, **options))
+                except (RPCRemoteError, RPCTimeoutError) as exc:
+                    if not return_exceptions:
+                        raise
+                    outcomes.append(exc)
+            return outcomes
+
+        async def asend(actor: RPCActor[Any, Any], params: Any, /, **options: Any) -> dramatiq.Message[Any]:
+            return send(actor, params, **options)
+
+        self._patches = [
+            mock.patch.object(RPCActor, name, fn)
+            for name, fn in (
+                ("call", call),
+                ("send", send),
+                ("acall", acall),
+                ("acall_many", acall_many),
+                ("asend", asend),
+            )
+        ]
         for p in self._patches:
             p.start()
         return self
@@ -114,6 +155,8 @@ class InlineRunner:
             self.attempts.append(attempt)
             try:
                 result = actor(payload)  # runs validation + the function, as a direct call does
+                if inspect.iscoroutine(result):  # an async actor
+                    result = _run_coroutine(result)
                 wire = json.loads(json.dumps(protocol.model_to_wire(result)))
                 return None if actor.result_model is None else actor.result_model.model_validate(wire)
             except Exception as exc:
@@ -138,6 +181,17 @@ class InlineRunner:
                     raise RPCRemoteError(final) from exc
                 retries += 1
                 clock_ms += delay
+
+
+def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run an async actor's coroutine to completion: on a new event loop in this thread, or in
+    a helper thread when this thread already runs one (an ``acall`` in an async test)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 class FakeRPCClient:
@@ -230,16 +284,50 @@ class FakeRPCClient:
         """Make ``get_rpc_client()`` return this fake for the duration (however it was
         imported). A client object fetched *before* (e.g. a module-level ``rpc =
         get_rpc_client()``) is not replaced: patch that attribute yourself."""
+        import rpc_tasks.aio.client as async_module
         import rpc_tasks.streams.client as client_module
 
-        with client_module._client_lock:
-            previous = client_module._client
+        with client_module._client_lock, async_module._client_lock:
+            previous = client_module._client, async_module._client
             client_module._client = self  # type: ignore[assignment]
+            async_module._client = self.aio  # type: ignore[assignment]
         try:
             yield self
         finally:
-            with client_module._client_lock:
-                client_module._client = previous
+            with client_module._client_lock, async_module._client_lock:
+                client_module._client, async_module._client = previous
+
+    @property
+    def aio(self) -> AsyncFakeRPCClient:
+        """The coroutine twin (``AsyncWebSocketRPCClient``'s methods) sharing this fake's
+        script and records; :meth:`install` makes ``get_async_rpc_client()`` return it."""
+        return AsyncFakeRPCClient(self)
+
+
+class AsyncFakeRPCClient:
+    """Coroutine twin of :class:`FakeRPCClient` (same script, same records), a stand-in for
+    :class:`~rpc_tasks.aio.client.AsyncWebSocketRPCClient`."""
+
+    def __init__(self, fake: FakeRPCClient) -> None:
+        self.fake = fake
+
+    async def call(
+        self, method: str, params: BaseModel, result_model: type[Any], timeout: float | None = None
+    ) -> Any:
+        """Like ``AsyncWebSocketRPCClient.call``."""
+        return self.fake.call(method, params, result_model, timeout)
+
+    async def fire_and_forget(self, method: str, params: BaseModel) -> str:
+        """Record and return a fake stream entry id."""
+        return self.fake.fire_and_forget(method, params)
+
+    async def broadcast(self, channel: str, message: BaseModel) -> int:
+        """Record; returns 1 subscriber."""
+        return self.fake.broadcast(channel, message)
+
+    async def health_check(self, timeout: float = 5) -> bool:
+        """The fake's ``healthy``."""
+        return self.fake.health_check(timeout)
 
 
 _NONE = object()
@@ -294,4 +382,11 @@ except ImportError:  # pragma: no cover
     pass
 
 
-__all__ = ["Attempt", "FakeRPCClient", "InlineRunner", "RPCTestCaseMixin", "in_process_worker"]
+__all__ = [
+    "AsyncFakeRPCClient",
+    "Attempt",
+    "FakeRPCClient",
+    "InlineRunner",
+    "RPCTestCaseMixin",
+    "in_process_worker",
+]

@@ -39,6 +39,10 @@ DRAMATIQ_DEFAULTS = [
 ]
 
 
+#: Dramatiq's event loop thread for ``async def`` actors (see ``install_asyncio``).
+ASYNCIO_PATH = "dramatiq.middleware.asyncio.AsyncIO"
+
+
 def middleware_paths(extra: list[str] | None = None) -> list[str]:
     """Full middleware list (dotted paths) in the right order, e.g. for django-dramatiq::
 
@@ -48,7 +52,7 @@ def middleware_paths(extra: list[str] | None = None) -> list[str]:
         "MIDDLEWARE": rpc_tasks.middleware_paths(),
     }
     """
-    return [REPLIES_PATH, RATE_LIMITS_PATH, *DRAMATIQ_DEFAULTS, RETRIES_PATH, *(extra or [])]
+    return [REPLIES_PATH, RATE_LIMITS_PATH, *DRAMATIQ_DEFAULTS, RETRIES_PATH, ASYNCIO_PATH, *(extra or [])]
 
 
 def role_of(middleware: Any) -> str | None:

@@ -361,6 +361,22 @@ class BlockingRedisBroker(RedisBroker):
             messages = self.do_fetch(queue_name, count)
         return list(messages or [])
 
+    # -- async callers (rpc_tasks.aio) ----------------------------------------------------------
+
+    def enqueue_command(self, message: Message[Any]) -> tuple[Any, ...]:
+        """The enqueue of ``message`` (no delay) as one raw command, for a caller that runs it
+        on another client (:mod:`rpc_tasks.aio` runs it on ``redis.asyncio``): the same
+        ``EVALSHA`` of the enqueue script, with the same arguments, as :meth:`do_enqueue`.
+
+        ``message`` must be freshly built for this enqueue: it gets its ``redis_message_id``
+        option in place. The ``before_enqueue`` hooks run here; the caller runs the command,
+        then ``broker.emit_after("enqueue", message, None)``. On ``NoScriptError`` (the server
+        lost its script cache) the caller falls back to :meth:`do_enqueue`, which loads it."""
+        rid = message.options["redis_message_id"] = str(uuid4())
+        self.emit_before("enqueue", message, None)
+        args = self._enqueue_args(message.queue_name, rid, message.encode())
+        return ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace, *args)
+
 
 class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
     message_cache: list[bytes]

@@ -195,6 +195,22 @@ def test_rundramatiq_runs_rpc_actors_and_views_call_them(worker: Proc) -> None:
     assert response.status_code == 200 and response.json() == {"total": 42}
 
 
+def test_async_view_awaits_acall_through_the_worker(worker: Proc) -> None:
+    from django.test import AsyncClient
+
+    from rpc_tasks import aclose_loop_connections
+
+    async def scenario() -> list[Any]:
+        try:
+            client = AsyncClient()
+            responses = await asyncio.gather(*(client.get("/add-async/", {"a": i, "b": 1}) for i in range(5)))
+            return [(r.status_code, r.json()) for r in responses]
+        finally:
+            await aclose_loop_connections()
+
+    assert asyncio.run(scenario()) == [(200, {"total": i + 1}) for i in range(5)]
+
+
 def test_seed_quick_start_view_and_background_task_reach_the_browser(worker: Proc, ws_server: int) -> None:
     from websockets.asyncio.client import connect
 

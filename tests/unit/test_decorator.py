@@ -6,6 +6,7 @@ postponed (string) annotations on purpose, to check that the models are still in
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import uuid
@@ -16,6 +17,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Retries, TimeLimit
+from dramatiq.middleware.asyncio import AsyncIO
 from pydantic import BaseModel, Field, ValidationError
 
 from rpc_tasks import (
@@ -233,12 +235,15 @@ def test_non_model_explicit_params_rejected(broker: StubBroker, queue: str) -> N
         rpc_actor(broker=broker, queue_name=queue, result_model=int)(_int_param)  # type: ignore[arg-type]
 
 
-def test_async_function_rejected(broker: StubBroker, queue: str) -> None:
+def test_async_function_makes_an_async_actor_on_a_broker_with_asyncio(broker: StubBroker, queue: str) -> None:
     async def coro(params: EchoParams) -> EchoResult:
-        return EchoResult(message="x")
+        return EchoResult(message=params.message)
 
-    with pytest.raises(TypeError):
-        rpc_actor(broker=broker, queue_name=queue)(coro)
+    broker.middleware[:] = [m for m in broker.middleware if not isinstance(m, AsyncIO)]
+    actor = rpc_actor(broker=broker, queue_name=queue)(coro)
+    assert actor.is_async and actor.params_model is EchoParams and actor.result_model is EchoResult
+    assert sum(isinstance(m, AsyncIO) for m in broker.middleware) == 1  # added for it
+    assert asyncio.run(actor(EchoParams(message="x"))) == EchoResult(message="x")
 
 
 def test_unknown_actor_option_raises_value_error(broker: StubBroker, queue: str) -> None:
@@ -503,7 +508,7 @@ def test_install_middleware_copies_retries_settings() -> None:
     broker = StubBroker(middleware=[AgeLimit(), plain, TimeLimit()])
     install_middleware(broker, CONFIG)
     kinds = [type(m) for m in broker.middleware]
-    assert kinds == [RPCReplies, RPCRateLimits, AgeLimit, RPCRetries, TimeLimit]  # replaced in place
+    assert kinds == [RPCReplies, RPCRateLimits, AgeLimit, RPCRetries, TimeLimit, AsyncIO]  # replaced in place
     retries = broker.middleware[3]
     assert isinstance(retries, RPCRetries)
     assert retries.max_retries == 3
@@ -517,6 +522,6 @@ def test_install_middleware_copies_retries_settings() -> None:
 def test_install_middleware_on_empty_broker() -> None:
     broker = StubBroker(middleware=[])
     install_middleware(broker, CONFIG)
-    assert [type(m) for m in broker.middleware] == [RPCReplies, RPCRateLimits, RPCRetries]
+    assert [type(m) for m in broker.middleware] == [RPCReplies, RPCRateLimits, RPCRetries, AsyncIO]
     assert "max_retries" in broker.actor_options
     assert check_broker(broker) == []

@@ -62,6 +62,18 @@ def add_view(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"total": result.total})
 
 
+async def add_async_view(request: HttpRequest) -> JsonResponse:
+    """The same call from an async view: ``await add.acall(...)`` waits without a thread (the
+    reply comes through the event loop's one reply reader)."""
+    try:
+        result = await add.acall(AddParams(a=request.GET.get("a", 0), b=request.GET.get("b", 0)), timeout=5)
+    except RPCTimeoutError as exc:
+        return JsonResponse({"error": str(exc)}, status=504)
+    except RPCRemoteError as exc:
+        return JsonResponse({"error": exc.error.model_dump(mode="json")}, status=502)
+    return JsonResponse({"total": result.total})
+
+
 def page(request: HttpRequest, user_id: str) -> HttpResponse:
     """A page that connects to the WebSocket server as ``user_id`` and shows notifications."""
     return render(

@@ -8,4 +8,5 @@ urlpatterns = [
     path("notify/<str:user_id>/", views.notify_user, name="notify"),
     path("notify-async/<str:user_id>/", views.notify_async, name="notify-async"),
     path("add/", views.add_view, name="add"),
+    path("add-async/", views.add_async_view, name="add-async"),
 ]

@@ -1,0 +1,243 @@
+"""``redis.asyncio`` connections for the async callers, and :class:`CommandPipe`.
+
+The async callers never take a connection per call: each event loop keeps a reply reader's
+connection and one :class:`CommandPipe` connection per Redis server, and every command (an
+enqueue script, an ``XADD``, a ``PUBLISH``) goes through a pipe, which sends whatever
+commands are waiting in one write and reads their replies in order (automatic pipelining).
+So 10,000 concurrent calls share a couple of connections, and no command is packed or read
+in a long stretch that would block the loop (a write carries at most :data:`MAX_BATCH`
+commands).
+
+Connections are described by a :class:`ConnectionSpec` (an async connection class and its
+settings), taken from a redis-py client's pool or from a URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import RedisError
+
+from ..config import redact_url
+from ..exceptions import RPCConnectionError
+from ..redis.connection import pack
+
+#: Most commands sent in one write (keeps each step of the loop short).
+MAX_BATCH = 16
+#: Seconds the first reply of a write may take before the connection counts as lost.
+REPLY_TIMEOUT = 30.0
+
+#: Settings a sync connection and its ``redis.asyncio`` twin share.
+_PORTABLE = frozenset(
+    {
+        "host",
+        "port",
+        "path",
+        "db",
+        "username",
+        "password",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "client_name",
+        "encoding",
+        "encoding_errors",
+        "decode_responses",
+        "protocol",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_check_hostname",
+    }
+)
+_ASYNC_CLASSES: dict[type[Any], type[Any]] = {
+    redis.Connection: aredis.Connection,
+    redis.SSLConnection: aredis.SSLConnection,
+    redis.UnixDomainSocketConnection: aredis.UnixDomainSocketConnection,
+}
+
+
+@dataclass(frozen=True)
+class ConnectionSpec:
+    """How to open a ``redis.asyncio`` connection to one Redis server and database."""
+
+    connection_class: type[Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def connect(self) -> Any:
+        """A new (not yet connected) connection; it connects on its first command. It has no
+        socket timeout (redis-py's default of 5 s would wrap every write in a task and every
+        read in a timer): reads that may wait say how long themselves (see :func:`read_reply`)."""
+        return self.connection_class(**{**self.kwargs, "socket_timeout": None})
+
+    @classmethod
+    def from_url(cls, url: str) -> ConnectionSpec:
+        """From a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+        try:
+            pool = aredis.ConnectionPool.from_url(url)
+        except (ValueError, RedisError) as exc:
+            raise RPCConnectionError(f"bad Redis URL {redact_url(url)!r}: {exc}") from None
+        return cls(pool.connection_class, dict(pool.connection_kwargs))
+
+    @classmethod
+    def like(cls, client: redis.Redis) -> ConnectionSpec | None:
+        """The async twin of a redis-py client's connections; ``None`` when its pool does not
+        say which server it talks to (Sentinel, custom pools and connection classes)."""
+        pool = client.connection_pool
+        if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
+            return None
+        async_class = _ASYNC_CLASSES.get(pool.connection_class)
+        if async_class is None:
+            return None
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _PORTABLE}
+        return cls(async_class, kwargs)
+
+
+def as_connection_error(what: str, exc: BaseException) -> RPCConnectionError:
+    """The :class:`RPCConnectionError` for a failed ``what``."""
+    return RPCConnectionError(f"{what}: {exc}")
+
+
+class CommandPipe:
+    """Commands of one event loop to one Redis server, pipelined on one connection.
+
+    :meth:`submit` queues a command and returns a future of its reply (a ``ResponseError``
+    reply becomes the future's exception; a connection failure fails every command of the
+    write with the ``redis`` exception, since they may or may not have run). A flusher task
+    runs while commands wait and ends when none are left. ``piggyback`` (if given) says
+    whether another writer on the same server (the reply reader) will take the queue with
+    :meth:`take` before its next write; then no flusher is started.
+    """
+
+    def __init__(self, spec: ConnectionSpec, *, piggyback: Callable[[], bool] | None = None) -> None:
+        self.spec = spec
+        self._piggyback = piggyback
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._conn: Any = None
+
+    def submit(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue ``command``; the future gets its reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        self.kick()
+        return future
+
+    def kick(self) -> None:
+        """Start the flusher if commands wait and nobody else will send them."""
+        if self._task is None and self._queue and not (self._piggyback and self._piggyback()):
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    def take(self) -> list[tuple[tuple[Any, ...], asyncio.Future[Any]]]:
+        """Take up to :data:`MAX_BATCH` waiting commands (for a writer that sends them itself)."""
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        return batch
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self.take()
+                if self._conn is None:
+                    self._conn = self.spec.connect()
+                try:
+                    await send_batch(self._conn, batch)
+                except (RedisError, OSError):
+                    continue  # the batch's futures carry the error; the next write reconnects
+        finally:
+            self._task = None
+            self.kick()  # anything queued after the last take
+
+    async def aclose(self) -> None:
+        """Close the connection (a new one is opened on the next command)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect()
+
+
+async def read_reply(conn: Any, timeout: float) -> Any:
+    """The next reply on ``conn``, waiting up to ``timeout`` seconds (then the connection is
+    dropped and ``redis.TimeoutError`` raised). A nil reply is ``None``."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reply = await conn.read_response(timeout=timeout)
+    # redis-py returns None both for a nil reply and when its read timed out: tell them apart.
+    if reply is None and loop.time() - started >= timeout * 0.99:
+        await conn.disconnect(nowait=True)
+        raise redis.TimeoutError(f"no reply from Redis within {timeout:.1f}s")
+    return reply
+
+
+async def send_batch(
+    conn: Any,
+    batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
+    tail: tuple[tuple[Any, ...], ...] = (),
+) -> None:
+    """Write ``batch`` (and ``tail``, whose replies the caller reads) in one write and resolve
+    the batch's futures from their replies in order."""
+    commands = [command for command, _ in batch] + list(tail)
+    try:
+        # The hot paths' RESP packer (redis-py's pure-Python one costs ~10x more per command).
+        await conn.send_packed_command(pack(conn, commands), check_health=False)
+        for index, (_, future) in enumerate(batch):
+            try:
+                # The first reply of a write is waited for with a timeout (a stalled server),
+                # the others follow it (a timer per reply would cost more than the read).
+                reply = await (read_reply(conn, REPLY_TIMEOUT) if index == 0 else conn.read_response())
+            except redis.ResponseError as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            if not future.done():
+                future.set_result(reply)
+    except (RedisError, OSError) as exc:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+        raise
+    except BaseException:
+        error = redis.ConnectionError("the connection was closed while sending")
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+        raise
+
+
+#: Per event loop: the readers and pipes of that loop, by what they serve.
+_per_loop: dict[asyncio.AbstractEventLoop, dict[object, Any]] = {}
+_per_loop_lock = threading.Lock()
+
+
+def loop_local(key: object, factory: Callable[[], Any]) -> Any:
+    """The running loop's object for ``key`` (built by ``factory`` on first use). Entries of
+    closed loops are dropped when a new loop shows up."""
+    loop = asyncio.get_running_loop()
+    table = _per_loop.get(loop)
+    if table is None:
+        with _per_loop_lock:  # loops of other threads may register at the same time
+            for old in [other for other in _per_loop if other.is_closed()]:
+                del _per_loop[old]
+            table = _per_loop.setdefault(loop, {})
+    value = table.get(key)
+    if value is None:
+        value = table[key] = factory()
+    return value
+
+
+async def aclose_loop_connections() -> None:
+    """Close the running loop's reply readers and command pipes (their connections). Calls
+    still waiting fail with :class:`RPCConnectionError`; the next call opens new ones. Call it
+    before the loop ends (e.g. at the end of ``asyncio.run``'s main) to close the sockets
+    cleanly."""
+    table = _per_loop.pop(asyncio.get_running_loop(), {})
+    closed: set[int] = set()
+    for value in table.values():
+        if id(value) not in closed and callable(getattr(value, "aclose", None)):
+            closed.add(id(value))
+            await value.aclose()

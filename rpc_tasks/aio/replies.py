@@ -1,0 +1,173 @@
+"""One reply reader per event loop: every async call of that loop gets its reply through it.
+
+A call registers a future under its correlation id (:meth:`ReplyReader.expect`) and gives the
+reader's *inbox* as its reply address: a list under ``response_key_prefix``
+(``<prefix>aio-<random hex>``), so workers and servers, which ``LPUSH`` + ``EXPIRE`` each reply
+to the address a request names, need no change and every reply keeps its TTL. The reader
+``BLPOP``s the inbox (with ``LPOP <inbox> 32`` pipelined behind, so a burst of replies costs one
+round trip per 9), decodes each reply once and resolves the future of its correlation id.
+Replies nobody waits for any more (the call timed out or was cancelled) are dropped and
+counted (``counters["dropped"]``).
+
+The reader task runs only while calls wait: it ends once the last future is resolved, and is
+cancelled when the last waiting call gives up (the blocked ``BLPOP`` is abandoned with its
+connection, and the reader moves to a fresh inbox, so that a reply the abandoned ``BLPOP`` may
+have popped can only belong to a call that gave up). So no task outlives the calls.
+
+Commands for the same Redis (enqueue scripts, ``XADD``) queued when the reader starts go out
+in the same write as its ``BLPOP``: a lone call costs one round trip, as the sync ``.call()``.
+If Redis goes away, every waiting call fails with :class:`RPCConnectionError`; the next call
+reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+from uuid import uuid4
+
+from redis.exceptions import RedisError
+
+from .. import protocol
+from ..exceptions import RPCConnectionError, RPCException
+from .connection import CommandPipe, ConnectionSpec, read_reply, send_batch
+
+#: Server-side timeout of the reader's ``BLPOP`` (it loops while calls wait).
+BLOCK_SECONDS = 5
+#: Extra replies taken with each ``BLPOP`` (``LPOP <inbox> count``). Each reply wakes its
+#: caller in the loop's next step: more per round trip would make that step longer.
+POP_BATCH = 8
+_SLACK = 2.0
+
+
+class ReplyReader:
+    """The reply inbox of one event loop for one Redis server (see the module docstring).
+
+    Parameters:
+      spec: the Redis the replies are pushed to.
+      prefix: ``response_key_prefix`` (workers only reply to addresses under it).
+      max_bytes: the largest reply accepted (``max_payload_bytes``).
+    """
+
+    def __init__(self, spec: ConnectionSpec, *, prefix: str, max_bytes: int | None) -> None:
+        self.spec = spec
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.inbox = self._new_inbox()
+        #: Commands for this Redis; sent with the reader's ``BLPOP`` when it is about to write.
+        self.pipe = CommandPipe(spec, piggyback=self._will_take)
+        #: ``dropped``: replies nobody waited for; ``undecodable``: replies that were not JSON
+        #: envelopes; ``lost_connection``: times Redis went away under waiting calls.
+        self.counters: Counter[str] = Counter()
+        self._waiters: dict[str, asyncio.Future[protocol.Response]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._conn: Any = None
+        self._taking = False
+        self._blocking = False
+
+    def _new_inbox(self) -> str:
+        return protocol.reply_key(self.prefix, f"aio-{uuid4().hex}")
+
+    def _will_take(self) -> bool:
+        return self._task is not None and self._taking
+
+    @property
+    def waiting(self) -> int:
+        """How many calls wait for a reply."""
+        return len(self._waiters)
+
+    def expect(self, correlation_id: str) -> asyncio.Future[protocol.Response]:
+        """Register a call; its future gets the decoded response (or ``RPCConnectionError``).
+        The reply address to send is :attr:`inbox` (read it after this call)."""
+        future: asyncio.Future[protocol.Response] = asyncio.get_running_loop().create_future()
+        self._waiters[correlation_id] = future
+        if self._task is None:
+            self._taking = True
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return future
+
+    def forget(self, correlation_id: str) -> None:
+        """A call stopped waiting (answered, timed out or cancelled)."""
+        self._waiters.pop(correlation_id, None)
+        if not self._waiters and self._task is not None and self._blocking:
+            # Nobody waits: abandon the blocked BLPOP (and its connection) and move to a new
+            # inbox; a reply still on its way to the old one is dropped with its key's TTL.
+            task, self._task, self._conn = self._task, None, None
+            self._blocking = False
+            self.inbox = self._new_inbox()
+            task.cancel()
+
+    async def _run(self) -> None:
+        me = asyncio.current_task()
+        if self._conn is None:
+            self._conn = self.spec.connect()
+        conn = self._conn
+        try:
+            while self._waiters:
+                batch = self.pipe.take()
+                self._taking = False
+                self.pipe.kick()  # more than one write's worth waiting: the pipe sends the rest
+                inbox = self.inbox
+                tail = (("BLPOP", inbox, BLOCK_SECONDS), ("LPOP", inbox, POP_BATCH))
+                await send_batch(conn, batch, tail)
+                if not self._waiters:  # every caller gave up while the batch was read
+                    await conn.disconnect(nowait=True)  # abandons the BLPOP
+                    if self._conn is conn:
+                        self._conn = None
+                    self.inbox = self._new_inbox()
+                    return
+                self._blocking = True
+                popped = await read_reply(conn, BLOCK_SECONDS + _SLACK)
+                self._blocking = False
+                rest = await conn.read_response()  # LPOP: runs as soon as the BLPOP returned
+                self._taking = True
+                if popped:
+                    self._deliver(popped[1])
+                for raw in rest or ():
+                    self._deliver(raw)
+        except (RedisError, OSError) as exc:
+            self.counters["lost_connection"] += 1
+            waiters, self._waiters = self._waiters, {}
+            for future in waiters.values():
+                if not future.done():
+                    future.set_exception(RPCConnectionError(f"lost Redis while waiting for a reply: {exc}"))
+            if self._conn is conn:
+                self._conn = None
+            await conn.disconnect(nowait=True)
+        finally:
+            if self._task is me:
+                self._task = None
+                self._taking = self._blocking = False
+            self.pipe.kick()  # commands queued for a write of ours that will not happen
+
+    def _deliver(self, raw: Any) -> None:
+        try:
+            response = protocol.decode_response(raw, max_bytes=self.max_bytes)
+        except RPCException:
+            self.counters["undecodable"] += 1
+            return
+        future = self._waiters.pop(response.correlation_id, None)
+        if future is None or future.done():
+            self.counters["dropped"] += 1
+            return
+        future.set_result(response)
+
+    async def aclose(self) -> None:
+        """Stop reading and close the connections; waiting calls fail with
+        :class:`RPCConnectionError`."""
+        waiters, self._waiters = self._waiters, {}
+        for future in waiters.values():
+            if not future.done():
+                future.set_exception(RPCConnectionError("the reply reader was closed"))
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect()
+        await self.pipe.aclose()
