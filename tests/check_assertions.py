@@ -10,9 +10,10 @@ Usage: ``python tests/check_assertions.py [PATH ...]`` (default: ``tests``). Exi
   ``self.assertEqual``), ``expect_`` or ``check_`` (leading underscores ignored), unless that
   name was imported from ``rpc_tasks`` (a library function is not a test helper).
 
-Code inside nested functions counts only when the test calls them by name
-(``asyncio.run(scenario())``): an ``assert`` in a thread's ``target=`` fails that thread, not
-the test. For the rare test whose only check is that it returns
+Code inside nested functions counts when the test calls them by name
+(``asyncio.run(scenario())``) or hands them to a runner as a positional argument
+(``run(scenario)``), but not when they go to a thread (``target=``, ``Thread(...)``,
+``executor.submit(...)``): an ``assert`` there fails that thread, not the test. For the rare test whose only check is that it returns
 (documented as such), put ``# no-assert-ok: <reason>`` on the ``def`` line or on the line
 above it (above its decorators too); a marker without a reason is itself reported.
 """
@@ -29,6 +30,8 @@ MARKER = "# no-assert-ok:"
 HELPER_PREFIXES = ("assert", "expect_", "check_")
 PYTEST_CHECKS = {"raises", "warns", "fail", "deprecated_call"}
 _NESTED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+#: Calls whose function arguments run in another thread (their asserts cannot fail the test).
+THREAD_STARTERS = {"Thread", "submit", "start_new_thread", "run_in_executor", "to_thread", "Timer"}
 
 
 def _called_name(node: ast.Call) -> tuple[str | None, str | None]:
@@ -88,6 +91,12 @@ def has_assertion(func: ast.FunctionDef | ast.AsyncFunctionDef, library: set[str
             if owner is None and name in nested and name not in seen:
                 seen.add(name)
                 todo.append(nested[name])
+            if name in THREAD_STARTERS:
+                continue
+            for arg in node.args:  # run(scenario): a runner that calls it in this thread
+                if isinstance(arg, ast.Name) and arg.id in nested and arg.id not in seen:
+                    seen.add(arg.id)
+                    todo.append(nested[arg.id])
     return False
 
 

@@ -57,6 +57,7 @@ def test_a_test_without_an_assertion_is_reported_with_file_and_line(tmp_path: Pa
         "helpers.check_no_reply(key)",
         "self.assertEqual(1, 1)",
         "async def scenario():\n        assert x\n    asyncio.run(scenario())",
+        "async def scenario():\n        assert x\n    run(scenario)",
     ],
 )
 def test_each_kind_of_check_counts(tmp_path: Path, body: str) -> None:
@@ -80,10 +81,16 @@ def test_asserts_that_do_not_run_in_the_test_do_not_count(tmp_path: Path) -> Non
 
         def test_library_check_is_not_an_assertion():
             check_broker(None)
+
+        def test_assert_only_in_a_pool_or_a_thread_positionally(pool):
+            def job():
+                assert False
+            pool.submit(job)
+            threading.Thread(None, job).start()
         """,
     )
     problems = check_assertions.check_file(path)
-    assert [p.split(": ")[0] for p in problems] == [f"{path}:5", f"{path}:10"]
+    assert [p.split(": ")[0] for p in problems] == [f"{path}:5", f"{path}:10", f"{path}:13"]
 
 
 def test_allow_marker_needs_a_reason(tmp_path: Path) -> None:
