@@ -14,8 +14,9 @@ Code inside nested functions counts when the test calls them by name
 (``asyncio.run(scenario())``) or hands them to a runner as a positional argument
 (``run(scenario)``), but not when they go to a thread (``target=``, ``Thread(...)``,
 ``executor.submit(...)``): an ``assert`` there fails that thread, not the test. For the rare
-test whose only check is that it returns (documented as such), put ``# no-assert-ok: <reason>`` on the ``def`` line or on the line
-above it (above its decorators too); a marker without a reason is itself reported.
+test whose only check is that it returns (documented as such), put
+``# no-assert-ok: <reason>`` on the ``def`` line or on the line above it (above its decorators
+too); a marker without a reason is itself reported.
 """
 
 from __future__ import annotations
