@@ -92,10 +92,12 @@ def _broker_from_url(url: str, source: str) -> dramatiq.Broker:
         )
     if url.split("://", 1)[0].lower() in SENTINEL_SCHEMES:  # scale-out (issue 18)
         from .redis.broker import redis_broker
-        from .redis.topology import sync_client
+        from .redis.topology import parse_topology_url, sync_client
 
         # The same client as a reply channel on the same URL gets: replies go out with the ack.
-        return redis_broker(url="", client=sync_client(url))
+        replicas = parse_topology_url(url).wait_replicas
+        options: dict[str, Any] = {"wait_replicas": replicas} if replicas else {}
+        return redis_broker(url="", client=sync_client(url), **options)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .redis.broker import redis_broker
 

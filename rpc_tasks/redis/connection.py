@@ -160,6 +160,13 @@ def thread_connection(client: redis.Redis) -> Any:
     return conn
 
 
+def _unpin(client: redis.Redis, conn: Any) -> None:
+    """Give this thread's kept connection of ``client``'s pool back (it takes a new one next)."""
+    pool = client.connection_pool
+    if _thread_pins().table.pop(pool, None) is conn:
+        pool.release(conn)
+
+
 def release_thread_connections() -> None:
     """Give the calling thread's kept connections (see :func:`thread_connection`) back to
     their pools now, e.g. before a thread that used them goes idle in a thread pool."""
@@ -277,7 +284,9 @@ def pipelined(
                 except redis.ResponseError as exc:  # fully read: the connection stays usable
                     replies.append(exc)
         except redis.ConnectionError:
-            conn.disconnect()  # a pinned connection reconnects on its next send
+            conn.disconnect()
+            if pinned:  # a fresh one from the pool: a Sentinel pool's checkout asks where the
+                _unpin(client, conn)  # master is now (a reconnect on send would not, issue 18)
             if attempt == 2:
                 raise
             continue

@@ -73,6 +73,8 @@ class Topology:
     db: int = 0
     options: dict[str, Any] = field(default_factory=dict)  #: connection options (redis-py names)
     sentinel_password: str | None = None
+    #: ``wait_replicas=N`` (Sentinel): the broker ``WAIT``s for N replicas after each ``.send()``.
+    wait_replicas: int = 0
 
 
 def is_topology_url(url: str) -> bool:
@@ -107,11 +109,13 @@ def sync_client(url: str, *, max_connections: int = 50, pool_timeout: float = 10
             )
         except (RedisError, RedisClusterException) as exc:
             raise RPCConnectionError(f"could not reach Redis Cluster {redact_url(url)!r}: {exc}") from exc
+    # Shared per master and options (broker-only options such as wait_replicas left out).
+    shared_key = repr((topo.nodes, topo.service, topo.db, sorted(options.items()), topo.sentinel_password))
     with _shared_lock:
-        client = _shared.get(url)
+        client = _shared.get(shared_key)
         if client is None:
             sentinel: Any = _Sentinel(list(topo.nodes), sentinel_kwargs=_sentinel_kwargs(topo, options))
-            client = _shared[url] = sentinel.master_for(
+            client = _shared[shared_key] = sentinel.master_for(
                 topo.service, db=topo.db, max_connections=max_connections, **options
             )
         return client
@@ -206,11 +210,14 @@ def _parse(url: str) -> Topology:
     auth = f"{userinfo}@" if userinfo else ""
     query = parts.query
     sentinel_password: str | None = None
+    wait_replicas = 0
     kept = []
     for item in query.split("&") if query else []:
         name, _, value = item.partition("=")
         if name == "sentinel_password":
             sentinel_password = unquote(value)
+        elif name == "wait_replicas":
+            wait_replicas = int(value)
         else:
             kept.append(item)
     if scheme in SENTINEL_SCHEMES:
@@ -232,7 +239,7 @@ def _parse(url: str) -> Topology:
     if plain_scheme == "rediss":
         options["ssl"] = True
     kind = "sentinel" if scheme in SENTINEL_SCHEMES else "cluster"
-    return Topology(kind, nodes, service, db, options, sentinel_password)
+    return Topology(kind, nodes, service, db, options, sentinel_password, wait_replicas)
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:

@@ -89,14 +89,15 @@ def private_cluster(masters: int = 3) -> Iterator[list[int]]:
 
 
 class SentinelGroup:
-    """A master, one replica and three sentinels (quorum 2) watching service ``mymaster``."""
+    """A master, ``replicas`` replicas and three sentinels (quorum 2) watching ``mymaster``."""
 
     SERVICE = "mymaster"
 
-    def __init__(self, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+    def __init__(self, down_after_ms: int = 1000, failover_timeout_ms: int = 3000, replicas: int = 1) -> None:
         _need("redis-server")
         self.master = PrivateRedis()
-        self.replica = PrivateRedis("--replicaof", "127.0.0.1", str(self.master.port))
+        follow = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replicas = [PrivateRedis(*follow) for _ in range(replicas)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.dirs: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -109,13 +110,15 @@ class SentinelGroup:
 
     def start(self) -> None:
         self.master.start()
-        self.replica.start()
+        for replica in self.replicas:
+            replica.start()
         _ping(self.master.port)
         deadline = time.monotonic() + 20
-        while redis.Redis(port=self.replica.port).info("replication").get("master_link_status") != "up":
-            if time.monotonic() > deadline:
-                raise RuntimeError("the replica did not sync")
-            time.sleep(0.05)
+        for replica in self.replicas:
+            while redis.Redis(port=replica.port).info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("a replica did not sync")
+                time.sleep(0.05)
         for port in self.sentinel_ports:
             workdir = tempfile.mkdtemp(prefix="rpc-tasks-sentinel-")
             self.dirs.append(workdir)
@@ -157,7 +160,7 @@ class SentinelGroup:
         for proc in self.procs:
             proc.kill()
             proc.wait(10)
-        for node in (self.master, self.replica):
+        for node in (self.master, *self.replicas):
             node.__exit__(None, None, None)
         for workdir in self.dirs:
             shutil.rmtree(workdir, ignore_errors=True)
