@@ -6,9 +6,13 @@ calls are in flight."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +30,7 @@ from .support import running_worker, unique, wait_until
 from .topologies import migrate_slot, private_cluster
 
 pytestmark = pytest.mark.redis
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +266,18 @@ def test_websocket_store_presence_rooms_fanout_and_replies_on_a_cluster(cluster:
     assert out["receivers"] >= 1 and out["fanout"] == b"hello"
     assert out["acks"] == [2]
     assert out["reply"] == b"r" and out["no_reply"] is None
+
+
+def test_the_scale_out_example_runs(amqp_url: str) -> None:
+    """``examples/scale_out/run.py``: its own cluster, two workers on RabbitMQ, two WebSocket
+    instances and the smoke workload, end to end."""
+    pytest.importorskip("websockets")
+    pytest.importorskip("pika")
+    env = {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.scale_out.run"], env=env, cwd=ROOT, capture_output=True, timeout=300
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()[-3000:]
+    assert "2 worker processes answered" in out or "1 worker processes answered" in out
+    assert "got 5 of 5 notifications" in out
