@@ -20,7 +20,14 @@ from ..config import WebSocketRPCConfig
 from ..exceptions import RPCConnectionError
 from ..protocol import reply_key
 from . import topology
-from .connection import MIN_BLOCK_SECONDS, SERVER_SLACK_SECONDS, client_from_config, pack, wait_readable
+from .connection import (
+    CLUSTER_REDIRECT_SECONDS,
+    MIN_BLOCK_SECONDS,
+    SERVER_SLACK_SECONDS,
+    client_from_config,
+    pack,
+    wait_readable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ class ReplyChannel:
             # scale-out (issue 18): on a cluster, the transaction runs on the key's node
             client = topology.node_client(self.client, key)
             if client is not self.client:
-                deadline = time.monotonic() + self.ttl
+                deadline = time.monotonic() + min(self.ttl, CLUSTER_REDIRECT_SECONDS)
                 topology.on_cluster_node(
                     self.client, key, lambda node: self._push_on(node, key, payload), deadline
                 )
