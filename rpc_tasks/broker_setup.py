@@ -18,7 +18,7 @@ from .config import WebSocketRPCConfig, get_config, redact_url
 from .exceptions import RPCConfigurationError
 from .middleware import RPCRateLimits, RPCReplies, RPCRetries
 from .middleware.order import check_broker, middleware_paths
-from .redis.topology import CLUSTER_SCHEMES, SENTINEL_SCHEMES
+from .redis.topology import is_topology_url
 
 __all__ = ["check_broker", "install_encoder", "install_middleware", "middleware_paths", "setup_broker"]
 
@@ -84,21 +84,9 @@ def _broker_from_url(url: str, source: str) -> dramatiq.Broker:
         except ImportError as exc:  # pragma: no cover - depends on installed extras
             raise RPCConfigurationError("RabbitMQ needs: pip install 'rpc-tasks[rabbitmq]'") from exc
         return RabbitmqBroker(url=url)
-    if url.split("://", 1)[0].lower() in CLUSTER_SCHEMES:
-        raise RPCConfigurationError(
-            f"{source}={redact_url(url)!r}: Dramatiq's Redis broker cannot run on Redis Cluster (its "
-            "scripts touch keys of many slots); use RabbitMQ (amqp://) for messages and keep the "
-            "cluster for replies and rate limits (redis_url), see docs/scale-out.md"
-        )
-    if url.split("://", 1)[0].lower() in SENTINEL_SCHEMES:  # scale-out (issue 18)
-        from .redis.broker import redis_broker
-        from .redis.topology import parse_topology_url, sync_client
-
-        # The same client as a reply channel on the same URL gets: replies go out with the ack.
-        replicas = parse_topology_url(url).wait_replicas
-        options: dict[str, Any] = {"wait_replicas": replicas} if replicas else {}
-        return redis_broker(url="", client=sync_client(url), **options)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://")) or is_topology_url(url):
+        # Sentinel: on the master client a reply channel on the same URL shares (replies go out
+        # with the ack); Cluster: refused with what to do instead (issue 18).
         from .redis.broker import redis_broker
 
         return redis_broker(url)

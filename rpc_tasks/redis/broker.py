@@ -54,6 +54,7 @@ from dramatiq.common import current_millis
 from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from redis.exceptions import NoScriptError
 
+from . import topology
 from .connection import pipelined, same_redis
 from .replies import ReplyChannel
 
@@ -137,6 +138,9 @@ def redis_broker(url: str, **options: Any) -> RedisBroker:
     if INTERNALS_PROBLEM is None:
         return BlockingRedisBroker(url=url, **options)
     _warn_fallback()
+    if topology.is_topology_url(url):  # Sentinel: the shared master client (issue 18)
+        kwargs, _ = topology.broker_options({"url": url, **options})
+        return RedisBroker(**kwargs)
     return RedisBroker(url=url, **options)
 
 
@@ -219,6 +223,9 @@ class BlockingRedisBroker(RedisBroker):
             raise RuntimeError(
                 f"BlockingRedisBroker cannot run on Dramatiq {dramatiq.__version__}: {INTERNALS_PROBLEM}"
             )
+        url = kwargs.get("url")
+        if isinstance(url, str) and topology.is_topology_url(url):  # scale-out (issue 18)
+            kwargs, wait_replicas = topology.broker_options(kwargs, wait_replicas)
         super().__init__(**kwargs)
         self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).

@@ -38,7 +38,7 @@ from redis.exceptions import AskError, RedisClusterException, RedisError, TryAga
 from redis.sentinel import Sentinel
 
 from ..config import redact_url
-from ..exceptions import RPCConnectionError
+from ..exceptions import RPCConfigurationError, RPCConnectionError
 
 __all__ = [
     "CLUSTER_SCHEMES",
@@ -136,6 +136,22 @@ def async_client(url: str, *, max_connections: int = 50, **kwargs: Any) -> Any:
         )
     sentinel: Any = cast(Any, AsyncSentinel)(list(topo.nodes), sentinel_kwargs=_sentinel_kwargs(topo, opts))
     return sentinel.master_for(topo.service, db=topo.db, max_connections=max_connections, **opts)
+
+
+def broker_options(options: dict[str, Any], wait_replicas: int = 0) -> tuple[dict[str, Any], int]:
+    """A Redis broker's keyword arguments with a Sentinel ``url`` replaced by the shared master
+    client (see :func:`sync_client`), and its ``wait_replicas`` (the argument, else the URL's).
+    A Cluster URL raises :class:`RPCConfigurationError`: Dramatiq's Redis broker cannot run on
+    one (its scripts touch keys of many slots)."""
+    url = str(options["url"])
+    topo = parse_topology_url(url)
+    if topo.kind == "cluster":
+        raise RPCConfigurationError(
+            f"{redact_url(url)!r}: Dramatiq's Redis broker cannot run on Redis Cluster (its scripts touch "
+            "keys of many slots); use RabbitMQ (amqp://) for messages and keep the cluster for replies "
+            "and rate limits (redis_url), see docs/scale-out.md"
+        )
+    return {**options, "url": None, "client": sync_client(url)}, wait_replicas or topo.wait_replicas
 
 
 def node_client(client: Any, key: str | bytes) -> redis.Redis:

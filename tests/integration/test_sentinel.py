@@ -26,6 +26,7 @@ from rpc_tasks import (
     rpc_actor,
     setup_broker,
 )
+from rpc_tasks.contrib.django import dramatiq_broker_settings
 from rpc_tasks.middleware import RPCReplies
 from rpc_tasks.redis.broker import BlockingRedisBroker
 from rpc_tasks.redis.connection import make_redis
@@ -61,6 +62,10 @@ def test_sentinel_url_shares_one_master_client_between_broker_and_replies(group:
     assert replies.channel.client is broker.client  # so the reply goes out with the ack
     assert broker._shares_redis(replies.channel.client)
     assert make_redis(url).connection_pool.get_master_address()[1] == group.master.port  # type: ignore[attr-defined]
+    # django-dramatiq builds the broker from settings: the same shared client.
+    settings = dramatiq_broker_settings(url)
+    django_broker = BlockingRedisBroker(**settings["OPTIONS"])
+    assert django_broker.client is broker.client and django_broker.wait_replicas == 0
 
 
 class Load:
