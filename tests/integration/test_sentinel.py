@@ -6,6 +6,7 @@ raw redis-py exception), no ``.send()`` acknowledged before the failover is lost
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -30,6 +31,7 @@ from rpc_tasks.contrib.django import dramatiq_broker_settings
 from rpc_tasks.middleware import RPCReplies
 from rpc_tasks.redis.broker import BlockingRedisBroker
 from rpc_tasks.redis.connection import make_redis
+from rpc_tasks.websocket.store import AsyncWSStore
 
 from .support import running_worker, unique, wait_until
 from .topologies import SentinelGroup
@@ -211,3 +213,24 @@ def test_wait_replicas_cost(group: SentinelGroup) -> None:
             figures[replicas] = min(figures[replicas], (time.perf_counter() - started) / 300 * 1e6)
     print(f"\n.send() on Sentinel: {figures[0]:.0f} us; with wait_replicas=1: {figures[1]:.0f} us")
     assert all(value > 0 for value in figures.values())
+
+
+def test_websocket_store_on_the_sentinel_master(group: SentinelGroup) -> None:
+    """The WebSocket server's async store (``redis.asyncio``) on a Sentinel URL."""
+
+    async def scenario() -> tuple[list[bytes], bytes | None, int]:
+        store = AsyncWSStore.from_config(WebSocketRPCConfig(redis_url=group.url()))
+        try:
+            user = unique("user")
+            await store.register(unique("conn"), user, b"{}")
+            presence = await store.user_connections(user)
+            key = unique("list:response:")
+            await store.client.lpush(key, b"r")
+            reply = await store.wait_reply(key, 5)
+            port = (await store.client.connection_pool.get_master_address())[1]
+        finally:
+            await store.client.aclose()
+        return presence, reply, int(port)
+
+    presence, reply, port = asyncio.run(scenario())
+    assert presence == [b"{}"] and reply == b"r" and port == group.master.port
