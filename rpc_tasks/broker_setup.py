@@ -18,6 +18,7 @@ from .config import WebSocketRPCConfig, get_config, redact_url
 from .exceptions import RPCConfigurationError
 from .middleware import RPCRateLimits, RPCReplies, RPCRetries
 from .middleware.order import check_broker, middleware_paths
+from .redis.topology import is_topology_url
 
 __all__ = [
     "check_broker",
@@ -104,13 +105,15 @@ def _broker_from_url(url: str, source: str) -> dramatiq.Broker:
         except ImportError as exc:  # pragma: no cover - depends on installed extras
             raise RPCConfigurationError("RabbitMQ needs: pip install 'rpc-tasks[rabbitmq]'") from exc
         return RabbitmqBroker(url=url)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://")) or is_topology_url(url):
+        # Sentinel: on the master client a reply channel on the same URL shares (replies go out
+        # with the ack); Cluster: refused with what to do instead (issue 18).
         from .redis.broker import redis_broker
 
         return redis_broker(url)
     raise RPCConfigurationError(
         f"{source}={redact_url(url)!r} is not a broker URL: it must start with redis://, rediss://, "
-        "unix://, amqp:// or amqps:// (e.g. redis://localhost:6379/0)"
+        "unix://, redis+sentinel://, amqp:// or amqps:// (e.g. redis://localhost:6379/0)"
     )
 
 

@@ -32,11 +32,20 @@ from .exceptions import RPCConfigurationError
 
 ENV_PREFIX = "WEBSOCKET_RPC_"
 _LOG_LEVELS = {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}
-_REDIS_SCHEMES = {"redis", "rediss", "unix"}
+#: Plain schemes, then Sentinel and Cluster (``rpc_tasks.redis.topology``, issue 18).
+_REDIS_SCHEMES = {
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+}
 _WS_SCHEMES = {"ws", "wss"}
 
 
-_SECRET_QUERY_RE = re.compile(r"(?i)((?:^|&)(?:password|passwd|pass|secret|token)=)[^&]*")
+_SECRET_QUERY_RE = re.compile(r"(?i)((?:^|&)(?:password|passwd|pass|secret|token|sentinel_password)=)[^&]*")
 
 
 def redact_url(url: str) -> str:
@@ -133,7 +142,10 @@ class WebSocketRPCConfig(BaseModel):
     def _check_redis_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in _REDIS_SCHEMES:
-            raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)")
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// "
+                "(e.g. redis://localhost:6379/0)"
+            )
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError("has no host (e.g. redis://localhost:6379/0)")
         return value

@@ -54,6 +54,7 @@ from dramatiq.common import current_millis
 from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from redis.exceptions import NoScriptError
 
+from . import topology
 from .connection import pipelined, same_redis
 from .replies import ReplyChannel
 
@@ -137,6 +138,9 @@ def redis_broker(url: str, **options: Any) -> RedisBroker:
     if INTERNALS_PROBLEM is None:
         return BlockingRedisBroker(url=url, **options)
     _warn_fallback()
+    if topology.is_topology_url(url):  # Sentinel: the shared master client (issue 18)
+        kwargs, _ = topology.broker_options({"url": url, **options})
+        return RedisBroker(**kwargs)
     return RedisBroker(url=url, **options)
 
 
@@ -214,16 +218,24 @@ class BlockingRedisBroker(RedisBroker):
     def _enqueue_args(self, queue_name: str, message_id: str, data: bytes) -> list[Any]:
         return self._dispatch_args("enqueue", queue_name, message_id, data)
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000, **kwargs: Any) -> None:
         if INTERNALS_PROBLEM is not None:
             raise RuntimeError(
                 f"BlockingRedisBroker cannot run on Dramatiq {dramatiq.__version__}: {INTERNALS_PROBLEM}"
             )
+        url = kwargs.get("url")
+        if isinstance(url, str) and topology.is_topology_url(url):  # scale-out (issue 18)
+            kwargs, wait_replicas = topology.broker_options(kwargs, wait_replicas)
         super().__init__(**kwargs)
         self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
         self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
         self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
+        #: Scale-out (issue 18): after each ``.send()`` enqueue, ``WAIT`` until this many replicas
+        #: have the message (0: don't). See :meth:`_enqueue_replicated`.
+        self.wait_replicas = wait_replicas
+        #: How long that ``WAIT`` may take (ms) before the enqueue is reported unconfirmed.
+        self.wait_timeout_ms = wait_timeout_ms
 
     def enqueue_many(self, messages: list[Message[Any]]) -> list[Message[Any]]:
         """Enqueue (without delay) many messages in one round trip; same middleware hooks as
@@ -256,9 +268,33 @@ class BlockingRedisBroker(RedisBroker):
 
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
         """Dramatiq's enqueue plus a wake-up token: one script, one round trip."""
+        if self.wait_replicas > 0:
+            return self._enqueue_replicated(queue_name, message_id, data)
         return self.scripts["dispatch_rpc"](
             keys=[self.namespace], args=self._enqueue_args(queue_name, message_id, data)
         )
+
+    def _enqueue_replicated(self, queue_name: str, message_id: str, data: bytes) -> Any:
+        """The enqueue script and ``WAIT wait_replicas wait_timeout_ms`` on one connection (one
+        write): returns once that many replicas have the message, so a failover to one of them
+        cannot lose it. Fewer in time: ``redis.ConnectionError`` (the caller sees
+        ``RPCConnectionError``; the message *is* enqueued on the master, so sending it again
+        may run it twice)."""
+        script = self.scripts["dispatch_rpc"]
+        args = self._enqueue_args(queue_name, message_id, data)
+        enqueue = ("EVALSHA", script.sha, 1, self.namespace, *args)
+        wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        try:
+            result, acked = pipelined(self.client, [enqueue, wait])
+        except NoScriptError:  # the server lost its script cache: load it, send both again
+            self.client.script_load(script.script)
+            result, acked = pipelined(self.client, [enqueue, wait])
+        if int(acked) < self.wait_replicas:
+            raise redis.ConnectionError(
+                f"enqueued, but {acked} of {self.wait_replicas} replicas confirmed it within "
+                f"{self.wait_timeout_ms} ms (wait_replicas)"
+            )
+        return result
 
     def _shares_redis(self, client: redis.Redis) -> bool:
         same = self._same_redis.get(client)

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from ..config import WebSocketRPCConfig, redact_url
 from ..exceptions import RPCConnectionError
+from . import topology
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 MIN_BLOCK_SECONDS = 0.001
 #: Extra time given to the server-side BLPOP timeout; the client enforces the real deadline.
 SERVER_SLACK_SECONDS = 0.5
+#: How long a raw command on a Redis Cluster follows a moving slot (``ASK``) before giving up.
+CLUSTER_REDIRECT_SECONDS = 10.0
 
 
 def make_redis(
@@ -42,8 +45,11 @@ def make_redis(
 ) -> redis.Redis:
     """A redis-py client on a *blocking* pool: when all ``max_connections`` are busy, callers
     wait up to ``pool_timeout`` seconds for one instead of failing with "Too many connections".
-    Works with ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs, with AUTH in the URL.
+    Works with ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs, with AUTH in the URL, and
+    with the Sentinel and Cluster forms of :mod:`rpc_tasks.redis.topology`.
     """
+    if topology.is_topology_url(url):  # scale-out (issue 18): Sentinel master or Cluster client
+        return cast(redis.Redis, topology.sync_client(url, max_connections=max_connections, **kwargs))
     options: dict[str, Any] = {
         "max_connections": max_connections,
         "timeout": pool_timeout,
@@ -154,6 +160,13 @@ def thread_connection(client: redis.Redis) -> Any:
     return conn
 
 
+def _unpin(client: redis.Redis, conn: Any) -> None:
+    """Give this thread's kept connection of ``client``'s pool back (it takes a new one next)."""
+    pool = client.connection_pool
+    if _thread_pins().table.pop(pool, None) is conn:
+        pool.release(conn)
+
+
 def release_thread_connections() -> None:
     """Give the calling thread's kept connections (see :func:`thread_connection`) back to
     their pools now, e.g. before a thread that used them goes idle in a thread pool."""
@@ -251,7 +264,14 @@ def pipelined(
     returns. An error reply is raised after all replies were read (the connection stays
     usable). A connection error is retried once on a fresh connection (a pooled connection may
     be stale after a Redis restart); a timeout is not (the commands may have run). ``pinned``:
-    use this thread's own connection (see :func:`thread_connection`) instead of the pool."""
+    use this thread's own connection (see :func:`thread_connection`) instead of the pool.
+    On a Redis Cluster client: on the node owning the first command's key, following moved slots."""
+    if topology.is_cluster(client):  # scale-out (issue 18): route, then the plain path below
+        key = topology.slot_key(client, commands[0]) or ""
+        deadline = time.monotonic() + (wait or 0.0) + CLUSTER_REDIRECT_SECONDS
+        return topology.on_cluster_node(
+            client, key, lambda node: pipelined(node, commands, pinned=pinned, wait=wait), deadline
+        )
     pool = client.connection_pool
     for attempt in (1, 2):
         conn: Any = thread_connection(client) if pinned else pool.get_connection()
@@ -264,7 +284,9 @@ def pipelined(
                 except redis.ResponseError as exc:  # fully read: the connection stays usable
                     replies.append(exc)
         except redis.ConnectionError:
-            conn.disconnect()  # a pinned connection reconnects on its next send
+            conn.disconnect()
+            if pinned:  # a fresh one from the pool: a Sentinel pool's checkout asks where the
+                _unpin(client, conn)  # master is now (a reconnect on send would not, issue 18)
             if attempt == 2:
                 raise
             continue
@@ -288,7 +310,8 @@ def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool 
     ``client``'s response callback for the command, as ``client.execute_command`` parses it
     without options. ``pinned``: on this thread's own connection."""
     response = pipelined(client, [args], pinned=pinned, wait=wait)[0]
-    callback = cast(Any, client).response_callbacks.get(str(args[0]).upper())
+    parser = topology.node_client(client, "")  # a cluster's nodes parse as a plain client (issue 18)
+    callback = cast(Any, parser).response_callbacks.get(str(args[0]).upper())
     return callback(response) if callback is not None else response
 
 

@@ -2,6 +2,10 @@
 
 Used by :class:`~rpc_tasks.middleware.RPCRateLimits`. Both run as Lua scripts on Redis server
 time, so worker clocks do not matter.
+
+Redis Cluster: every key embeds its rate-limit key as a hash tag (``...:tat:{crm-api}``), so each
+script touches one slot; the local view of cooldowns is built from Pub/Sub (cluster-wide) plus
+one ``PTTL`` per key on first use, never ``SCAN`` (which would see one node only).
 """
 
 from __future__ import annotations
@@ -25,16 +29,21 @@ RATE_KEY_PREFIX = "rpc_tasks:rate:"
 RATE_EVENTS_CHANNEL = f"{RATE_KEY_PREFIX}events"
 #: Seconds between two passes that drop ended cooldowns from a process's local view.
 PRUNE_INTERVAL = 1.0
+#: Keys whose absence of a cooldown was checked (``PTTL``) since the view connected, at most;
+#: past it the set starts again (a key is then asked about once more).
+CHECKED_KEYS_LIMIT = 100_000
 
 
 def cooldown_key(rate_key: str) -> str:
-    """Redis key of the shared cooldown for ``rate_key`` (its PTTL is the time left)."""
-    return f"{RATE_KEY_PREFIX}cooldown:{rate_key}"
+    """Redis key of the shared cooldown for ``rate_key`` (its PTTL is the time left); the rate
+    key is its hash tag."""
+    return f"{RATE_KEY_PREFIX}cooldown:{{{rate_key}}}"
 
 
 def limiter_keys(rate_key: str) -> tuple[str, str]:
-    """Redis keys of a proactive limit: (admission TAT, reservation TAT)."""
-    return f"{RATE_KEY_PREFIX}tat:{rate_key}", f"{RATE_KEY_PREFIX}reserve:{rate_key}"
+    """Redis keys of a proactive limit: (admission TAT, reservation TAT). Both carry the rate
+    key as their hash tag, so the limiter's script touches one Redis Cluster slot."""
+    return f"{RATE_KEY_PREFIX}tat:{{{rate_key}}}", f"{RATE_KEY_PREFIX}reserve:{{{rate_key}}}"
 
 
 # Open (or extend, never shorten) a cooldown: the key's PTTL is the time left. Announces the
@@ -84,6 +93,7 @@ class RateStore:
         self._open = client.register_script(_OPEN_COOLDOWN)
         self._acquire = client.register_script(_ACQUIRE)
         self._view: dict[str, float] = {}
+        self._checked: set[str] = set()
         self._view_ready = threading.Event()
         self._view_thread: threading.Thread | None = None
         self._view_pid = 0
@@ -103,13 +113,25 @@ class RateStore:
 
     def cooldown_left_fast(self, key: str) -> int:
         """Like :meth:`cooldown_left`, answered from a local view kept current over Pub/Sub
-        (no round trip per message); falls back to ``PTTL`` while the view is not connected."""
+        (no round trip per message); falls back to ``PTTL`` while the view is not connected.
+        A key not seen since the view connected is asked about once (``PTTL``): a cooldown
+        opened before that was announced before this process listened."""
         self._ensure_view()
         if not self._view_ready.is_set():
             return self.cooldown_left(key)
         until = self._view.get(key)
         if until is None:
-            return 0
+            if key in self._checked:
+                return 0
+            left = self.cooldown_left(key)
+            if len(self._checked) >= CHECKED_KEYS_LIMIT:
+                self._checked = set()
+            self._checked.add(key)
+            if left > 0:
+                until = time.monotonic() + left / 1000.0
+                if until > self._view.get(key, 0.0):
+                    self._view[key] = until
+            return left
         left = int((until - time.monotonic()) * 1000)
         if left <= 0:
             self._view.pop(key, None)
@@ -132,18 +154,14 @@ class RateStore:
             pubsub: Any = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self.events_channel)
-                prefix = self.events_channel.rsplit(":", 1)[0]
-                fresh: dict[str, float] = {}
-                for raw in self.client.scan_iter(match=f"{prefix}:cooldown:*", count=500):
-                    name = raw.decode() if isinstance(raw, bytes) else str(raw)
-                    left = int(self.client.pttl(name))
-                    if left > 0:
-                        fresh[name] = time.monotonic() + left / 1000.0
-                self._view = fresh
+                pubsub.get_message(timeout=1.0)  # the subscription is in place before "ready"
+                # Nothing is scanned (a cluster node would only show its own keys): what was
+                # opened before now is asked about per key on first use (see above).
+                self._view, self._checked = {}, set()
                 self._view_ready.set()
                 backoff = 0.1
                 # Wait in slices shorter than the client's socket timeout (if it has one).
-                socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+                socket_timeout = _socket_timeout(self.client)
                 wait = min(1.0, float(socket_timeout) / 2) if socket_timeout else 1.0
                 next_prune = time.monotonic() + PRUNE_INTERVAL
                 while True:
@@ -195,3 +213,15 @@ class RateStore:
         except RedisError as exc:
             raise RPCConnectionError(f"could not reach the rate limiter: {exc}") from exc
         return int(delay), bool(reserved)
+
+
+def _socket_timeout(client: Any) -> float | None:
+    """The client's ``socket_timeout`` (a plain client's pool, or a cluster client's option)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        value = pool.connection_kwargs.get("socket_timeout")
+    else:
+        value = getattr(client, "nodes_manager", None) and client.nodes_manager.connection_kwargs.get(
+            "socket_timeout"
+        )
+    return float(value) if value else None

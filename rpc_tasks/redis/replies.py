@@ -11,15 +11,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, RedisError, TryAgainError
 
 from ..config import WebSocketRPCConfig
 from ..exceptions import RPCConnectionError
 from ..protocol import reply_key
-from .connection import MIN_BLOCK_SECONDS, SERVER_SLACK_SECONDS, client_from_config, pack, wait_readable
+from . import topology
+from .connection import (
+    CLUSTER_REDIRECT_SECONDS,
+    MIN_BLOCK_SECONDS,
+    SERVER_SLACK_SECONDS,
+    client_from_config,
+    pack,
+    wait_readable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +71,25 @@ class ReplyChannel:
     def push(self, key: str, payload: bytes) -> None:
         """``LPUSH`` + ``EXPIRE`` in one transaction (never a key without a TTL)."""
         try:
-            with self.client.pipeline(transaction=True) as pipe:
+            # scale-out (issue 18): on a cluster, the transaction runs on the key's node
+            client = topology.node_client(self.client, key)
+            if client is not self.client:
+                deadline = time.monotonic() + min(self.ttl, CLUSTER_REDIRECT_SECONDS)
+                topology.on_cluster_node(
+                    self.client, key, lambda node: self._push_on(node, key, payload), deadline
+                )
+                return
+            with client.pipeline(transaction=True) as pipe:
                 queue_reply(pipe, key, payload, self.ttl)
                 pipe.execute()
         except RedisError as exc:
             raise RPCConnectionError(f"could not push reply to Redis: {exc}") from exc
+
+    def _push_on(self, node: redis.Redis, key: str, payload: bytes) -> None:
+        """``push`` on one cluster node (scale-out, issue 18); ``MOVED``/``ASK`` raised as such."""
+        with node.pipeline(transaction=True) as pipe:
+            queue_reply(pipe, key, payload, self.ttl)
+            pipe.execute()
 
     def wait(
         self,
@@ -118,6 +140,47 @@ class ReplyChannel:
         """``BLPOP key`` (plus one pipelined follow-up command, and optionally one command
         ahead of it) with a client-side deadline; the ``BLPOP`` and follow-up responses, or
         ``None`` when the deadline passed first."""
+        if topology.is_cluster(self.client):  # scale-out (issue 18): on the key's node
+            return self._blocking_pop_cluster(key, timeout, follow_up, first, on_first)
+        return self._blocking_pop_on(self.client, key, timeout, follow_up, first, on_first)
+
+    def _blocking_pop_cluster(
+        self,
+        key: str,
+        timeout: float,
+        follow_up: tuple[Any, ...] | None,
+        first: tuple[Any, ...] | None,
+        on_first: Callable[[Any], None] | None,
+    ) -> list[Any] | None:
+        """:meth:`_blocking_pop` on a Redis Cluster: ``first`` (its key lives in another slot)
+        goes out on its own, then the ``BLPOP`` on the node owning ``key``, following a slot
+        that moves meanwhile until the deadline."""
+        deadline = time.monotonic() + max(float(timeout), MIN_BLOCK_SECONDS)
+        if first is not None:
+            try:
+                reply = cast(Any, self.client).execute_command(*first)
+            except redis.ResponseError:
+                raise  # as on a single Redis: the caller handles a failed request
+            except RedisError as exc:
+                raise RPCConnectionError(f"could not send the request: {exc}") from exc
+            if on_first is not None:
+                on_first(reply)
+
+        def pop(node: redis.Redis) -> list[Any] | None:
+            left = deadline - time.monotonic()
+            return None if left <= 0 else self._blocking_pop_on(node, key, left, follow_up, None, None)
+
+        return topology.on_cluster_node(self.client, key, pop, deadline)
+
+    def _blocking_pop_on(
+        self,
+        client: redis.Redis,
+        key: str,
+        timeout: float,
+        follow_up: tuple[Any, ...] | None,
+        first: tuple[Any, ...] | None = None,
+        on_first: Callable[[Any], None] | None = None,
+    ) -> list[Any] | None:
         wait_for = max(float(timeout), MIN_BLOCK_SECONDS)
         deadline = time.monotonic() + wait_for
         commands: list[tuple[Any, ...]] = [("BLPOP", key, round(wait_for + SERVER_SLACK_SECONDS, 3))]
@@ -125,7 +188,7 @@ class ReplyChannel:
             commands.insert(0, first)
         if follow_up is not None:
             commands.append(follow_up)
-        pool = self.client.connection_pool
+        pool = client.connection_pool
         try:
             conn: Any = pool.get_connection()
         except RedisError as exc:
@@ -152,6 +215,9 @@ class ReplyChannel:
                 conn.disconnect()  # cancels the pending BLPOP; the pool reconnects on next use
                 return None
             return [conn.read_response() for _ in commands]
+        except (AskError, TryAgainError):  # a moved/moving cluster slot (issue 18): followed by the caller
+            conn.disconnect()
+            raise
         except (RedisError, OSError) as exc:
             if exc is failed_first:
                 raise

@@ -181,7 +181,7 @@ class WebSocketRPCClient:
         disconnect every connection of that pool now rather than at garbage collection."""
         try:
             self.redis.close()
-            if self._owns_redis:
+            if self._owns_redis and hasattr(self.redis, "connection_pool"):  # a cluster: closed above
                 self.redis.connection_pool.disconnect()
         except Exception:  # pragma: no cover - best effort
             logger.debug("could not close the Redis pool", exc_info=True)
@@ -190,7 +190,7 @@ class WebSocketRPCClient:
         """Replaced by a new client (:func:`get_rpc_client`): close its own pool's idle
         connections now; one still in use by a call in another thread is left to finish (and
         closes with the pool)."""
-        if not self._owns_redis:
+        if not self._owns_redis or not hasattr(self.redis, "connection_pool"):
             return
         try:
             self.redis.connection_pool.disconnect(inuse_connections=False)

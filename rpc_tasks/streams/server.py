@@ -115,7 +115,7 @@ class RPCServer(Dispatcher):
     def _pin_connections(self, client: Any) -> bool:
         # One kept connection per reader/handler thread (plus the reclaim pool's), if the pool
         # has room for them; otherwise a pool checkout per command.
-        room = getattr(client.connection_pool, "max_connections", 0) or 0
+        room = getattr(getattr(client, "connection_pool", None), "max_connections", 0) or 0  # 0: a cluster
         return bool(room >= 2 * self.concurrency + 4)
 
     # -- consumer loop -------------------------------------------------------------------------

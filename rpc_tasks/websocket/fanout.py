@@ -160,6 +160,7 @@ class Fanout:
         while True:
             pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
             try:
+                await self.store.ready()  # a Redis Cluster client learns its slot map first
                 await pubsub.subscribe(instance_channel(self.instance_id), self.broadcast_channel)
                 if lost:
                     logger.warning("Pub/Sub subscription restored")

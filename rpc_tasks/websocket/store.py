@@ -13,6 +13,7 @@ from ..config import WebSocketRPCConfig
 from ..exceptions import RPCConnectionError
 from ..redis.connection import MIN_BLOCK_SECONDS, SERVER_SLACK_SECONDS
 from ..redis.replies import queue_reply
+from ..redis.topology import async_client, is_cluster, is_topology_url
 
 #: Prefix of the WebSocket server's shared state (presence, rooms, instance channels).
 KEY_PREFIX = "rpc_tasks:ws:"
@@ -57,12 +58,18 @@ class AsyncWSStore:
         self.client = client
         self.ttl = ttl
         self.ack_ttl = ack_ttl
+        #: Presence writes touch a connection's key and its user's set: one MULTI on a single
+        #: Redis; on a Redis Cluster (two slots) a plain pipeline (issue 18), which is enough
+        #: since lookups prune ids whose record is gone.
+        self._presence_atomic = not is_cluster(client)
 
     @classmethod
     def from_config(cls, config: WebSocketRPCConfig, *, ttl: int = 30) -> AsyncWSStore:
         """Build with a ``redis.asyncio`` pool from ``config``."""
         import redis.asyncio as aioredis
 
+        if is_topology_url(config.redis_url):  # scale-out (issue 18): Sentinel or Cluster
+            return cls(async_client(config.redis_url, max_connections=config.redis_max_connections), ttl=ttl)
         options: dict[str, Any] = {}
         try:
             from redis.maint_notifications import MaintNotificationsConfig
@@ -86,13 +93,19 @@ class AsyncWSStore:
         client = aioredis.Redis(connection_pool=pool)
         return cls(client, ttl=ttl)
 
+    async def ready(self) -> None:
+        """Connect what must be connected before Pub/Sub: a Redis Cluster client loads its slot
+        map (its ``pubsub()`` needs it; other commands load it on first use). No-op otherwise."""
+        if is_cluster(self.client):
+            await self.client.initialize()
+
     def _fail(self, what: str, exc: Exception) -> RPCConnectionError:
         return RPCConnectionError(f"Redis {what} failed: {exc}")
 
     async def register(self, connection_id: str, user_id: str, record: bytes) -> None:
         """Record a live connection of ``user_id``."""
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
+            async with self.client.pipeline(transaction=self._presence_atomic) as pipe:
                 pipe.set(conn_key(connection_id), record, ex=self.ttl)
                 pipe.sadd(user_key(user_id), connection_id)
                 pipe.expire(user_key(user_id), self.ttl * 4)
@@ -116,7 +129,7 @@ class AsyncWSStore:
     async def unregister(self, connection_id: str, user_id: str) -> None:
         """Forget a closed connection."""
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
+            async with self.client.pipeline(transaction=self._presence_atomic) as pipe:
                 pipe.delete(conn_key(connection_id))
                 pipe.srem(user_key(user_id), connection_id)
                 await pipe.execute()
@@ -132,7 +145,9 @@ class AsyncWSStore:
             ]
             if not ids:
                 return []
-            records = await self.client.mget([conn_key(i) for i in ids])
+            # On a cluster the keys are spread over slots: one MGET per node (issue 18).
+            mget = self.client.mget if self._presence_atomic else self.client.mget_nonatomic
+            records = await mget([conn_key(i) for i in ids])
             stale = [i for i, rec in zip(ids, records, strict=True) if rec is None]
             if stale:
                 await self.client.srem(user_key(user_id), *stale)
@@ -217,6 +232,8 @@ class AsyncWSStore:
         whatever the pool's ``socket_timeout``. ``None`` when no reply came in time (the
         connection is then dropped, which cancels the ``BLPOP`` on the server)."""
         wait = max(MIN_BLOCK_SECONDS, float(timeout))
+        if not self._presence_atomic:  # a cluster (issue 18): the client routes, two round trips
+            return await self._wait_reply_cluster(key, wait)
         pool = self.client.connection_pool
         try:
             conn = await pool.get_connection()
@@ -239,6 +256,19 @@ class AsyncWSStore:
             raise
         finally:
             await pool.release(conn)
+        if not popped:
+            return None
+        value = popped[1]
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    async def _wait_reply_cluster(self, key: str, wait: float) -> bytes | None:
+        """:meth:`wait_reply` on a Redis Cluster: ``BLPOP`` then ``DEL`` through the cluster
+        client (it follows moved slots), the server's timeout to 10 ms."""
+        try:
+            popped = await self.client.blpop([key], timeout=max(0.01, round(wait, 3)))
+            await self.client.delete(key)
+        except RedisError as exc:
+            raise self._fail("BLPOP", exc) from exc
         if not popped:
             return None
         value = popped[1]
