@@ -282,12 +282,14 @@ class Dispatcher:
         """A request over ``max_payload_bytes``: never parsed; an error reply when its
         ``reply_to`` (found by a bounded scan, not by decoding) is readable and valid."""
         reason = f"payload_too_large: request of {len(raw)} bytes is over max_payload_bytes={limit}"
-        reply_to, correlation_id, timeout = _envelope_hints(raw)
+        reply_to, correlation_id, timeout, extended = _envelope_hints(raw)
         reply_to = self._valid_reply_to(reply_to) if timeout != 0 else None
         payload = None
         if reply_to is not None:
             error = RPCError(code=RPCErrorCode.PAYLOAD_TOO_LARGE, message=reason.split(": ", 1)[1])
-            payload = protocol.encode_response(correlation_id or "unknown", error=error, extended=False)
+            payload = protocol.encode_response(
+                correlation_id or compat.UNKNOWN_CORRELATION_ID, error=error, extended=extended
+            )
         self._dead_letter(entry_id, reason, raw, reply_to, payload)
         return "dead"
 
@@ -373,11 +375,13 @@ _HINTS = {
     name: re.compile(rb'"%s"\s*:\s*("(?:[^"\\]|\\.){0,512}"|\d{1,12})' % name.encode())
     for name in ("reply_to", "correlation_id", "timeout")
 }
+_HINTS["extensions"] = re.compile(rb'"extensions"\s*:\s*(\[[^\]]{0,512}\])')
 
 
-def _envelope_hints(raw: bytes) -> tuple[str | None, str | None, int | None]:
-    """``(reply_to, correlation_id, timeout)`` of a request too large to decode, found by a
-    linear scan for the first occurrence of each key (``None`` when absent or odd)."""
+def _envelope_hints(raw: bytes) -> tuple[str | None, str | None, int | None, bool]:
+    """``(reply_to, correlation_id, timeout, wants_error_details)`` of a request too large to
+    decode, found by a linear scan for the first occurrence of each key (``None`` when absent
+    or odd)."""
     found: dict[str, Any] = {}
     for name, pattern in _HINTS.items():
         match = pattern.search(raw)
@@ -388,8 +392,10 @@ def _envelope_hints(raw: bytes) -> tuple[str | None, str | None, int | None]:
         except ValueError:
             continue
     reply_to, cid, timeout = found.get("reply_to"), found.get("correlation_id"), found.get("timeout")
+    extensions = found.get("extensions")
     return (
         reply_to if isinstance(reply_to, str) else None,
         cid if isinstance(cid, str) and 0 < len(cid) <= 128 else None,
         timeout if isinstance(timeout, int) else None,
+        isinstance(extensions, list) and protocol.ERROR_DETAILS_EXTENSION in extensions,
     )

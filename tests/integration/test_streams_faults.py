@@ -225,7 +225,12 @@ def test_oversized_request_gets_a_payload_too_large_reply_and_a_bounded_dead_let
         correlation_id = new_correlation_id()
         reply_to = protocol.reply_key(config.response_key_prefix, correlation_id)
         envelope = protocol.encode_request(
-            "job", Job(n=1), reply_to=reply_to, timeout=30, correlation_id=correlation_id
+            "job",
+            Job(n=1),
+            reply_to=reply_to,
+            timeout=30,
+            correlation_id=correlation_id,
+            extensions={protocol.ERROR_DETAILS_EXTENSION},  # as our clients do: full error codes
         )
         # Pad the params to 10 MB, keeping the envelope valid JSON.
         huge = envelope.replace(b'"n":1', b'"n":1,"pad":"' + b"x" * 10_000_000 + b'"', 1)
