@@ -21,7 +21,7 @@ from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from . import context, protocol
+from . import context, metrics, protocol
 from .exceptions import (
     RPCConfigurationError,
     RPCConnectionError,
@@ -154,6 +154,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """
         return self.send_with_options(args=(params,), **options)
 
+    @metrics.observed("send", lambda actor, **_: _labels(actor))
     def send_with_options(
         self,
         *,
@@ -177,6 +178,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         except _ENQUEUE_ERRORS as exc:
             raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
 
+    @metrics.observed("call", lambda actor, *_, **__: _labels(actor))
     def call(
         self,
         params: TParams | Mapping[str, Any],
@@ -225,6 +227,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             return cast(TResult, None)
         return cast(TResult, self.result_model.model_validate(response.result))
 
+    @metrics.observed("call_many", lambda actor, *_, **__: _labels(actor))
     def call_many(
         self,
         params_list: Sequence[TParams | Mapping[str, Any]],
@@ -358,6 +361,11 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
 
     def _has_results_middleware(self) -> bool:
         return self._middleware_view()[1]
+
+
+def _labels(actor: dramatiq.Actor[Any, Any]) -> dict[str, Any]:
+    """Labels of an actor's observed operations (see :func:`rpc_tasks.metrics.observe`)."""
+    return {"actor": actor.actor_name, "queue": actor.queue_name}
 
 
 P = TypeVar("P", bound=BaseModel)

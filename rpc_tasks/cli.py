@@ -6,6 +6,7 @@
 * ``rpc-tasks health [--timeout 5]`` exits 0 when a server answers ``ping``, 1 otherwise.
 * ``rpc-tasks ws --host 127.0.0.1 --port 8765`` runs the WebSocket server
   (:mod:`rpc_tasks.websocket.server`).
+* ``serve`` and ``ws`` take ``--metrics-port`` (Prometheus ``/metrics``, rpc-tasks[prometheus]).
 """
 
 from __future__ import annotations
@@ -71,8 +72,33 @@ def load_object(spec: str) -> Any:
     return obj
 
 
+def _start_metrics(args: argparse.Namespace) -> None:
+    """``--metrics-port``: Prometheus metrics on ``/metrics`` (rpc-tasks[prometheus])."""
+    if args.metrics_port is None:
+        return
+    from .observability.prometheus import metrics_available, start_metrics_server
+
+    if not metrics_available():
+        raise UsageError("--metrics-port needs prometheus_client: pip install 'rpc-tasks[prometheus]'")
+    port = start_metrics_server(args.metrics_port, args.metrics_host)
+    logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+
+
+def _add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (/metrics; needs rpc-tasks[prometheus])",
+    )
+    parser.add_argument(
+        "--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint (default: 0.0.0.0)"
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     server = load_object(args.app)
+    _start_metrics(args)
     if args.concurrency:
         server.concurrency = args.concurrency
     if args.consumer_name:
@@ -118,6 +144,7 @@ def _health(args: argparse.Namespace) -> int:
 def _ws(args: argparse.Namespace) -> int:
     from .websocket.server import WebSocketServer
 
+    _start_metrics(args)
     server = WebSocketServer(
         get_config(),
         host=args.host or None,
@@ -155,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--consumer-name", default="", help="consumer name in the group (default: host-pid-random)"
     )
+    _add_metrics_options(serve)
     serve.set_defaults(func=_serve)
     health = sub.add_parser("health", help="exit 0 if a server answers ping, 1 otherwise")
     health.add_argument(
@@ -171,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument(
         "--presence-ttl", type=int, default=30, help="seconds a socket stays online without a heartbeat"
     )
+    _add_metrics_options(ws)
     ws.set_defaults(func=_ws)
     return parser
 

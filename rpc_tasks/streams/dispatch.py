@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .. import protocol
+from .. import metrics, protocol
 from ..config import WebSocketRPCConfig, get_config
 from ..exceptions import RPCException
 from ..models.errors import RPCError, RPCErrorCode
@@ -193,6 +193,13 @@ class Dispatcher:
             self.io.finish(self.stream, self.group, entry_id)
             return "expired"
 
+        with metrics.observe(
+            "serve", method=request.method, stream=self.stream, trace_context=request.trace_context
+        ):
+            return self._serve(entry_id, request, reply_to)
+
+    def _serve(self, entry_id: str, request: protocol.Request, reply_to: str | None) -> str:
+        """Run the request's handler and reply (or ack a fire-and-forget request)."""
         handler = self.handlers.get(request.method)
         if handler is None:
             error = RPCError(code=RPCErrorCode.METHOD_NOT_FOUND, message=f"unknown method {request.method!r}")
@@ -242,6 +249,8 @@ class Dispatcher:
         )
         outcome = "ok" if error is None else "error"
         self._count(outcome)
+        if error is not None:
+            metrics.set_outcome(error.wire_code)
         return outcome
 
     def _dead_letter(
@@ -283,6 +292,7 @@ class Dispatcher:
 
     def _check_backlog(self) -> None:
         pending, lag = self.io.backlog(self.stream, self.group)
+        metrics.emit("server_backlog", stream=self.stream, group=self.group, pending=pending, unread=lag)
         if pending + max(lag, 0) > self.config.stream_maxlen // 2:
             logger.warning(
                 "Stream %s backlog is %d pending + %d unread of stream_maxlen=%d: entries may be trimmed "
