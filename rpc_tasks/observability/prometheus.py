@@ -121,7 +121,10 @@ _metrics: RPCMetrics | None = None
 
 def metrics_available() -> bool:
     """True when ``prometheus_client`` is importable."""
-    return importlib.util.find_spec("prometheus_client") is not None
+    try:  # find_spec: importing it here would be too early in a Dramatiq worker (module docstring)
+        return importlib.util.find_spec("prometheus_client") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class RPCMetrics:

@@ -81,7 +81,10 @@ _current_call: contextvars.ContextVar[_SpanScope | None] = contextvars.ContextVa
 
 def tracing_available() -> bool:
     """True when ``opentelemetry-api`` is importable."""
-    return importlib.util.find_spec("opentelemetry") is not None
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except (ImportError, ValueError):  # a parent package that is missing or broken
+        return False
 
 
 def enable_tracing() -> None:
