@@ -23,6 +23,10 @@ PATH_ORDER = (
     "celery",
     "streams-raw",
     "streams",
+    "obs-base",
+    "call-otel-api",
+    "call-otel-sdk",
+    "call-metrics",
 )
 FLOOR_OF = {"raw": "raw", "streams": "streams-raw"}
 DESCRIPTIONS = {
@@ -43,7 +47,14 @@ DESCRIPTIONS = {
     "celery": "Celery 5, Redis broker + backend, -P solo, .delay().get()",
     "streams-raw": "Streams floor: client XADD+BLPOP, server XREADGROUP BLOCK+LPUSH+XACK",
     "streams": "WebSocketRPCClient.call('echo') against an RPCServer process",
+    "obs-base": ".call() baseline of the observability paths (same as call)",
+    "call-otel-api": ".call() with setup_broker(tracing=True), OpenTelemetry API only (no SDK)",
+    "call-otel-sdk": ".call() with tracing, the SDK and a batch exporter (caller and worker)",
+    "call-metrics": ".call() with Prometheus metrics (caller and worker)",
 }
+
+#: Observability paths and the most their p50 may be over ``obs-base``'s.
+OBS_GOALS = {"call-otel-api": 1.03, "call-otel-sdk": 1.25, "call-metrics": 1.05}
 
 
 def floor_of(path: str) -> str:
@@ -202,6 +213,27 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             if _measured(call, "p50_ms")
             else math.nan,
         }
+    base = summaries.get("obs-base")
+    if _measured(base, "p50_ms"):
+        assert base is not None
+        for name, goal in OBS_GOALS.items():
+            s = summaries.get(name)
+            if _measured(s, "p50_ms") and s is not None:
+                ratio = _ratio(s["p50_ms"], base["p50_ms"])
+                per_run = [
+                    _ratio(a, b)
+                    for a, b in zip(
+                        [r["p50_ms"] for r in s["runs"]], [r["p50_ms"] for r in base["runs"]], strict=False
+                    )
+                ]
+                out[f"{name}_vs_obs_base"] = {
+                    "p50_ms": s["p50_ms"],
+                    "base_p50_ms": base["p50_ms"],
+                    "p50_ratio": ratio,
+                    "p50_ratio_per_run": per_run,
+                    "goal": goal,
+                    "goal_met": bool(ratio <= goal),
+                }
     scripts, call = summaries.get("scripts-floor"), summaries.get("call")
     if _measured(scripts, "p50_ms") and _measured(raw, "p50_ms"):
         assert scripts is not None and raw is not None
@@ -272,6 +304,16 @@ def comparison_lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"{_f(c['call_vs_scripts_floor'], '.2f')}x (+{_f(c['call_minus_scripts_floor_ms'], '.3f')} ms: "
             f"Dramatiq's worker, middleware and validation)"
         )
+    for name in OBS_GOALS:
+        c = comp.get(f"{name}_vs_obs_base")
+        if c:
+            runs = ", ".join(_f(r, ".3f") for r in c["p50_ratio_per_run"])
+            lines.append(
+                f"{name} vs obs-base: p50 {c['p50_ms']:.3f} / {c['base_p50_ms']:.3f} ms = "
+                f"{_f(c['p50_ratio'], '.3f')}x (goal <= {c['goal']}: "
+                f"{'met' if c['goal_met'] else 'NOT met'}; "
+                f"per run: {runs})"
+            )
     return ["Ratios:", *(f"  {line}" for line in lines)] if lines else []
 
 

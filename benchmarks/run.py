@@ -88,6 +88,10 @@ WORKER_OF = {
     "celery": "celery",
     "streams-raw": "streams-raw",
     "streams": "streams",
+    "obs-base": "rpc",
+    "call-otel-api": "rpc-otel-api",
+    "call-otel-sdk": "rpc-otel-sdk",
+    "call-metrics": "rpc-metrics",
 }
 #: The floors share a group (and so interleaved runs) with the paths whose goals are ratios to
 #: them: on a noisy machine, ratios of runs minutes apart move with the machine, not the code.
@@ -99,6 +103,8 @@ GROUPS = (
     Group("dramatiq-results", ("dramatiq-results", "inflight-dramatiq")),
     Group("celery", ("celery",)),
     Group("streams", ("streams-raw", "streams")),
+    # The cost of tracing and metrics: each .call() path against its baseline, runs interleaved.
+    Group("observability", ("obs-base", "call-otel-api", "call-otel-sdk", "call-metrics")),
 )
 ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
 
@@ -118,6 +124,9 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
         "rpc-rabbitmq": "rabbitmq",
         "dramatiq-plain": "dramatiq",
         "dramatiq-results": "results",
+        "rpc-otel-api": "otel-api",
+        "rpc-otel-sdk": "otel-sdk",
+        "rpc-metrics": "metrics",
     }
     if group in kinds:
         kind = kinds[group]
@@ -133,7 +142,14 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
             "--worker-shutdown-timeout",
             "5000",
         ]
-        return cmd, {"BENCH_DRAMATIQ_KIND": kind}
+        extra = {"BENCH_DRAMATIQ_KIND": kind}
+        if kind == "metrics":  # Dramatiq's exposition server: a free port, a private folder
+            extra |= {
+                "dramatiq_prom_port": str(_free_port()),
+                "dramatiq_prom_host": "127.0.0.1",
+                "dramatiq_prom_db": tempfile.mkdtemp(prefix=f"bench-{tag}-prom-"),
+            }
+        return cmd, extra
     if group == "celery":
         cmd = [
             py,
@@ -165,6 +181,14 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
         ]
         return cmd, {}
     raise ValueError(group)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def measure_idle(

@@ -73,6 +73,7 @@ SPAN_EVENTS = frozenset(
 _lock = threading.Lock()
 _enabled = False
 _tracer: Tracer | None = None
+_provider: Any = None
 #: The caller-side span of the operation running in this context (for ``before_enqueue``).
 _current_call: contextvars.ContextVar[_SpanScope | None] = contextvars.ContextVar(
     "rpc_tasks_call_span", default=None
@@ -87,23 +88,27 @@ def tracing_available() -> bool:
         return False
 
 
-def enable_tracing() -> None:
+def enable_tracing(tracer_provider: Any = None) -> None:
     """Record spans for this process's calls, sends and served requests (idempotent).
+
+    Spans go to ``tracer_provider``, by default OpenTelemetry's global one (whatever the
+    application or its auto-instrumentation configured, also later).
 
     Raises :class:`~rpc_tasks.exceptions.RPCConfigurationError` when OpenTelemetry is not
     installed. The Dramatiq side also needs :class:`TracingMiddleware` on the broker
     (:func:`install_tracing`, or ``setup_broker(tracing=True)``)."""
-    global _enabled, _tracer
+    global _enabled, _tracer, _provider
     if not tracing_available():
         raise RPCConfigurationError("tracing needs OpenTelemetry: pip install 'rpc-tasks[otel]'")
     with _lock:
-        if _enabled:
+        if _enabled and (tracer_provider is None or tracer_provider is _provider):
             return
         from opentelemetry import trace
 
         from .. import __version__
 
-        _tracer = trace.get_tracer("rpc_tasks", __version__)
+        _provider = tracer_provider
+        _tracer = trace.get_tracer("rpc_tasks", __version__, tracer_provider=tracer_provider)
         _enabled = True
     metrics.add_scope_factory(_scope_factory)
     metrics.add_listener(_on_event)
@@ -145,7 +150,8 @@ def _recording() -> Tracer | None:
         return None
     from opentelemetry import trace
 
-    if type(trace.get_tracer_provider()).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+    provider = _provider if _provider is not None else trace.get_tracer_provider()
+    if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
         return None
     return _tracer
 
