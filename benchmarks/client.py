@@ -597,7 +597,12 @@ def measure_group(names: list[str], args: argparse.Namespace, bar: Any, r: redis
         except Exception as exc:
             fail(name, exc)
     for i in range(args.runs):
-        for name in list(live):
+        # Each round starts with the next path, so no path always runs first (or last).
+        shift = i % max(1, len(live))
+        order = list(live)
+        for name in order[shift:] + order[:shift]:
+            if name not in live:  # failed earlier in this round
+                continue
             try:
                 timed_run(live[name], args, bar, r, i, results[name])
             except Exception as exc:

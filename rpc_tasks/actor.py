@@ -154,7 +154,6 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """
         return self.send_with_options(args=(params,), **options)
 
-    @metrics.observed("send", lambda actor, **_: _labels(actor))
     def send_with_options(
         self,
         *,
@@ -178,7 +177,6 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         except _ENQUEUE_ERRORS as exc:
             raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
 
-    @metrics.observed("call", lambda actor, *_, **__: _labels(actor))
     def call(
         self,
         params: TParams | Mapping[str, Any],
@@ -227,7 +225,6 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             return cast(TResult, None)
         return cast(TResult, self.result_model.model_validate(response.result))
 
-    @metrics.observed("call_many", lambda actor, *_, **__: _labels(actor))
     def call_many(
         self,
         params_list: Sequence[TParams | Mapping[str, Any]],
@@ -363,9 +360,16 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         return self._middleware_view()[1]
 
 
-def _labels(actor: dramatiq.Actor[Any, Any]) -> dict[str, Any]:
+def _labels(actor: dramatiq.Actor[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Labels of an actor's observed operations (see :func:`rpc_tasks.metrics.observe`)."""
     return {"actor": actor.actor_name, "queue": actor.queue_name}
+
+
+# .send() (send_with_options), .call() and .call_many() are observed operations: tracing spans,
+# in-flight gauges and latency events hook in there (rpc_tasks.metrics.observe; free when off).
+RPCActor.send_with_options = metrics.observed("send", _labels)(RPCActor.send_with_options)  # type: ignore[method-assign]
+RPCActor.call = metrics.observed("call", _labels)(RPCActor.call)  # type: ignore[method-assign]
+RPCActor.call_many = metrics.observed("call_many", _labels)(RPCActor.call_many)  # type: ignore[method-assign]
 
 
 P = TypeVar("P", bound=BaseModel)

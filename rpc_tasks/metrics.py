@@ -16,6 +16,7 @@ Events (``labels`` always include ``actor``):
   ``outcome`` (``ok``, ``timeout``, ``connection``, ``validation_error``, ``error`` or the remote
   error code) and ``duration`` in seconds (see :func:`observe`);
 * ``server_backlog`` (``stream``, ``group``, ``pending``, ``unread``): a Streams server's backlog;
+* ``server_dead_lettered`` (``stream``): a Streams entry went to the dead-letter stream;
 * ``ws_connection`` (``delta``: +1 / -1), ``ws_delivery`` (``offered``, ``took``),
   ``ws_fanout_acks`` (``expected``, ``received``), ``ws_rate_limited``: the WebSocket server.
 """

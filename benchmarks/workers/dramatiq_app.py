@@ -16,7 +16,7 @@ Kinds:
   echo (no result backend), at Dramatiq's defaults;
 * ``otel-api``, ``otel-sdk``, ``metrics``: ``blocking`` with ``setup_broker(tracing=True)``
   (``otel-api``: no SDK configured, only the API answers; ``otel-sdk``: the worker configures the
-  SDK with a ``BatchSpanProcessor`` whose exporter serializes every span to ``/dev/null``) or
+  SDK with a ``BatchSpanProcessor`` whose exporter encodes every span as JSON to ``/dev/null``) or
   ``setup_broker(metrics=True)`` (Dramatiq's Prometheus middleware and ours; the exposition
   server on ``dramatiq_prom_port``). On the client side these kinds install nothing global: the
   paths turn tracing / metrics on only around their own runs (see ``benchmarks/client.py``).
@@ -63,14 +63,43 @@ def _plain_sink(message: str) -> None:
 
 
 def sdk_provider() -> Any:
-    """An SDK ``TracerProvider`` exporting in batches to a console exporter writing to
-    ``/dev/null`` (every span is serialized, as a real exporter would)."""
+    """An SDK ``TracerProvider`` with a ``BatchSpanProcessor`` (default settings) whose exporter
+    encodes each span as compact JSON (ids, name, kind, times, attributes, events, links: about
+    what an OTLP/JSON exporter sends) and writes the batch to ``/dev/null``."""
+    import json
+
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    sink = open(os.devnull, "w")  # lives as long as the process
+
+    class DevNullJsonExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            records = []
+            for span in spans:
+                ctx = span.get_span_context()
+                records.append(
+                    {
+                        "traceId": f"{ctx.trace_id:032x}",
+                        "spanId": f"{ctx.span_id:016x}",
+                        "parentSpanId": f"{span.parent.span_id:016x}" if span.parent else "",
+                        "name": span.name,
+                        "kind": span.kind.value,
+                        "startTimeUnixNano": span.start_time,
+                        "endTimeUnixNano": span.end_time,
+                        "attributes": dict(span.attributes or {}),
+                        "events": [
+                            {"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events
+                        ],
+                        "links": [f"{link.context.span_id:016x}" for link in span.links],
+                        "status": span.status.status_code.value,
+                    }
+                )
+            sink.write(json.dumps(records, default=str))
+            return SpanExportResult.SUCCESS
 
     provider = TracerProvider()
-    sink = open(os.devnull, "w")  # lives as long as the process
-    provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sink)))
+    provider.add_span_processor(BatchSpanProcessor(DevNullJsonExporter()))
     return provider
 
 

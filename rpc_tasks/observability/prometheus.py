@@ -78,6 +78,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("method",),
         "Streams request handling: handler, reply and ack",
     ),
+    "rpc_tasks_server_dead_lettered_total": (
+        "counter",
+        ("stream",),
+        "Stream entries moved to the dead-letter stream (unparseable, redelivered too often, trimmed)",
+    ),
     "rpc_tasks_server_requests_in_flight": ("gauge", ("method",), "Streams requests being handled"),
     "rpc_tasks_server_pending": ("gauge", ("stream", "group"), "Entries delivered but not acked"),
     "rpc_tasks_server_unread": ("gauge", ("stream", "group"), "Entries not yet read by the group"),
@@ -264,6 +269,8 @@ def _on_event(event: str, labels: Mapping[str, Any]) -> None:
         method = str(labels.get("method", ""))
         m.child("rpc_tasks_server_requests", method, str(labels["outcome"])).inc()
         m.child("rpc_tasks_server_request_duration_seconds", method).observe(labels["duration"])
+    elif event == "server_dead_lettered":
+        m.child("rpc_tasks_server_dead_lettered", str(labels.get("stream", ""))).inc()
     elif event == "server_backlog":
         where = (str(labels.get("stream", "")), str(labels.get("group", "")))
         m.child("rpc_tasks_server_pending", *where).set(labels.get("pending", 0))

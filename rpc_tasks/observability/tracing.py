@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextvars
 import importlib.util
 import threading
+import time
+import types
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +54,7 @@ __all__ = [
 
 #: Dramatiq message option: the caller's W3C trace context (``traceparent``, ``tracestate``).
 OPTION_TRACE = "rpc_trace"
-#: Dramatiq message option: the trace context of the first attempt's span (later ones link to it).
+#: Dramatiq message option: the ``traceparent`` of the first attempt's span (later ones link to it).
 OPTION_TRACE_FIRST = "rpc_trace_first"
 #: ``rpc.system`` of every span.
 RPC_SYSTEM = "rpc_tasks"
@@ -74,6 +76,10 @@ _lock = threading.Lock()
 _enabled = False
 _tracer: Tracer | None = None
 _provider: Any = None
+_sdk_seen = False
+_next_check = 0.0
+#: The OpenTelemetry modules, loaded by :func:`enable_tracing` (no import statement per call).
+_otel: Any = None
 #: The caller-side span of the operation running in this context (for ``before_enqueue``).
 _current_call: contextvars.ContextVar[_SpanScope | None] = contextvars.ContextVar(
     "rpc_tasks_call_span", default=None
@@ -97,18 +103,20 @@ def enable_tracing(tracer_provider: Any = None) -> None:
     Raises :class:`~rpc_tasks.exceptions.RPCConfigurationError` when OpenTelemetry is not
     installed. The Dramatiq side also needs :class:`TracingMiddleware` on the broker
     (:func:`install_tracing`, or ``setup_broker(tracing=True)``)."""
-    global _enabled, _tracer, _provider
+    global _enabled, _tracer, _provider, _otel, _sdk_seen, _next_check
     if not tracing_available():
         raise RPCConfigurationError("tracing needs OpenTelemetry: pip install 'rpc-tasks[otel]'")
     with _lock:
         if _enabled and (tracer_provider is None or tracer_provider is _provider):
             return
-        from opentelemetry import trace
+        from opentelemetry import context, propagate, trace
 
         from .. import __version__
 
+        _otel = types.SimpleNamespace(trace=trace, propagate=propagate, context=context)
         _provider = tracer_provider
         _tracer = trace.get_tracer("rpc_tasks", __version__, tracer_provider=tracer_provider)
+        _sdk_seen, _next_check = False, 0.0
         _enabled = True
     metrics.add_scope_factory(_scope_factory)
     metrics.add_listener(_on_event)
@@ -145,59 +153,63 @@ def install_tracing(broker: dramatiq.Broker) -> dramatiq.Broker:
 
 
 def _recording() -> Tracer | None:
-    """The tracer, when tracing is on and an SDK ``TracerProvider`` is configured."""
-    if not _enabled or _tracer is None:
+    """The tracer, when tracing is on and an SDK ``TracerProvider`` is configured. Without one
+    (only the API answers), the global provider is looked at again at most once a second: this
+    runs several times per call, and the API's lookup reads the environment each time."""
+    global _sdk_seen, _next_check
+    if not _enabled:
         return None
-    from opentelemetry import trace
-
-    provider = _provider if _provider is not None else trace.get_tracer_provider()
+    if _sdk_seen:
+        return _tracer
+    now = time.monotonic()
+    if now < _next_check:
+        return None
+    provider = _provider if _provider is not None else _otel.trace.get_tracer_provider()
     if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        _next_check = now + 1.0
         return None
+    _sdk_seen = True
     return _tracer
 
 
 def _extract(carrier: Any) -> Any:
-    from opentelemetry import propagate
-
     if isinstance(carrier, Mapping) and carrier:
-        return propagate.extract(dict(carrier))
+        return _otel.propagate.extract(dict(carrier))
     return None
 
 
-def _carrier_of(span: Span) -> dict[str, str]:
-    from opentelemetry import propagate, trace
-
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier
+def _traceparent(span: Span) -> str:
+    """``span``'s W3C ``traceparent`` (kept in a message to link later attempts to it)."""
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
 def _inject_current() -> dict[str, str] | None:
     if _recording() is None:
         return None
-    from opentelemetry import propagate
-
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    _otel.propagate.inject(carrier)
     return carrier or None
 
 
-def _link_to(carrier: Any) -> list[Any]:
-    from opentelemetry import trace
-
-    ctx = _extract(carrier)
-    if ctx is None:
+def _link_to(traceparent: Any) -> list[Any]:
+    """A link to the span a ``traceparent`` names (none if it is malformed)."""
+    parts = traceparent.split("-") if isinstance(traceparent, str) else []
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
         return []
-    span_context = trace.get_current_span(ctx).get_span_context()
-    return [trace.Link(span_context)] if span_context.is_valid else []
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return []
+    t = _otel.trace
+    span_context = t.SpanContext(trace_id, span_id, is_remote=True, trace_flags=t.TraceFlags(flags & 0xFF))
+    return [t.Link(span_context)] if span_context.is_valid else []
 
 
 def _on_event(event: str, labels: Mapping[str, Any]) -> None:
     if event not in SPAN_EVENTS or _recording() is None:
         return
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
+    span = _otel.trace.get_current_span()
     if span.is_recording():
         attributes = {
             f"rpc_tasks.{k}": v
@@ -213,30 +225,24 @@ class _SpanScope:
     __slots__ = ("call_token", "span", "token")
 
     def __init__(self, span: Span, caller_side: bool) -> None:
-        from opentelemetry import context, trace
-
         self.span = span
-        self.token = context.attach(trace.set_span_in_context(span))
+        self.token = _otel.context.attach(_otel.trace.set_span_in_context(span))
         self.call_token = _current_call.set(self) if caller_side else None
 
     def finish(self, outcome: str, error: BaseException | None) -> None:
-        from opentelemetry import context
-
         _finish_span(self.span, outcome, error)
         if self.call_token is not None:
             _current_call.reset(self.call_token)
-        context.detach(self.token)
+        _otel.context.detach(self.token)
 
 
 def _finish_span(span: Span, outcome: str, error: BaseException | None) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
     span.set_attribute("rpc_tasks.outcome", outcome)
     if outcome != metrics.OUTCOME_OK:
         span.set_attribute("error.type", outcome)
         if error is not None:
             span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, outcome))
+        span.set_status(_otel.trace.Status(_otel.trace.StatusCode.ERROR, outcome))
     span.end()
 
 
@@ -244,8 +250,7 @@ def _scope_factory(kind: str, labels: Mapping[str, Any]) -> _SpanScope | None:
     tracer = _recording()
     if tracer is None:
         return None
-    from opentelemetry.trace import SpanKind
-
+    SpanKind = _otel.trace.SpanKind
     attributes: dict[str, Any] = {"rpc.system": RPC_SYSTEM}
     if kind == "serve":
         method = str(labels.get("method", ""))
@@ -308,10 +313,8 @@ class TracingMiddleware(Middleware):
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
         if OPTION_TRACE in message.options or _recording() is None:
             return
-        from opentelemetry import propagate
-
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        _otel.propagate.inject(carrier)
         if carrier:
             message.options[OPTION_TRACE] = carrier
         call = _current_call.get()
@@ -322,12 +325,10 @@ class TracingMiddleware(Middleware):
         tracer = _recording()
         if tracer is None:
             return
-        from opentelemetry import context, trace
-
         span = self._start(tracer, message, "process")
         if OPTION_TRACE_FIRST not in message.options:
-            message.options[OPTION_TRACE_FIRST] = _carrier_of(span)
-        token = context.attach(trace.set_span_in_context(span))
+            message.options[OPTION_TRACE_FIRST] = _traceparent(span)
+        token = _otel.context.attach(_otel.trace.set_span_in_context(span))
         self._spans()[message.message_id] = (span, token)
 
     def after_process_message(
@@ -365,9 +366,6 @@ class TracingMiddleware(Middleware):
             _finish_span(self._start(tracer, message, "dead_letter"), "dead_lettered", None)
 
     def _start(self, tracer: Tracer, message: Any, operation: str) -> Span:
-        from opentelemetry.trace import SpanKind
-
-        retries = message.options.get("retries", 0)
         attempt = message.options.get(protocol.OPTION_ATTEMPT, 0)
         attributes = {
             "messaging.system": "dramatiq",
@@ -379,19 +377,15 @@ class TracingMiddleware(Middleware):
             "rpc.method": str(message.actor_name),
             # OPTION_ATTEMPT counts started attempts: the one starting now is the next.
             "rpc_tasks.attempt": (attempt if isinstance(attempt, int) else 0) + (operation == "process"),
-            "rpc_tasks.retries": retries if isinstance(retries, int) else 0,
-            "rpc_tasks.reply_expected": protocol.OPTION_REPLY_TO in message.options,
         }
         return tracer.start_span(
             f"{operation} {message.actor_name}",
             context=_extract(message.options.get(OPTION_TRACE)),
-            kind=SpanKind.CONSUMER,
+            kind=_otel.trace.SpanKind.CONSUMER,
             attributes=attributes,
             links=_link_to(message.options.get(OPTION_TRACE_FIRST)),
         )
 
     def _end(self, span: Span, token: object, outcome: str, error: BaseException | None) -> None:
-        from opentelemetry import context
-
         _finish_span(span, outcome, error)
-        context.detach(token)  # type: ignore[arg-type]
+        _otel.context.detach(token)

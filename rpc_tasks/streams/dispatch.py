@@ -262,6 +262,7 @@ class Dispatcher:
         payload: bytes | None = None,
     ) -> None:
         self._count("dead")
+        metrics.emit("server_dead_lettered", stream=self.stream)
         logger.error("Dead-lettering stream entry %s of %s: %s", entry_id, self.stream, reason)
         fields: dict[Any, Any] = {
             "entry_id": entry_id,
@@ -276,6 +277,7 @@ class Dispatcher:
 
     def _dead_letter_trimmed(self, gone: str) -> None:
         self._count("trimmed")
+        metrics.emit("server_dead_lettered", stream=self.stream)
         logger.error(
             "Pending entry %s was trimmed from %s before it was processed (stream_maxlen too small "
             "for the backlog)",

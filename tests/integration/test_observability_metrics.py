@@ -229,10 +229,12 @@ def test_rpc_tasks_serve_metrics_port(redis_url: str) -> None:
             client.call("nope", EchoParams(message="x"), EchoResult, timeout=10)
         with pytest.raises(RPCRemoteError):
             client.call("work", EchoParams(message="bad params"), EchoResult, timeout=10)
+        client.redis.xadd(stream, {"payload": b"not json"})  # dead-lettered by the server
         samples = wait_for(
             port,
             lambda s: (
                 value(s, "rpc_tasks_server_requests_total", method="echo", outcome="ok") == 4
+                and value(s, "rpc_tasks_server_dead_lettered_total", stream=stream) == 1
                 and ("rpc_tasks_server_pending", frozenset({("stream", stream), ("group", "rpc_group")})) in s
             ),
         )
