@@ -5,7 +5,6 @@ rooms, presence."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import uuid
 from collections import Counter
 from typing import Any
@@ -129,19 +128,10 @@ class ServerMethods:
 
         def in_loop(coro_fn: Any) -> Any:
             def run(params: Any) -> Any:
-                # The coroutine sees this handler thread's context (the request's trace span).
-                coro = _in_context(contextvars.copy_context(), coro_fn(params))
-                return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=call_timeout)
+                return asyncio.run_coroutine_threadsafe(coro_fn(params), loop).result(timeout=call_timeout)
 
             return run
 
         for name, coro_fn, params_model, result_model in self.table():
             server.register(name, in_loop(coro_fn), params_model=params_model, result_model=result_model)
         return server
-
-
-async def _in_context(ctx: contextvars.Context, coro: Any) -> Any:
-    """Await ``coro`` with the variables of ``ctx`` set (this task has its own context)."""
-    for var, value in ctx.items():
-        var.set(value)
-    return await coro

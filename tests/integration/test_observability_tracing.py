@@ -138,7 +138,7 @@ def test_worker_span_is_child_of_the_callers_span_across_processes(
     assert span["pid"] != os.getpid()  # exported by the worker process
     assert span["parent_id"] == _hex(call.context.span_id)
     assert span["attributes"]["messaging.message.id"] == call.attributes["messaging.message.id"]
-    assert span["attributes"]["rpc_tasks.outcome"] == "ok"
+    assert "rpc_tasks.outcome" not in span["attributes"] and span["status"] == "UNSET"
     assert span["attributes"]["rpc_tasks.attempt"] == 1
 
 
@@ -186,7 +186,7 @@ def test_retry_attempts_are_children_of_the_caller_and_link_to_the_first(
     assert first["attributes"]["rpc_tasks.outcome"] == "service_unavailable"
     assert "retry" in first["events"] and first["status"] == "ERROR"
     assert second["links"] == [first["span_id"]]
-    assert second["attributes"]["rpc_tasks.outcome"] == "ok"
+    assert "rpc_tasks.outcome" not in second["attributes"]
 
 
 def test_postponement_and_dead_letter_are_recorded(
@@ -202,7 +202,8 @@ def test_postponement_and_dead_letter_are_recorded(
     mine = [s for s in worker.spans() if s["trace_id"] == trace_id]
     postponed = [s for s in mine if "postpone" in s["events"]]
     assert postponed and postponed[0]["attributes"]["rpc_tasks.outcome"] == "skipped"
-    ran = [s for s in mine if s["attributes"]["rpc_tasks.outcome"] == "ok"]
+    assert postponed[0]["status"] == "UNSET"
+    ran = [s for s in mine if "rpc_tasks.outcome" not in s["attributes"]]
     assert len(ran) == 1 and ran[0]["links"] == [postponed[0]["span_id"]]
 
     spans.clear()
@@ -289,3 +290,65 @@ def test_malformed_trace_context_is_ignored_by_the_decoder() -> None:
         assert protocol.decode_request(json.dumps({**base, "trace_context": bad})).trace_context is None
     good = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
     assert protocol.decode_request(json.dumps({**base, "trace_context": good})).trace_context == good
+
+
+def test_websocket_delivery_is_an_event_of_the_serving_span(
+    redis_url: str, spans: InMemorySpanExporter
+) -> None:
+    pytest.importorskip("websockets")
+    import asyncio
+    import threading
+
+    from websockets.asyncio.client import connect
+
+    from rpc_tasks import NotificationRequest, NotificationResponse
+    from rpc_tasks.websocket.server import WebSocketServer
+
+    from .test_wsserver import recv_json, ws_config
+
+    config = ws_config(redis_url)
+    server = WebSocketServer(config, host="127.0.0.1", port=0, instance_id=unique("obs-ws"))
+    loop = asyncio.new_event_loop()
+    stop, started = asyncio.Event(), threading.Event()
+
+    async def serve() -> None:
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(server.serve(stop, ready))
+        await ready.wait()
+        started.set()
+        await task
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    client = WebSocketRPCClient(config)
+
+    def notify() -> NotificationResponse:
+        with trace.get_tracer("test").start_as_current_span("view"):
+            request = NotificationRequest(user_id="bob", notification_type="t", title="T", message="m")
+            return client.call("send_notification", request, NotificationResponse, timeout=10)
+
+    async def scenario() -> None:
+        from rpc_tasks.websocket.auth import make_token
+
+        from .test_wsserver import SECRET
+
+        url = f"ws://127.0.0.1:{server.bound_port}/ws?token={make_token('bob', SECRET)}"
+        async with connect(url) as ws:
+            assert (await recv_json(ws))["type"] == "welcome"
+            result = await asyncio.get_running_loop().run_in_executor(None, notify)
+            assert result.delivered
+            assert (await recv_json(ws))["type"] == "notification"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+    mine = {s.name: s for s in spans.get_finished_spans()}
+    call, served = mine["call send_notification"], mine["serve send_notification"]
+    assert served.parent is not None and served.parent.span_id == call.context.span_id
+    deliveries = [e for e in served.events if e.name == "ws_delivery"]
+    assert len(deliveries) == 1 and deliveries[0].attributes is not None
+    assert deliveries[0].attributes["rpc_tasks.took"] == 1
