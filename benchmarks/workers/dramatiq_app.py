@@ -143,9 +143,12 @@ def build(
 
             trace.set_tracer_provider(sdk_provider())
         tracing = kind.startswith("otel")
-        broker = setup_broker(
-            config=config, broker_url=url, set_global=False, tracing=tracing, metrics=worker and not tracing
-        )
+        broker = setup_broker(config=config, broker_url=url, set_global=False, tracing=tracing)
+        if worker and not tracing and os.environ.get("BENCH_METRICS_WORKER") != "0":
+            from rpc_tasks.observability import install_metrics
+
+            # BENCH_DRAMATIQ_PROMETHEUS=0: ours only (no exposition server), to split the cost.
+            install_metrics(broker, dramatiq_prometheus=os.environ.get("BENCH_DRAMATIQ_PROMETHEUS") != "0")
         if not worker and tracing:
             from rpc_tasks.observability import disable_tracing
 
