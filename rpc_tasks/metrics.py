@@ -41,15 +41,21 @@ logger = logging.getLogger("rpc_tasks.metrics")
 Listener = Callable[[str, Mapping[str, Any]], None]
 
 _listeners: list[Listener] = []
+#: The listeners that also want the end events of observed operations (``call``, ``serve``...).
+_op_listeners: list[Listener] = []
 _lock = threading.Lock()
 #: In-process totals, keyed by ``(event, actor)``.
 counters: Counter[tuple[str, str]] = Counter()
 
 
-def add_listener(listener: Listener) -> None:
-    """Call ``listener(event, labels)`` for every event (must be fast and thread-safe)."""
+def add_listener(listener: Listener, *, operations: bool = True) -> None:
+    """Call ``listener(event, labels)`` for every event (must be fast and thread-safe);
+    ``operations=False`` leaves out the end events of observed operations (see :func:`observe`),
+    so that they cost nothing when no listener wants them."""
     with _lock:
         _listeners.append(listener)
+        if operations:
+            _op_listeners.append(listener)
         _refresh()
 
 
@@ -58,15 +64,21 @@ def remove_listener(listener: Listener) -> None:
     with _lock:
         if listener in _listeners:
             _listeners.remove(listener)
+        if listener in _op_listeners:
+            _op_listeners.remove(listener)
         _refresh()
 
 
 def emit(event: str, **labels: Any) -> None:
     """Record ``event`` and pass it to every listener (listener errors are logged, not raised)."""
+    _dispatch(event, labels, _listeners)
+
+
+def _dispatch(event: str, labels: Mapping[str, Any], to: list[Listener]) -> None:
     actor = str(labels.get("actor", ""))
     with _lock:
         counters[(event, actor)] += 1
-        listeners = list(_listeners)
+        listeners = list(to)
     for listener in listeners:
         try:
             listener(event, labels)
@@ -88,8 +100,9 @@ OUTCOME_OK = "ok"
 class Scope(Protocol):
     """Something a scope factory started for one operation (a span, a gauge increment)."""
 
-    def finish(self, outcome: str, error: BaseException | None) -> None:
-        """The operation ended with ``outcome`` (and ``error``, if it raised)."""
+    def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
+        """The operation ended with ``outcome`` (and ``error``, if it raised) after
+        ``duration`` seconds."""
 
 
 ScopeFactory = Callable[[str, Mapping[str, Any]], "Scope | None"]
@@ -98,13 +111,13 @@ TraceInjector = Callable[[], "dict[str, str] | None"]
 _scope_factories: list[ScopeFactory] = []
 _injectors: list[TraceInjector] = []
 _current: contextvars.ContextVar[Observation | None] = contextvars.ContextVar("rpc_tasks_obs", default=None)
-#: True while any listener or scope factory is registered (read without the lock).
+#: True while an operation listener or a scope factory is registered (read without the lock).
 active = False
 
 
 def _refresh() -> None:
     global active
-    active = bool(_listeners or _scope_factories)
+    active = bool(_op_listeners or _scope_factories)
 
 
 def add_scope_factory(factory: ScopeFactory) -> None:
@@ -189,11 +202,11 @@ class Observation:
         outcome = self.outcome or (outcome_of(error) if error is not None else OUTCOME_OK)
         for scope in reversed(self.scopes):
             try:
-                scope.finish(outcome, error)
+                scope.finish(outcome, error, duration)
             except Exception:
                 logger.exception("metrics scope %r failed", scope)
-        if _listeners:
-            emit(self.kind, outcome=outcome, duration=duration, **self.labels)
+        if _op_listeners:
+            _dispatch(self.kind, {"outcome": outcome, "duration": duration, **self.labels}, _op_listeners)
 
 
 class _NoObservation:

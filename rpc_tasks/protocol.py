@@ -306,7 +306,8 @@ EXTENSIONS_KEY = "extensions"
 #: that announce extensions at all (``announce_extensions``), i.e. never to servers that
 #: reject unknown request keys; servers that ignore unknown keys just ignore it.
 TRACE_CONTEXT_EXTENSION = "trace_context"
-#: Largest trace context accepted (keys x value bytes); anything bigger or malformed is ignored.
+#: Most keys a trace context may have (each key + value at most 1024 characters); anything
+#: bigger or malformed is ignored.
 _MAX_TRACE_CONTEXT = 8
 
 

@@ -186,8 +186,8 @@ def enable_metrics() -> None:
         if _enabled:
             return
         _enabled = True
-    metrics.add_listener(_on_event)
-    metrics.add_scope_factory(_in_flight)
+    metrics.add_listener(_on_event, operations=False)
+    metrics.add_scope_factory(_scope)
 
 
 def disable_metrics() -> None:
@@ -196,7 +196,7 @@ def disable_metrics() -> None:
     with _lock:
         _enabled = False
     metrics.remove_listener(_on_event)
-    metrics.remove_scope_factory(_in_flight)
+    metrics.remove_scope_factory(_scope)
 
 
 def _registry_for_exposition() -> Any:
@@ -229,35 +229,53 @@ def metrics_text() -> tuple[bytes, str]:
     return prom.generate_latest(_registry_for_exposition()), prom.CONTENT_TYPE_LATEST
 
 
-class _InFlight:
-    __slots__ = ("gauge",)
+class _OperationScope:
+    """One observed operation: its in-flight gauge now, its latency (and outcome) at the end."""
 
-    def __init__(self, gauge: Any) -> None:
-        self.gauge = gauge
+    __slots__ = ("actor", "gauge", "kind")
+
+    def __init__(self, kind: str, actor: str, gauge: Any) -> None:
+        self.kind, self.actor, self.gauge = kind, actor, gauge
         gauge.inc()
 
-    def finish(self, outcome: str, error: BaseException | None) -> None:
+    def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
         self.gauge.dec()
+        m = _get()
+        if self.kind == "serve":
+            m.child("rpc_tasks_server_requests", self.actor, outcome).inc()
+            m.child("rpc_tasks_server_request_duration_seconds", self.actor).observe(duration)
+        elif self.kind == "send":
+            m.child("rpc_tasks_sends", self.actor, outcome).inc()
+        else:
+            m.child("rpc_tasks_call_duration_seconds", self.actor, self.kind, outcome).observe(duration)
 
 
-def _in_flight(kind: str, labels: Mapping[str, Any]) -> _InFlight | None:
+class _SendScope(_OperationScope):
+    """``.send()`` has no in-flight gauge."""
+
+    def __init__(self, kind: str, actor: str) -> None:
+        self.kind, self.actor = kind, actor
+
+    def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
+        _get().child("rpc_tasks_sends", self.actor, outcome).inc()
+
+
+def _scope(kind: str, labels: Mapping[str, Any]) -> _OperationScope | None:
     if kind in _CALLER_KINDS:
-        return _InFlight(_get().child("rpc_tasks_calls_in_flight", str(labels.get("actor", "")), kind))
+        actor = str(labels.get("actor", ""))
+        return _OperationScope(kind, actor, _get().child("rpc_tasks_calls_in_flight", actor, kind))
     if kind == "serve":
-        return _InFlight(_get().child("rpc_tasks_server_requests_in_flight", str(labels.get("method", ""))))
+        method = str(labels.get("method", ""))
+        return _OperationScope(kind, method, _get().child("rpc_tasks_server_requests_in_flight", method))
+    if kind == "send":
+        return _SendScope(kind, str(labels.get("actor", "")))
     return None
 
 
 def _on_event(event: str, labels: Mapping[str, Any]) -> None:
     m = _get()
     actor = str(labels.get("actor", ""))
-    if event in _CALLER_KINDS:
-        m.child("rpc_tasks_call_duration_seconds", actor, event, str(labels["outcome"])).observe(
-            labels["duration"]
-        )
-    elif event == "send":
-        m.child("rpc_tasks_sends", actor, str(labels["outcome"])).inc()
-    elif event == "retry":
+    if event == "retry":
         m.child("rpc_tasks_worker_retries", actor, str(labels.get("code", ""))).inc()
     elif event == "postpone":
         m.child("rpc_tasks_worker_postponements", actor, str(labels.get("reason", ""))).inc()
@@ -265,10 +283,6 @@ def _on_event(event: str, labels: Mapping[str, Any]) -> None:
         m.child(_WORKER_COUNTERS[event], actor).inc()
     elif event == "gave_up":
         m.child("rpc_tasks_worker_gave_up", actor, str(labels.get("reason", ""))).inc()
-    elif event == "serve":
-        method = str(labels.get("method", ""))
-        m.child("rpc_tasks_server_requests", method, str(labels["outcome"])).inc()
-        m.child("rpc_tasks_server_request_duration_seconds", method).observe(labels["duration"])
     elif event == "server_dead_lettered":
         m.child("rpc_tasks_server_dead_lettered", str(labels.get("stream", ""))).inc()
     elif event == "server_backlog":

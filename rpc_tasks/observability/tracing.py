@@ -119,7 +119,7 @@ def enable_tracing(tracer_provider: Any = None) -> None:
         _sdk_seen, _next_check = False, 0.0
         _enabled = True
     metrics.add_scope_factory(_scope_factory)
-    metrics.add_listener(_on_event)
+    metrics.add_listener(_on_event, operations=False)
     metrics.set_trace_injector(_inject_current)
 
 
@@ -229,7 +229,7 @@ class _SpanScope:
         self.token = _otel.context.attach(_otel.trace.set_span_in_context(span))
         self.call_token = _current_call.set(self) if caller_side else None
 
-    def finish(self, outcome: str, error: BaseException | None) -> None:
+    def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
         _finish_span(self.span, outcome, error)
         if self.call_token is not None:
             _current_call.reset(self.call_token)

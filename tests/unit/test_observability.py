@@ -81,7 +81,8 @@ class _Scope:
     def __init__(self, log: list[Any], kind: str) -> None:
         self.log, self.kind = log, kind
 
-    def finish(self, outcome: str, error: BaseException | None) -> None:
+    def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
+        assert duration >= 0
         self.log.append((self.kind, outcome, type(error).__name__ if error else None))
 
 
