@@ -409,6 +409,88 @@ class StreamsPath(Path):
         self.client.close()
 
 
+class ObsBasePath(CallPath):
+    """``.call()`` without tracing or metrics: the baseline of the observability paths."""
+
+    name = "obs-base"
+    first_call = False
+
+
+class ObsPath(CallPath):
+    """``.call()`` with tracing or metrics turned on around each of its runs only (the client
+    process measures the baseline too)."""
+
+    first_call = False
+
+    def enable(self) -> None:
+        raise NotImplementedError
+
+    def disable(self) -> None:
+        raise NotImplementedError
+
+    def run(self, n: int, bar: Any) -> dict[str, Any]:
+        self.enable()
+        try:
+            return super().run(n, bar)
+        finally:
+            self.disable()
+
+
+class OtelApiPath(ObsPath):
+    """``setup_broker(tracing=True)`` on both sides, OpenTelemetry API only (no SDK provider)."""
+
+    kind = "otel-api"
+    name = "call-otel-api"
+
+    def enable(self) -> None:
+        from rpc_tasks.observability import enable_tracing
+
+        enable_tracing()
+
+    def disable(self) -> None:
+        from rpc_tasks.observability import disable_tracing
+
+        disable_tracing()
+
+
+class OtelSdkPath(OtelApiPath):
+    """Tracing with the SDK and a batch exporter on both sides (spans serialized to /dev/null)."""
+
+    kind = "otel-sdk"
+    name = "call-otel-sdk"
+
+    def setup(self) -> None:
+        from benchmarks.workers.dramatiq_app import sdk_provider
+
+        super().setup()
+        self.provider = sdk_provider()
+
+    def enable(self) -> None:
+        from rpc_tasks.observability import enable_tracing
+
+        enable_tracing(tracer_provider=self.provider)
+
+    def close(self) -> None:
+        self.provider.shutdown()
+
+
+class MetricsPath(ObsPath):
+    """Prometheus metrics on both sides (the worker: ``setup_broker(metrics=True)``)."""
+
+    kind = "metrics"
+    name = "call-metrics"
+
+    def enable(self) -> None:
+        from rpc_tasks.observability import enable_metrics
+
+        enable_metrics()
+
+    def disable(self) -> None:
+        from rpc_tasks.observability import disable_metrics
+
+        disable_metrics()
+
+
 PATHS: dict[str, type[Path]] = {
     cls.name: cls
     for cls in (
@@ -426,6 +508,10 @@ PATHS: dict[str, type[Path]] = {
         CeleryPath,
         StreamsRawPath,
         StreamsPath,
+        ObsBasePath,
+        OtelApiPath,
+        OtelSdkPath,
+        MetricsPath,
     )
 }
 
@@ -511,7 +597,12 @@ def measure_group(names: list[str], args: argparse.Namespace, bar: Any, r: redis
         except Exception as exc:
             fail(name, exc)
     for i in range(args.runs):
-        for name in list(live):
+        # Each round starts with the next path, so no path always runs first (or last).
+        shift = i % max(1, len(live))
+        order = list(live)
+        for name in order[shift:] + order[:shift]:
+            if name not in live:  # failed earlier in this round
+                continue
             try:
                 timed_run(live[name], args, bar, r, i, results[name])
             except Exception as exc:

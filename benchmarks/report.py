@@ -31,6 +31,10 @@ PATH_ORDER = (
     "taskiq-10k",
     "streams-raw",
     "streams",
+    "obs-base",
+    "call-otel-api",
+    "call-otel-sdk",
+    "call-metrics",
 )
 FLOOR_OF = {"raw": "raw", "streams": "streams-raw"}
 DESCRIPTIONS = {
@@ -59,7 +63,14 @@ DESCRIPTIONS = {
     "taskiq-10k": "10,000 Taskiq calls at once from one loop (default check_interval)",
     "streams-raw": "Streams floor: client XADD+BLPOP, server XREADGROUP BLOCK+LPUSH+XACK",
     "streams": "WebSocketRPCClient.call('echo') against an RPCServer process",
+    "obs-base": ".call() baseline of the observability paths (same as call)",
+    "call-otel-api": ".call() with setup_broker(tracing=True), OpenTelemetry API only (no SDK)",
+    "call-otel-sdk": ".call() with tracing, the SDK and a batch exporter (caller and worker)",
+    "call-metrics": ".call() with Prometheus metrics (caller and worker)",
 }
+
+#: Observability paths and the most their p50 may be over ``obs-base``'s.
+OBS_GOALS = {"call-otel-api": 1.03, "call-otel-sdk": 1.25, "call-metrics": 1.05}
 
 
 def floor_of(path: str) -> str:
@@ -219,6 +230,33 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             if _measured(call, "p50_ms")
             else math.nan,
         }
+    base = summaries.get("obs-base")
+    if _measured(base, "p50_ms"):
+        assert base is not None
+        for name, goal in OBS_GOALS.items():
+            s = summaries.get(name)
+            if _measured(s, "p50_ms") and s is not None:
+                ratio = _ratio(s["p50_ms"], base["p50_ms"])
+                per_run = [
+                    _ratio(a, b)
+                    for a, b in zip(
+                        [r["p50_ms"] for r in s["runs"]], [r["p50_ms"] for r in base["runs"]], strict=False
+                    )
+                ]
+                # Runs are interleaved (run i of every path back to back): the median of the
+                # per-run ratios pairs each run with the baseline's under the same conditions.
+                paired = median([r for r in per_run if not math.isnan(r)]) if per_run else math.nan
+                quartiles = _quartiles([r for r in per_run if not math.isnan(r)])
+                out[f"{name}_vs_obs_base"] = {
+                    "p50_ms": s["p50_ms"],
+                    "base_p50_ms": base["p50_ms"],
+                    "p50_ratio": ratio,
+                    "p50_ratio_per_run": per_run,
+                    "paired_ratio_median": paired,
+                    "paired_ratio_quartiles": quartiles,
+                    "goal": goal,
+                    "goal_met": bool(paired <= goal),
+                }
     scripts, call = summaries.get("scripts-floor"), summaries.get("call")
     if _measured(scripts, "p50_ms") and _measured(raw, "p50_ms"):
         assert scripts is not None and raw is not None
@@ -291,7 +329,23 @@ def comparison_lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"Dramatiq's worker, middleware and validation)"
         )
     lines += aio_report.lines(comp)
+    for name in OBS_GOALS:
+        c = comp.get(f"{name}_vs_obs_base")
+        if c:
+            q1, q3 = c["paired_ratio_quartiles"]
+            lines.append(
+                f"{name} vs obs-base: p50 {c['p50_ms']:.3f} / {c['base_p50_ms']:.3f} ms = "
+                f"{_f(c['p50_ratio'], '.3f')}x; median of {len(c['p50_ratio_per_run'])} paired runs "
+                f"{_f(c['paired_ratio_median'], '.3f')}x (quartiles {_f(q1, '.3f')}-{_f(q3, '.3f')}; "
+                f"goal <= {c['goal']}: {'met' if c['goal_met'] else 'NOT met'})"
+            )
     return ["Ratios:", *(f"  {line}" for line in lines)] if lines else []
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return percentile(values, 25), percentile(values, 75)
 
 
 def _ratio(a: Any, b: Any) -> float:

@@ -95,6 +95,10 @@ WORKER_OF = {
     "taskiq-10k": "taskiq",
     "streams-raw": "streams-raw",
     "streams": "streams",
+    "obs-base": "rpc",
+    "call-otel-api": "rpc-otel-api",
+    "call-otel-sdk": "rpc-otel-sdk",
+    "call-metrics": "rpc-metrics",
 }
 #: The floors share a group (and so interleaved runs) with the paths whose goals are ratios to
 #: them: on a noisy machine, ratios of runs minutes apart move with the machine, not the code.
@@ -110,6 +114,8 @@ GROUPS = (
     Group("celery", ("celery",)),
     Group("taskiq", ("taskiq", "taskiq-fast", "taskiq-1k", "taskiq-10k")),
     Group("streams", ("streams-raw", "streams")),
+    # The cost of tracing and metrics: each .call() path against its baseline, runs interleaved.
+    Group("observability", ("obs-base", "call-otel-api", "call-otel-sdk", "call-metrics")),
 )
 ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
 #: Groups whose comparison library is an optional bench dependency: (modules, what to say).
@@ -131,6 +137,9 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
         "rpc-rabbitmq": "rabbitmq",
         "dramatiq-plain": "dramatiq",
         "dramatiq-results": "results",
+        "rpc-otel-api": "otel-api",
+        "rpc-otel-sdk": "otel-sdk",
+        "rpc-metrics": "metrics",
     }
     if group in kinds:
         kind = kinds[group]
@@ -146,7 +155,14 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
             "--worker-shutdown-timeout",
             "5000",
         ]
-        return cmd, {"BENCH_DRAMATIQ_KIND": kind}
+        extra = {"BENCH_DRAMATIQ_KIND": kind}
+        if kind == "metrics":  # Dramatiq's exposition server: a free port, a private folder
+            extra |= {
+                "dramatiq_prom_port": str(_free_port()),
+                "dramatiq_prom_host": "127.0.0.1",
+                "dramatiq_prom_db": tempfile.mkdtemp(prefix=f"bench-{tag}-prom-"),
+            }
+        return cmd, extra
     if group == "celery":
         cmd = [
             py,
@@ -191,6 +207,14 @@ def worker_command(kind: str, threads: int, lifetime: float, tag: str) -> tuple[
         ]
         return cmd, {}
     raise ValueError(group)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def measure_idle(

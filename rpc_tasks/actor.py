@@ -21,7 +21,7 @@ from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from . import context, protocol
+from . import context, metrics, protocol
 from .aio import calls as _aio_calls
 from .broker_setup import install_asyncio
 from .exceptions import (
@@ -397,6 +397,18 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
     ) -> Coroutine[Any, Any, dramatiq.Message[Any]]:
         """:meth:`send` for ``asyncio``: validated, enqueued without blocking the loop."""
         return _aio_calls.asend(self, params, options)
+
+
+def _labels(actor: dramatiq.Actor[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Labels of an actor's observed operations (see :func:`rpc_tasks.metrics.observe`)."""
+    return {"actor": actor.actor_name, "queue": actor.queue_name}
+
+
+# .send() (send_with_options), .call() and .call_many() are observed operations: tracing spans,
+# in-flight gauges and latency events hook in there (rpc_tasks.metrics.observe; free when off).
+RPCActor.send_with_options = metrics.observed("send", _labels)(RPCActor.send_with_options)  # type: ignore[method-assign]
+RPCActor.call = metrics.observed("call", _labels)(RPCActor.call)  # type: ignore[method-assign]
+RPCActor.call_many = metrics.observed("call_many", _labels)(RPCActor.call_many)  # type: ignore[method-assign]
 
 
 P = TypeVar("P", bound=BaseModel)

@@ -123,6 +123,8 @@ def setup_broker(
     config: WebSocketRPCConfig | None = None,
     broker_url: str | None = None,
     set_global: bool = True,
+    tracing: bool = False,
+    metrics: bool = False,
 ) -> dramatiq.Broker:
     """Return a broker ready for ``@rpc_actor`` and make it Dramatiq's global broker.
 
@@ -130,6 +132,10 @@ def setup_broker(
     ``config.redis_url`` (``redis``/``rediss``/``unix`` give a
     :class:`~rpc_tasks.redis.broker.BlockingRedisBroker`, ``amqp`` a
     ``RabbitmqBroker``). Replies always travel over Redis at ``config.redis_url``.
+
+    ``tracing=True`` adds OpenTelemetry tracing (``rpc-tasks[otel]``), ``metrics=True``
+    Prometheus metrics with Dramatiq's own ``Prometheus`` middleware (``rpc-tasks[prometheus]``);
+    see :mod:`rpc_tasks.observability`.
     """
     config = config or get_config()
     if broker is None:
@@ -141,6 +147,13 @@ def setup_broker(
             url, source = config.redis_url, "redis_url"
         broker = _broker_from_url(url, source)
     install_middleware(broker, config)
+    if tracing or metrics:
+        from . import observability
+
+        if tracing:
+            observability.install_tracing(broker)
+        if metrics:
+            observability.install_metrics(broker)
     install_encoder()
     if set_global:
         dramatiq.set_broker(broker)

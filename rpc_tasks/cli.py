@@ -6,6 +6,8 @@
 * ``rpc-tasks health [--timeout 5]`` exits 0 when a server answers ``ping``, 1 otherwise.
 * ``rpc-tasks ws --host 127.0.0.1 --port 8765`` runs the WebSocket server
   (:mod:`rpc_tasks.websocket.server`).
+* ``serve`` and ``ws`` take ``--metrics-port`` (Prometheus ``/metrics``, rpc-tasks[prometheus])
+  and ``--tracing`` (OpenTelemetry spans, rpc-tasks[otel]).
 """
 
 from __future__ import annotations
@@ -71,8 +73,45 @@ def load_object(spec: str) -> Any:
     return obj
 
 
+def _start_observability(args: argparse.Namespace) -> None:
+    """``--metrics-port``: Prometheus metrics on ``/metrics`` (rpc-tasks[prometheus]);
+    ``--tracing``: spans to the global OpenTelemetry provider (rpc-tasks[otel])."""
+    if args.tracing:
+        from .observability.tracing import enable_tracing, tracing_available
+
+        if not tracing_available():
+            raise UsageError("--tracing needs OpenTelemetry: pip install 'rpc-tasks[otel]'")
+        enable_tracing()
+    if args.metrics_port is None:
+        return
+    from .observability.prometheus import metrics_available, start_metrics_server
+
+    if not metrics_available():
+        raise UsageError("--metrics-port needs prometheus_client: pip install 'rpc-tasks[prometheus]'")
+    port = start_metrics_server(args.metrics_port, args.metrics_host)
+    logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+
+
+def _add_observability_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (/metrics; needs rpc-tasks[prometheus])",
+    )
+    parser.add_argument(
+        "--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint (default: 0.0.0.0)"
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="record OpenTelemetry spans (needs rpc-tasks[otel] and an SDK, e.g. opentelemetry-instrument)",
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     server = load_object(args.app)
+    _start_observability(args)
     if args.concurrency:
         server.concurrency = args.concurrency
     if args.consumer_name:
@@ -118,6 +157,7 @@ def _health(args: argparse.Namespace) -> int:
 def _ws(args: argparse.Namespace) -> int:
     from .websocket.server import WebSocketServer
 
+    _start_observability(args)
     server = WebSocketServer(
         get_config(),
         host=args.host or None,
@@ -158,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--consumer-name", default="", help="consumer name in the group (default: host-pid-random)"
     )
+    _add_observability_options(serve)
     serve.set_defaults(func=_serve)
     health = sub.add_parser("health", help="exit 0 if a server answers ping, 1 otherwise")
     health.add_argument(
@@ -182,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ws.add_argument("--jwt-audience", default="", help="tokens must carry this 'aud' claim")
     ws.add_argument("--jwt-issuer", default="", help="tokens must carry this 'iss' claim")
+    _add_observability_options(ws)
     ws.set_defaults(func=_ws)
     return parser
 

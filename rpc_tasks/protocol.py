@@ -310,6 +310,14 @@ def decode_response(data: bytes | str, *, max_bytes: int | None = None) -> Respo
 REQUEST_FIELD = "payload"
 #: Request key in which a client lists the extensions it understands.
 EXTENSIONS_KEY = "extensions"
+#: Extension ``trace_context``: the request carries the caller's W3C trace context (a
+#: ``{"traceparent": ..., "tracestate": ...}`` object under the same key). Sent only by clients
+#: that announce extensions at all (``announce_extensions``), i.e. never to servers that
+#: reject unknown request keys; servers that ignore unknown keys just ignore it.
+TRACE_CONTEXT_EXTENSION = "trace_context"
+#: Most keys a trace context may have (each key + value at most 1024 characters); anything
+#: bigger or malformed is ignored.
+_MAX_TRACE_CONTEXT = 8
 
 
 @dataclass(frozen=True)
@@ -323,6 +331,8 @@ class Request:
     timeout: int
     params: dict[str, Any]
     extensions: frozenset[str] = frozenset()
+    #: The caller's W3C trace context (``traceparent``/``tracestate``), or ``None``.
+    trace_context: dict[str, str] | None = None
 
     @property
     def is_fire_and_forget(self) -> bool:
@@ -375,8 +385,12 @@ def encode_request(
     correlation_id: str,
     extensions: frozenset[str] | set[str] | tuple[str, ...] = (),
     max_bytes: int | None = None,
+    trace_context: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Encode a request envelope (validated: method name, timeout range, size)."""
+    """Encode a request envelope (validated: method name, timeout range, size).
+
+    ``trace_context`` is added (with the ``trace_context`` extension) only together with other
+    ``extensions``: a client that announces none talks to a strict server."""
     if not isinstance(method, str) or not METHOD_NAME_RE.fullmatch(method) or len(method) > 256:
         raise ValueError(f"invalid method name {method!r}: must match ^[a-zA-Z0-9_.]+$")
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_REQUEST_TIMEOUT:
@@ -390,6 +404,9 @@ def encode_request(
         "params": model_to_wire(params),
     }
     if extensions:
+        if trace_context:
+            envelope[TRACE_CONTEXT_EXTENSION] = dict(trace_context)
+            extensions = {*extensions, TRACE_CONTEXT_EXTENSION}
         envelope[EXTENSIONS_KEY] = sorted(extensions)
     return dumps(envelope, max_bytes=max_bytes, what=f"request for {method!r}")
 
@@ -450,7 +467,20 @@ def decode_request(data: bytes | str | None, *, max_bytes: int | None = None) ->
         params = {}
     if not isinstance(params, dict):
         raise bad("params must be a JSON object")
-    return Request(correlation_id, timestamp, method, reply_to, timeout, params, extensions)
+    return Request(
+        correlation_id, timestamp, method, reply_to, timeout, params, extensions, _trace_context(obj)
+    )
+
+
+def _trace_context(obj: dict[str, Any]) -> dict[str, str] | None:
+    """The request's trace context if well-formed (small, strings only); else ``None``: a bad
+    trace context never costs the request."""
+    raw = obj.get(TRACE_CONTEXT_EXTENSION)
+    if not isinstance(raw, dict) or not raw or len(raw) > _MAX_TRACE_CONTEXT:
+        return None
+    if all(isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= 1024 for k, v in raw.items()):
+        return raw
+    return None
 
 
 # -- deadlines ---------------------------------------------------------------------------------

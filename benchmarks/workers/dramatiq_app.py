@@ -13,7 +13,13 @@ Kinds:
 * ``results``: no rpc-tasks at all: Dramatiq's ``RedisBroker`` + ``Results(backend=RedisBackend)``
   and a plain ``@dramatiq.actor(store_results=True)`` echo, everything at Dramatiq's defaults;
 * ``dramatiq``: no rpc-tasks at all: Dramatiq's ``RedisBroker`` and a plain ``@dramatiq.actor``
-  echo (no result backend), at Dramatiq's defaults.
+  echo (no result backend), at Dramatiq's defaults;
+* ``otel-api``, ``otel-sdk``, ``metrics``: ``blocking`` with ``setup_broker(tracing=True)``
+  (``otel-api``: no SDK configured, only the API answers; ``otel-sdk``: the worker configures the
+  SDK with a ``BatchSpanProcessor`` whose exporter encodes every span as JSON to ``/dev/null``) or
+  ``setup_broker(metrics=True)`` (Dramatiq's Prometheus middleware and ours; the exposition
+  server on ``dramatiq_prom_port``). On the client side these kinds install nothing global: the
+  paths turn tracing / metrics on only around their own runs (see ``benchmarks/client.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from pydantic import BaseModel
 
 from benchmarks.common import Names, names, rabbitmq_url, redis_url
 
-KINDS = ("blocking", "plain", "rabbitmq", "results", "dramatiq")
+KINDS = ("blocking", "plain", "rabbitmq", "results", "dramatiq", "otel-api", "otel-sdk", "metrics")
+#: Kinds measuring the cost of tracing and metrics (``blocking`` plus observability).
+OBS_KINDS = ("otel-api", "otel-sdk", "metrics")
 ACTOR_NAME = "bench_echo"
 #: A plain ``@dramatiq.actor`` declared next to the ``@rpc_actor`` echo on the ``blocking``
 #: broker and queue (the ``plain-send`` path: ``.send()`` without validation, same broker).
@@ -54,8 +62,55 @@ def _plain_sink(message: str) -> None:
     would make Dramatiq log a warning per message, slowing the worker down)."""
 
 
-def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dramatiq.Broker, Any, str]:
-    """``(broker, echo actor, queue name)`` of a worker kind; does not touch the global broker."""
+def sdk_provider() -> Any:
+    """An SDK ``TracerProvider`` with a ``BatchSpanProcessor`` (default settings) whose exporter
+    encodes each span as compact JSON (ids, name, kind, times, attributes, events, links: about
+    what an OTLP/JSON exporter sends) and writes the batch to ``/dev/null``."""
+    import json
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    sink = open(os.devnull, "w")  # lives as long as the process
+    # BENCH_OTEL_EXPORTER=discard: batches are dropped unencoded (the SDK's own cost alone).
+    encode = os.environ.get("BENCH_OTEL_EXPORTER", "json") != "discard"
+
+    class DevNullJsonExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            records = []
+            for span in spans if encode else ():
+                ctx = span.get_span_context()
+                records.append(
+                    {
+                        "traceId": f"{ctx.trace_id:032x}",
+                        "spanId": f"{ctx.span_id:016x}",
+                        "parentSpanId": f"{span.parent.span_id:016x}" if span.parent else "",
+                        "name": span.name,
+                        "kind": span.kind.value,
+                        "startTimeUnixNano": span.start_time,
+                        "endTimeUnixNano": span.end_time,
+                        "attributes": dict(span.attributes or {}),
+                        "events": [
+                            {"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events
+                        ],
+                        "links": [f"{link.context.span_id:016x}" for link in span.links],
+                        "status": span.status.status_code.value,
+                    }
+                )
+            if encode:
+                sink.write(json.dumps(records, default=str))
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DevNullJsonExporter()))
+    return provider
+
+
+def build(
+    kind: str, n: Names | None = None, url: str | None = None, *, worker: bool = False
+) -> tuple[dramatiq.Broker, Any, str]:
+    """``(broker, echo actor, queue name)`` of a worker kind; does not touch the global broker
+    (except ``otel-sdk`` in a worker: the global SDK provider)."""
     n = n or names()
     url = url or redis_url()
     queue = n.queue(kind)
@@ -82,6 +137,22 @@ def build(kind: str, n: Names | None = None, url: str | None = None) -> tuple[dr
     if kind == "blocking":
         # Exactly what users get by default (namespace "dramatiq"; the queue name is unique).
         broker = setup_broker(config=config, broker_url=url, set_global=False)
+    elif kind in OBS_KINDS:
+        if worker and kind == "otel-sdk":
+            from opentelemetry import trace
+
+            trace.set_tracer_provider(sdk_provider())
+        tracing = kind.startswith("otel")
+        broker = setup_broker(config=config, broker_url=url, set_global=False, tracing=tracing)
+        if worker and not tracing and os.environ.get("BENCH_METRICS_WORKER") != "0":
+            from rpc_tasks.observability import install_metrics
+
+            # BENCH_DRAMATIQ_PROMETHEUS=0: ours only (no exposition server), to split the cost.
+            install_metrics(broker, dramatiq_prometheus=os.environ.get("BENCH_DRAMATIQ_PROMETHEUS") != "0")
+        if not worker and tracing:
+            from rpc_tasks.observability import disable_tracing
+
+            disable_tracing()  # the client's paths turn it on around their own runs
     elif kind == "plain":
         from dramatiq.brokers.redis import RedisBroker
 
@@ -108,5 +179,5 @@ def plain_actor(broker: dramatiq.Broker) -> Any:
 broker: dramatiq.Broker | None = None
 if os.environ.get("BENCH_DRAMATIQ_KIND"):
     # Imported by the dramatiq CLI: declare the worker's broker and actor, make it global.
-    broker, echo, QUEUE = build(os.environ["BENCH_DRAMATIQ_KIND"])
+    broker, echo, QUEUE = build(os.environ["BENCH_DRAMATIQ_KIND"], worker=True)
     dramatiq.set_broker(broker)

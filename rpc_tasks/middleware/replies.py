@@ -24,7 +24,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
-from .. import context, protocol
+from .. import context, metrics, protocol
 from ..config import WebSocketRPCConfig, get_config
 from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR
 from ..exceptions import RPCException
@@ -98,6 +98,7 @@ class RPCReplies(Middleware):
             deadline = message.options.get(protocol.OPTION_DEADLINE)
             if protocol.deadline_passed(deadline):
                 self._count("expired_skipped")
+                metrics.emit("expired_skipped", actor=message.actor_name, queue=message.queue_name)
                 logger.warning(
                     "Skipping message %s of actor %r: its caller's deadline passed %.3fs ago.",
                     message.message_id,
@@ -199,6 +200,7 @@ class RPCReplies(Middleware):
             channel.push(reply_to, payload)
         except RPCException:
             self._count("reply_push_failed")
+            metrics.emit("reply_push_failed", actor=message.actor_name, queue=message.queue_name)
             logger.exception("Could not push the reply of message %s.", message.message_id)
             return
         self._count(counter)

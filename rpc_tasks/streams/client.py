@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel
 
-from .. import protocol
+from .. import metrics, protocol
 from ..config import WebSocketRPCConfig, get_config
 from ..exceptions import RPCException, RPCRemoteError, RPCTimeoutError
 from ..models.base import new_correlation_id
@@ -63,6 +63,7 @@ class WebSocketRPCClient:
 
     # -- calls ---------------------------------------------------------------------------------
 
+    @metrics.observed("stream_call", lambda client, method, *_, **__: {"actor": method})
     def call(
         self,
         method: str,
@@ -91,6 +92,7 @@ class WebSocketRPCClient:
             correlation_id=correlation_id,
             extensions=self._extensions,
             max_bytes=self.config.max_payload_bytes,
+            trace_context=metrics.trace_context() if self._extensions else None,
         )
         outcome = "error"
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .. import compat, protocol
+from .. import compat, metrics, protocol
 from ..config import WebSocketRPCConfig, get_config
 from ..exceptions import RPCException
 from ..models.errors import RPCError, RPCErrorCode
@@ -215,6 +215,13 @@ class Dispatcher:
             self.io.finish(self.stream, self.group, entry_id)
             return "expired"
 
+        with metrics.observe(
+            "serve", method=request.method, stream=self.stream, trace_context=request.trace_context
+        ):
+            return self._serve(entry_id, request, reply_to)
+
+    def _serve(self, entry_id: str, request: protocol.Request, reply_to: str | None) -> str:
+        """Run the request's handler and reply (or ack a fire-and-forget request)."""
         handler = self.handlers.get(request.method)
         if handler is None:
             error = RPCError(code=RPCErrorCode.METHOD_NOT_FOUND, message=f"unknown method {request.method!r}")
@@ -276,6 +283,8 @@ class Dispatcher:
         _log_finish(self.stream, entry_id, done, reply_to)
         outcome = "ok" if error is None else "error"
         self._count(outcome)
+        if error is not None:
+            metrics.set_outcome(error.wire_code)
         return outcome
 
     def _too_large(self, entry_id: str, raw: bytes, limit: int) -> str:
@@ -305,6 +314,7 @@ class Dispatcher:
         log_reason: str | None = None,
     ) -> None:
         self._count("dead")
+        metrics.emit("server_dead_lettered", stream=self.stream)
         logger.log(
             level, "Dead-lettering stream entry %s of %s: %s", entry_id, self.stream, log_reason or reason
         )
@@ -325,6 +335,7 @@ class Dispatcher:
 
     def _dead_letter_trimmed(self, gone: str) -> None:
         self._count("trimmed")
+        metrics.emit("server_dead_lettered", stream=self.stream)
         logger.error(
             "Pending entry %s was trimmed from %s before it was processed (stream_maxlen too small "
             "for the backlog)",
@@ -341,6 +352,7 @@ class Dispatcher:
 
     def _check_backlog(self) -> None:
         pending, lag = self.io.backlog(self.stream, self.group)
+        metrics.emit("server_backlog", stream=self.stream, group=self.group, pending=pending, unread=lag)
         if pending + max(lag, 0) > self.config.stream_maxlen // 2:
             logger.warning(
                 "Stream %s backlog is %d pending + %d unread of stream_maxlen=%d: entries may be trimmed "

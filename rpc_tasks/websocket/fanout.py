@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from .. import metrics
 from ..exceptions import RPCException
 from ..models.broadcast import BroadcastRequest, BroadcastResponse, BroadcastTarget
 from ..models.connections import ConnectionInfo
@@ -84,7 +85,9 @@ class Fanout:
         if not waits:
             return 0
         done, _ = await asyncio.wait(waits, timeout=self.delivery_timeout)
-        return sum(1 for f in done if f.result())
+        took = sum(1 for f in done if f.result())
+        metrics.emit("ws_delivery", instance=self.instance_id, offered=len(waits), took=took)
+        return took
 
     def local_conns_of(
         self, users: set[str] | None, exclude: frozenset[str] | set[str] = frozenset()
@@ -133,7 +136,9 @@ class Fanout:
             for instance in remote:
                 message = json.dumps({"op": "user", "user_id": user_id, "frame": frame, "ack": ack})
                 expected += min(1, await self.store.publish(instance_channel(instance), message))
-            took += sum(await self.store.collect_acks(ack, expected, self.delivery_timeout + 1))
+            acks = await self.store.collect_acks(ack, expected, self.delivery_timeout + 1)
+            metrics.emit("ws_fanout_acks", instance=self.instance_id, expected=expected, received=len(acks))
+            took += sum(acks)
         return len(records), took
 
     async def broadcast(self, req: BroadcastRequest) -> BroadcastResponse:
@@ -142,6 +147,7 @@ class Fanout:
         envelope = json.dumps({"broadcast": req.model_dump(mode="json"), "ack": ack})
         instances = await self.store.publish(self.broadcast_channel, envelope)
         acks = await self.store.collect_acks(ack, instances, self.delivery_timeout + 1)
+        metrics.emit("ws_fanout_acks", instance=self.instance_id, expected=instances, received=len(acks))
         return BroadcastResponse(
             target=req.target,
             recipients=sum(a // 1_000_000 for a in acks),

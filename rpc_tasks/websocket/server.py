@@ -43,6 +43,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .. import metrics
 from ..config import WebSocketRPCConfig, get_config
 from ..exceptions import RPCConfigurationError, RPCException
 from ..models.connections import ConnectionInfo
@@ -248,6 +249,7 @@ class WebSocketServer:
         )
         self.fanout.add(conn)
         self.counters["connected"] += 1
+        metrics.emit("ws_connection", instance=self.instance_id, delta=1)
         writer = asyncio.create_task(conn.write_loop())
         try:
             await self.store.register(conn.id, conn.user_id, info.model_dump_json().encode())
@@ -267,6 +269,7 @@ class WebSocketServer:
             conn.closing = True
             writer.cancel()
             self.fanout.remove(conn)
+            metrics.emit("ws_connection", instance=self.instance_id, delta=-1)
             try:
                 await self.store.unregister(conn.id, conn.user_id)
             except RPCException:
@@ -276,6 +279,7 @@ class WebSocketServer:
         retry_after = conn.take_token(self.rate, self.burst)
         if retry_after is not None:
             self.counters["rate_limited"] += 1
+            metrics.emit("ws_rate_limited", instance=self.instance_id)
             conn.error(None, RPCErrorCode.RATE_LIMIT_EXCEEDED, "too many messages", retry_after)
             return
         if conn.translate is not None and self._ipc is not None:
