@@ -218,9 +218,11 @@ class Dispatcher:
         with metrics.observe(
             "serve", method=request.method, stream=self.stream, trace_context=request.trace_context
         ):
-            return self._serve(entry_id, request, reply_to)
+            return self._serve(entry_id, request, reply_to, raw)
 
-    def _serve(self, entry_id: str, request: protocol.Request, reply_to: str | None) -> str:
+    def _serve(
+        self, entry_id: str, request: protocol.Request, reply_to: str | None, raw: bytes | None
+    ) -> str:
         """Run the request's handler and reply (or ack a fire-and-forget request)."""
         handler = self.handlers.get(request.method)
         if handler is None:
