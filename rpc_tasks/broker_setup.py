@@ -76,7 +76,7 @@ def install_encoder() -> None:
         dramatiq.set_encoder(RPCJSONEncoder())
 
 
-def _broker_from_url(url: str) -> dramatiq.Broker:
+def _broker_from_url(url: str, config: WebSocketRPCConfig) -> dramatiq.Broker:
     if url.startswith(("amqp://", "amqps://")):
         try:
             from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -84,9 +84,9 @@ def _broker_from_url(url: str) -> dramatiq.Broker:
             raise RPCConfigurationError("RabbitMQ needs: pip install 'rpc-tasks[rabbitmq]'") from exc
         return RabbitmqBroker(url=url)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis.broker import redis_broker
+        from .redis.broker import ENVELOPE_ROOM_BYTES, redis_broker
 
-        return redis_broker(url)
+        return redis_broker(url, max_message_bytes=config.max_payload_bytes + ENVELOPE_ROOM_BYTES)
     raise RPCConfigurationError(
         "broker URL must start with redis://, rediss://, unix://, amqp:// or amqps://"
     )
@@ -104,12 +104,15 @@ def setup_broker(
     With no ``broker``, one is built from ``broker_url``, else ``$DRAMATIQ_BROKER_URL``, else
     ``config.redis_url`` (``redis``/``rediss``/``unix`` give a
     :class:`~rpc_tasks.redis.broker.BlockingRedisBroker`, ``amqp`` a
-    ``RabbitmqBroker``). Replies always travel over Redis at ``config.redis_url``.
+    ``RabbitmqBroker``). Replies always travel over Redis at ``config.redis_url``. A built
+    ``BlockingRedisBroker`` dead-letters, undecoded, messages over ``config.max_payload_bytes``
+    plus 64 KiB of envelope; it requeues a dead worker's messages after its
+    ``heartbeat_timeout`` of 10 s (see :mod:`rpc_tasks.redis.broker`).
     """
     config = config or get_config()
     if broker is None:
         url = broker_url or os.environ.get("DRAMATIQ_BROKER_URL") or config.redis_url
-        broker = _broker_from_url(url)
+        broker = _broker_from_url(url, config)
     install_middleware(broker, config)
     install_encoder()
     if set_global:

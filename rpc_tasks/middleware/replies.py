@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def _undecodable_error(message: Any) -> RPCError:
     reason = message.options.get(OPTION_DECODE_ERROR, "invalid message")
-    return RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"message could not be decoded: {reason}")
+    return RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"message cannot be processed: {reason}")
 
 
 class RPCReplies(Middleware):
@@ -147,9 +147,16 @@ class RPCReplies(Middleware):
         if message.actor_name == UNDECODABLE_ACTOR:
             self._count("undecodable")
             logger.error(
-                "Message %s could not be decoded (%s); dead-lettered.",
+                "Message %s cannot be processed (%s); dead-lettered.",
                 message.message_id,
                 message.options.get(OPTION_DECODE_ERROR),
+            )
+        elif message.actor_name not in broker.actors:
+            self._count("unknown_actor")
+            logger.error(
+                "Message %s is for actor %r, which this worker does not know; dead-lettered.",
+                message.message_id,
+                message.actor_name,
             )
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
         if reply_to is None:

@@ -17,8 +17,21 @@ unchanged:
   one empty fetch; the wake list is capped (``LTRIM``) so it never grows while consumers are
   busy;
 * a consumer that holds its full prefetch waits for one of its messages to be acked instead;
-* the delay-queue consumer never sleeps past the earliest ``eta`` it holds, so delayed messages
-  (retries, postponements) are handed over on time.
+* the delay-queue consumer never waits past the earliest ``eta`` it holds, and a delayed
+  message enqueued meanwhile wakes it, so delayed messages (retries, postponements) are handed
+  over on time.
+
+Reliability (see :mod:`rpc_tasks.redis.consumer` for what happens to unprocessable messages):
+
+* every fetch returns each message's Redis id with its data, so any message can be acked or
+  dead-lettered whatever its bytes hold; ``max_message_bytes`` caps what is decoded;
+* a process with consumers runs Dramatiq's maintenance (through Dramatiq's own dispatch script)
+  for each of its queues every ``heartbeat_timeout / 4``: the messages of a worker that died
+  are requeued within ``1.25 x heartbeat_timeout`` even when nothing else happens (Dramatiq
+  itself only runs it by chance, ``maintenance_chance`` per million commands), and the
+  process's heartbeat stays fresh while all its threads are busy;
+* ``heartbeat_timeout`` defaults to :data:`DEFAULT_HEARTBEAT_TIMEOUT_MS` (10 s, Dramatiq's is
+  60 s): a ``.call()`` whose worker was SIGKILLed runs again on another worker within ~13 s.
 
 For ``.call()`` (when the reply channel is on the broker's Redis server and database):
 
@@ -54,7 +67,9 @@ from dramatiq.common import current_millis
 from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from redis.exceptions import NoScriptError
 
-from .connection import pipelined, same_redis
+from .connection import pipelined, same_redis, thread_connection, wait_readable
+from .consumer import _BlockingConsumer
+from .maintenance import Maintenance
 from .replies import ReplyChannel
 
 logger = logging.getLogger(__name__)
@@ -111,7 +126,6 @@ def _internals_problem() -> str | None:
 
 #: Why ``BlockingRedisBroker`` cannot run on the installed Dramatiq (``None``: it can).
 INTERNALS_PROBLEM = _internals_problem()
-_RedisConsumer: type[Any] = getattr(_dramatiq_redis, "_RedisConsumer", object)
 
 
 _warned = False
@@ -137,6 +151,7 @@ def redis_broker(url: str, **options: Any) -> RedisBroker:
     if INTERNALS_PROBLEM is None:
         return BlockingRedisBroker(url=url, **options)
     _warn_fallback()
+    options.pop("max_message_bytes", None)
     return RedisBroker(url=url, **options)
 
 
@@ -150,6 +165,16 @@ def redis_broker_path() -> str:
 
 #: Wake-up tokens kept per queue (more would only cause empty fetches).
 WAKE_LIST_LENGTH = 64
+#: ``BlockingRedisBroker``'s default ``heartbeat_timeout`` (ms): a worker silent that long is
+#: dead and its unacked messages are requeued (Dramatiq's default is 60 s).
+DEFAULT_HEARTBEAT_TIMEOUT_MS = 10_000
+#: Room for the envelope (options, ids) on top of ``max_payload_bytes`` in a message's size cap.
+ENVELOPE_ROOM_BYTES = 65_536
+#: Default ``max_message_bytes``: the default ``max_payload_bytes`` (1 MiB) plus the envelope.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576 + ENVELOPE_ROOM_BYTES
+#: Dispatch-script command that matches none of its branches: only the heartbeat and (asked
+#: for) the maintenance run.
+MAINTENANCE_COMMAND = "rpc_tasks_maintenance"
 
 
 def _rpc_dispatch_source() -> bytes:
@@ -158,20 +183,36 @@ def _rpc_dispatch_source() -> bytes:
 
     * an ``enqueue`` also pushes a capped wake-up token;
     * an ``ack`` given three extra arguments (reply key, reply, TTL in seconds) also pushes
-      that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``).
+      that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``, the ``EXPIRE`` only when
+      the ``LPUSH`` succeeded; when it did not, e.g. the key holds another type, the ack still
+      happens and the script returns ``'rpc_reply_failed: <error>'``);
+    * a ``fetch`` given ``'ids'`` as second argument returns ``{ids, messages}``: the Redis ids
+      of the fetched messages as well as their data (the ids are the head of the queue the
+      fetch pops; maintenance is off for such a fetch so nothing is pushed in between).
     """
     body = _dramatiq_redis._scripts["dispatch"]
     if isinstance(body, str):
         body = body.encode()
     return (
         b"local function rpc_tasks_dispatch()\n" + body + b"\nend\n"
+        b"local fetched_ids = nil\n"
+        b"if ARGV[1] == 'fetch' and ARGV[10] == 'ids' then\n"
+        b"  ARGV[7] = '0'\n"
+        b"  local n = math.min(tonumber(ARGV[9]), tonumber(ARGV[8]))\n"
+        b"  fetched_ids = redis.call('lrange', KEYS[1] .. ':' .. ARGV[3], 0, n - 1)\n"
+        b"end\n"
         b"local result = rpc_tasks_dispatch()\n"
-        b"if ARGV[1] == 'enqueue' then\n"
+        b"if fetched_ids then\n"
+        b"  return {fetched_ids, result}\n"
+        b"elseif ARGV[1] == 'enqueue' then\n"
         b"  local wake = KEYS[1] .. ':' .. ARGV[3] .. '.wake'\n"
         b"  redis.call('lpush', wake, '1')\n"
         b"  redis.call('ltrim', wake, 0, " + str(WAKE_LIST_LENGTH - 1).encode() + b")\n"
         b"elseif ARGV[1] == 'ack' and ARGV[12] then\n"
-        b"  redis.call('lpush', ARGV[10], ARGV[11])\n"
+        b"  local pushed = redis.pcall('lpush', ARGV[10], ARGV[11])\n"
+        b"  if type(pushed) == 'table' and pushed.err then\n"
+        b"    return 'rpc_reply_failed: ' .. pushed.err\n"
+        b"  end\n"
         b"  redis.call('expire', ARGV[10], ARGV[12])\n"
         b"end\n"
         b"return result\n"
@@ -197,7 +238,9 @@ class BlockingRedisBroker(RedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return _BlockingConsumer(self, queue_name, prefetch, timeout)
 
-    def _dispatch_args(self, command: str, queue_name: str, *args: Any) -> list[Any]:
+    def _dispatch_args(
+        self, command: str, queue_name: str, *args: Any, maintenance: bool | None = None
+    ) -> list[Any]:
         # The argument list of Dramatiq's dispatch script (see RedisBroker._dispatch).
         return [
             command,
@@ -206,7 +249,7 @@ class BlockingRedisBroker(RedisBroker):
             self.broker_id,
             self.heartbeat_timeout,
             self.dead_message_ttl,
-            self._should_do_maintenance(command),
+            self._should_do_maintenance(command) if maintenance is None else int(maintenance),
             self._max_unpack_size(),
             *args,
         ]
@@ -214,12 +257,16 @@ class BlockingRedisBroker(RedisBroker):
     def _enqueue_args(self, queue_name: str, message_id: str, data: bytes) -> list[Any]:
         return self._dispatch_args("enqueue", queue_name, message_id, data)
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES, **kwargs: Any) -> None:
         if INTERNALS_PROBLEM is not None:
             raise RuntimeError(
                 f"BlockingRedisBroker cannot run on Dramatiq {dramatiq.__version__}: {INTERNALS_PROBLEM}"
             )
+        kwargs.setdefault("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT_MS)
         super().__init__(**kwargs)
+        #: Largest message a consumer decodes (bytes); larger ones are dead-lettered unread.
+        self.max_message_bytes = max_message_bytes
+        self._maintenance = Maintenance(self)
         self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
         self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
@@ -315,8 +362,15 @@ class BlockingRedisBroker(RedisBroker):
         if reply is None:  # Dramatiq's own ack/nack
             getattr(self, f"do_{command}")(queue_name, redis_message_id)
             return
-        self._dispatch_pinned(command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc")
+        outcome = self._dispatch_pinned(command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc")
         self._pending_replies.pop(redis_message_id, None)
+        if isinstance(outcome, bytes) and outcome.startswith(b"rpc_reply_failed"):
+            logger.error(
+                "Message %s was acked but its reply could not be pushed to %r (%s); no TTL was set.",
+                redis_message_id,
+                reply[0],
+                outcome.decode(errors="replace").partition(": ")[2],
+            )
 
     def _dispatch_pinned(
         self, command: str, queue_name: str, *args: Any, script_name: str = "dispatch"
@@ -324,12 +378,7 @@ class BlockingRedisBroker(RedisBroker):
         """Dramatiq's dispatch script (or our wrapper of it) on this thread's own connection
         (worker and consumer threads are long-lived; a pool checkout costs a readiness poll and
         two getpid calls)."""
-        script = self.scripts[script_name]
-        full = self._dispatch_args(command, queue_name, *args)
-        try:
-            return pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *full)], pinned=True)[0]
-        except NoScriptError:  # the server lost its script cache: load it and run it again
-            return script(keys=[self.namespace], args=full)
+        return self._dispatch_pinned_args(self._dispatch_args(command, queue_name, *args), script_name)
 
     def do_ack(self, queue_name: str, redis_message_id: str) -> Any:
         """Dramatiq's ``ack`` (same script), on the calling thread's own connection."""
@@ -343,126 +392,91 @@ class BlockingRedisBroker(RedisBroker):
         """Forget a deferred reply whose ack failed for good."""
         self._pending_replies.pop(redis_message_id, None)
 
-    def wait_and_fetch(self, queue_name: str, count: int, seconds: float) -> list[bytes]:
+    def fetch_with_ids(self, queue_name: str, count: int) -> list[tuple[str, bytes | None]]:
+        """Fetch up to ``count`` messages of ``queue_name`` now: (Redis id, data) pairs (data
+        ``None`` for an id whose message is gone)."""
+        args = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
+        return _pairs(self._dispatch_pinned_args(args, "dispatch_rpc"))
+
+    def wait_and_fetch(
+        self, queue_name: str, count: int, seconds: float
+    ) -> list[tuple[str, bytes | None]]:
         """Block up to ``seconds`` for a wake-up token of ``queue_name``, then fetch up to
-        ``count`` messages, in one round trip: ``BLPOP`` and Dramatiq's fetch script are
-        pipelined on one connection, so Redis runs the fetch the moment the ``BLPOP`` returns
-        (with a token or on its timeout, which doubles as the idle heartbeat)."""
-        script = self.scripts["dispatch"]
+        ``count`` messages, in one round trip: ``BLPOP`` and the fetch script are pipelined on
+        one connection, so Redis runs the fetch the moment the ``BLPOP`` returns (with a token
+        or on its timeout, which doubles as the idle heartbeat). Returns (Redis id, data)
+        pairs. A wait shorter than the server's timer resolution (a delayed message's eta is
+        near) is cut on the client side at ``seconds`` (the connection is dropped, which
+        cancels the ``BLPOP``) and returns nothing."""
+        script = self.scripts["dispatch_rpc"]
         timeout = max(0.001, round(seconds, 3))
+        fetch = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
         commands = [
             ("BLPOP", wake_key(self.namespace, queue_name), timeout),
-            ("EVALSHA", script.sha, 1, self.namespace, *self._dispatch_args("fetch", queue_name, count)),
+            ("EVALSHA", script.sha, 1, self.namespace, *fetch),
         ]
         try:
+            if timeout < EXACT_WAIT_BELOW:
+                return self._wait_exactly(commands, timeout)
             # Waited for with the BLPOP's own timeout, whatever the client's socket_timeout.
-            messages = pipelined(self.client, commands, pinned=True, wait=timeout)[1]
+            return _pairs(pipelined(self.client, commands, pinned=True, wait=timeout)[1])
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
-            messages = self.do_fetch(queue_name, count)
-        return list(messages or [])
+            return _pairs(script(keys=[self.namespace], args=fetch))
 
-
-class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
-    message_cache: list[bytes]
-
-    def __init__(self, broker: BlockingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        # timeout=0 turns Dramatiq's idle sleep into sleep(0); we block on the wake list instead.
-        super().__init__(broker, queue_name, prefetch, 0)
-        self.broker: BlockingRedisBroker = broker
-        self.block_seconds = max(0.001, timeout / 1000.0)
-        self.is_delay_queue = queue_name.endswith(".DQ")
-        self._room = threading.Event()
-        self._etas: dict[str, float] = {}
-        self._lock = threading.Lock()
-        # True once a fetch returned fewer messages than asked for: the queue was empty then,
-        # and every later enqueue pushes a wake-up token, so the next fetch may block first.
-        self._drained = False
-        self._handed_off = False
-
-    def _block_for(self) -> float:
-        if not self.is_delay_queue:
-            return self.block_seconds
-        with self._lock:
-            earliest = min(self._etas.values(), default=None)
-        if earliest is None:
-            return self.block_seconds
-        return max(0.0, min(self.block_seconds, earliest - time.time()))
-
-    def _fetch(self, room: int) -> list[bytes] | None:
-        """Fetch up to ``room`` messages; ``None`` when it slept until a delayed message's eta."""
-        if not self._drained:
-            return list(self.broker.do_fetch(self.queue_name, room) or [])
-        if self._handed_off:
-            # The last message was just put on the work queue and this thread is about to
-            # block: let the worker thread woken for it take the GIL now rather than at this
-            # thread's next I/O (halves the hand-over here, ~120 -> ~60 us).
-            self._handed_off = False
-            time.sleep(0)  # releases the GIL
-        block = self._block_for()
-        if self.is_delay_queue and block < self.block_seconds:
-            # Waiting for a known eta: sleep exactly (Redis times out blocking commands only
-            # every 1/hz s, 100 ms by default, which would bunch delayed messages together).
-            time.sleep(block)
-            self._drained = False
-            return None
-        return self.broker.wait_and_fetch(self.queue_name, room, block)
-
-    def __next__(self) -> Any:
-        if not self.message_cache:
-            room = self.prefetch - self.outstanding_message_count
-            if room <= 0:
-                # Saturated: wait until one of our messages is acked/nacked (or the timeout).
-                self._room.clear()
-                if self.outstanding_message_count >= self.prefetch:
-                    self._room.wait(self._block_for())
-                self._drained = False
-                return None
-            try:
-                messages = self._fetch(room)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise ConnectionClosed(exc) from None
-            if messages is None:
-                return None
-            self._drained = len(messages) < room
-            if not messages:
-                return None
-            self.message_cache = messages
-        # Dramatiq's own path takes the message from the cache (decode, bookkeeping).
-        message = super().__next__()
-        self._handed_off = message is not None
-        if message is not None and self.is_delay_queue:
-            eta = message.options.get("eta")
-            if isinstance(eta, (int, float)):
-                with self._lock:
-                    self._etas[message.message_id] = eta / 1000.0
-        return message
-
-    def _done(self, message: Any) -> None:
-        if self.is_delay_queue:
-            with self._lock:
-                self._etas.pop(message.message_id, None)
-        self._room.set()
-
-    def ack(self, message: Any) -> None:
-        self._finish("ack", message)
-
-    def nack(self, message: Any) -> None:
-        self._finish("nack", message)
-
-    def _finish(self, command: str, message: Any) -> None:
-        redis_message_id = message.options["redis_message_id"]
+    def _wait_exactly(self, commands: list[tuple[Any, ...]], timeout: float) -> list[tuple[str, bytes | None]]:
+        conn: Any = thread_connection(self.client)
         try:
-            # The current queue may differ from message.queue_name (delayed messages): finish
-            # on the consumer's queue, as Dramatiq does.
-            self.broker.finish(command, self.queue_name, redis_message_id)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Dramatiq retries post-processing on connection errors: keep the deferred reply.
-            raise ConnectionClosed(exc) from None
-        except (ConnectionClosed, ConnectionFailed):
-            raise
+            conn.send_packed_command(conn.pack_commands(commands))
+            if not wait_readable(conn, time.monotonic() + timeout):
+                conn.disconnect()  # cancels the BLPOP and the fetch queued behind it
+                return []
+            conn.read_response()
+            result = conn.read_response()
         except BaseException:
-            self.broker.drop_deferred_reply(redis_message_id)
+            conn.disconnect()
             raise
-        finally:
-            self.queued_message_ids.discard(message.message_id)
-            self._done(message)
+        return _pairs(result)
+
+    def _dispatch_pinned_args(self, full: list[Any], script_name: str) -> Any:
+        script = self.scripts[script_name]
+        try:
+            return pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *full)], pinned=True)[0]
+        except NoScriptError:  # the server lost its script cache: load it and run it again
+            return script(keys=[self.namespace], args=full)
+
+    # -- maintenance -----------------------------------------------------------------------------
+
+    def watch_queue(self, queue_name: str) -> None:
+        """Include ``queue_name`` in this process's periodic maintenance (called by each
+        consumer; starts the maintenance thread on first use)."""
+        self._maintenance.watch(queue_name)
+
+    def run_maintenance(self, queue_name: str) -> None:
+        """Run Dramatiq's maintenance for ``queue_name`` now, through Dramatiq's own dispatch
+        script: requeue the unacked messages of workers whose heartbeat is older than
+        ``heartbeat_timeout``, drop expired dead letters; also refreshes this process's
+        heartbeat."""
+        self._dispatch_pinned_args(
+            self._dispatch_args(MAINTENANCE_COMMAND, queue_name, maintenance=True), "dispatch"
+        )
+
+    def close(self) -> None:
+        """Stop the maintenance thread, then close as Dramatiq does."""
+        self._maintenance.stop()
+        super().close()
+
+
+#: Client-side waits shorter than this are cut exactly (Redis checks blocking timeouts only
+#: every ``1/hz`` s, 100 ms by default).
+EXACT_WAIT_BELOW = 0.25
+
+
+def _pairs(result: Any) -> list[tuple[str, bytes | None]]:
+    """The ``{ids, messages}`` reply of a fetch with ids, as (id, data) pairs."""
+    if not result:
+        return []
+    ids, messages = result[0] or [], result[1] or []
+    return [
+        (rid.decode() if isinstance(rid, bytes) else str(rid), data)
+        for rid, data in zip(ids, list(messages) + [None] * (len(ids) - len(messages)))
+    ]
