@@ -220,3 +220,47 @@ def test_worker_threads_survive_whatever_the_options(redis_url: str) -> None:
         assert all(t.is_alive() for t in worker.workers)
     assert isinstance(dramatiq.get_encoder(), object)
     client.close()
+
+
+# -- a crashed worker's messages ----------------------------------------------------------------
+
+
+def test_a_dead_workers_messages_are_requeued_within_two_heartbeat_timeouts_when_idle(
+    redis_url: str,
+) -> None:
+    """A worker fetched three messages and died (its heartbeat stops, its ack set stays): a
+    live, otherwise idle worker runs them again within 2 x heartbeat_timeout."""
+    broker, _, echo, ran = _setup(redis_url, heartbeat_timeout=1000)
+    for i in range(3):
+        echo.send(EchoParams(message=f"d{i}"))
+    dead = BlockingRedisBroker(url=redis_url, namespace=broker.namespace, heartbeat_timeout=1000)
+    assert len(dead.do_fetch(echo.queue_name, 3)) == 3  # now parked in the dead worker's ack set
+    died = time.monotonic()
+    with running_worker(broker, threads=THREADS, worker_timeout=100):
+        wait_until(lambda: len(ran) == 3, timeout=2 * 1.0 + 1.0)
+        recovered = time.monotonic() - died
+    assert sorted(ran) == ["d0", "d1", "d2"]
+    assert recovered < 3.0
+
+
+def test_a_busy_worker_keeps_its_heartbeat_so_its_messages_never_run_twice(redis_url: str) -> None:
+    """All threads busy with messages longer than heartbeat_timeout and the prefetch full: the
+    worker still heartbeats, so another process's maintenance does not requeue its messages."""
+    broker, _ = redis_broker(redis_url, heartbeat_timeout=1000)
+    runs: list[str] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
+    def slow(params: EchoParams) -> None:
+        runs.append(params.message)
+        time.sleep(1.6)
+
+    for i in range(2):
+        slow.send(EchoParams(message=f"s{i}"))
+    other = BlockingRedisBroker(url=redis_url, namespace=broker.namespace, heartbeat_timeout=1000)
+    with running_worker(broker, threads=1, worker_timeout=100):
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            other.run_maintenance(slow.queue_name)
+            time.sleep(0.1)
+        wait_until(lambda: len(runs) >= 2, timeout=10)
+    assert sorted(runs) == ["s0", "s1"]
