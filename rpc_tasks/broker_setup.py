@@ -114,6 +114,8 @@ def setup_broker(
         url = broker_url or os.environ.get("DRAMATIQ_BROKER_URL") or config.redis_url
         broker = _broker_from_url(url, config)
     install_middleware(broker, config)
+    if hasattr(broker, "log_message_params"):
+        broker.log_message_params = config.log_rpc_params
     install_encoder()
     if set_global:
         dramatiq.set_broker(broker)

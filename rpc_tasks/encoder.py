@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import Any
 
+from dramatiq.broker import MessageProxy
 from dramatiq.encoder import JSONEncoder
 
 #: Actor name of the placeholder a structurally invalid message is decoded into.
@@ -215,3 +216,16 @@ class RPCJSONEncoder(JSONEncoder):
             reply_to=options.get("rpc_reply_to"),
             redis_message_id=rid if isinstance(rid, str) else None,
         )
+
+
+class RedactedMessageProxy(MessageProxy):
+    """A ``MessageProxy`` whose ``str``/``repr`` name the actor and message id but not the
+    params: Dramatiq formats messages into its log lines ("Failed to process message %s ...",
+    "Message %s was skipped."), and params may hold secrets. Used unless ``log_rpc_params``
+    is on."""
+
+    def __str__(self) -> str:
+        return f"{self.actor_name}(<params not logged>) [{self.message_id}]"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} {self.actor_name} {self.message_id}>"

@@ -22,11 +22,12 @@ from collections import Counter
 from typing import Any
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware, SkipMessage
 
 from .. import context, protocol
 from ..config import WebSocketRPCConfig, get_config
-from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR
+from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR, RedactedMessageProxy
 from ..exceptions import RPCException
 from ..models.errors import RPCError, RPCErrorCode
 from ..redis.replies import ReplyChannel
@@ -91,6 +92,10 @@ class RPCReplies(Middleware):
             logger.warning("rpc-tasks broker set-up: %s", problem)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if type(message) is MessageProxy and not self.config.log_rpc_params:
+            # Other brokers' consumers build plain proxies, whose str() shows the params in
+            # Dramatiq's "Failed to process message %s" line: hide them.
+            message.__class__ = RedactedMessageProxy
         ctx = context.enter(message.message_id, message.actor_name, message)
         ctx.extra["pipe_target"] = message.options.get("pipe_target") is not None
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
@@ -204,8 +209,8 @@ class RPCReplies(Middleware):
         channel = self.channel
         try:
             channel.push(reply_to, payload)
-        except RPCException:
+        except RPCException as exc:
             self._count("reply_push_failed")
-            logger.exception("Could not push the reply of message %s.", message.message_id)
+            logger.error("Could not push the reply of message %s, nothing was written: %s", message.message_id, exc)
             return
         self._count(counter)

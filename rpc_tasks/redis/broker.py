@@ -266,6 +266,8 @@ class BlockingRedisBroker(RedisBroker):
         super().__init__(**kwargs)
         #: Largest message a consumer decodes (bytes); larger ones are dead-lettered unread.
         self.max_message_bytes = max_message_bytes
+        #: Whether Dramatiq's log lines may show message params (``log_rpc_params``).
+        self.log_message_params = False
         self._maintenance = Maintenance(self)
         self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).

@@ -34,7 +34,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers import redis as _dramatiq_redis
 from dramatiq.errors import ConnectionClosed, ConnectionFailed
 
-from ..encoder import options_problem, placeholder_fields, salvage_reply_address
+from ..encoder import RedactedMessageProxy, options_problem, placeholder_fields, salvage_reply_address
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
                 if isinstance(eta, (int, float)):
                     with self._lock:
                         self._etas[rid] = eta / 1000.0
-            return MessageProxy(message)
+            return MessageProxy(message) if self.broker.log_message_params else RedactedMessageProxy(message)
         return None
 
     def _intake(self, rid: str, data: bytes | None) -> Message[Any] | None:

@@ -1,7 +1,9 @@
 """Reply lists in Redis: the one place a reply is pushed and waited for.
 
-``ReplyChannel.push`` writes a reply and its TTL atomically (``MULTI``/``LPUSH``/``EXPIRE``/
-``EXEC``), so a reply key never exists without a TTL. ``ReplyChannel.wait`` pops the reply with
+``ReplyChannel.push`` writes a reply and its TTL atomically, in one small script
+(:data:`PUSH_REPLY_LUA`) that runs ``EXPIRE`` only when the ``LPUSH`` succeeded: a reply key
+never exists without a TTL, and a key of another type under the reply prefix is left exactly
+as it was (the push fails with Redis's ``WRONGTYPE`` error). ``ReplyChannel.wait`` pops the reply with
 ``BLPOP`` (float timeout, millisecond precision) and deletes the key in the same round trip.
 Every redis-py exception is turned into :class:`~rpc_tasks.exceptions.RPCConnectionError`.
 """
@@ -24,10 +26,21 @@ from .connection import MIN_BLOCK_SECONDS, SERVER_SLACK_SECONDS, client_from_con
 logger = logging.getLogger(__name__)
 
 
+#: ``LPUSH`` a reply and, only if that succeeded, ``EXPIRE`` its key (KEYS[1]; ARGV: reply, TTL).
+PUSH_REPLY_LUA = """
+local pushed = redis.pcall('lpush', KEYS[1], ARGV[1])
+if type(pushed) == 'table' and pushed.err then
+  return redis.error_reply(pushed.err)
+end
+redis.call('expire', KEYS[1], ARGV[2])
+return pushed
+"""
+
+
 def queue_reply(pipe: Any, key: str, payload: bytes, ttl: int) -> None:
-    """Add a reply (``LPUSH`` + ``EXPIRE``) to a ``MULTI`` pipeline."""
-    pipe.lpush(key, payload)
-    pipe.expire(key, ttl)
+    """Add a reply push (``LPUSH``, then ``EXPIRE`` only if it succeeded, atomically) to a
+    pipeline; its error reply (e.g. ``WRONGTYPE``) is the pipeline's result for it."""
+    pipe.eval(PUSH_REPLY_LUA, 1, key, payload, ttl)
 
 
 class ReplyChannel:
@@ -45,6 +58,7 @@ class ReplyChannel:
         self.prefix = prefix
         self.ttl = ttl
         self.max_bytes = max_bytes
+        self._push_script = client.register_script(PUSH_REPLY_LUA)
 
     @classmethod
     def from_config(cls, config: WebSocketRPCConfig, client: redis.Redis | None = None) -> ReplyChannel:
@@ -61,13 +75,12 @@ class ReplyChannel:
         return reply_key(self.prefix, correlation_id)
 
     def push(self, key: str, payload: bytes) -> None:
-        """``LPUSH`` + ``EXPIRE`` in one transaction (never a key without a TTL)."""
+        """``LPUSH`` + ``EXPIRE`` atomically, the ``EXPIRE`` only when the ``LPUSH`` succeeded
+        (never a key without a TTL, never a TTL on someone else's key); one round trip."""
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                queue_reply(pipe, key, payload, self.ttl)
-                pipe.execute()
+            self._push_script(keys=[key], args=[payload, self.ttl])
         except RedisError as exc:
-            raise RPCConnectionError(f"could not push reply to Redis: {exc}") from exc
+            raise RPCConnectionError(f"could not push reply to {key!r}: {exc}") from exc
 
     def wait(
         self,
