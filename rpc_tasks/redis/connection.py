@@ -223,19 +223,36 @@ def _read_takes_timeout(conn: Any) -> bool:
 def _read_blocking_reply(conn: Any, wait: float | None) -> Any:
     """Read the reply of a command that blocks on the server for up to ``wait`` seconds, with
     some slack, whatever the client's ``socket_timeout`` (which would otherwise cut every long
-    block short): no reply by then raises ``redis.TimeoutError``. Without a socket timeout that
-    short it is a plain read (no extra syscalls)."""
+    block short, or, when it is ``None``, let a half-open connection hang the reader forever):
+    no reply by then raises ``redis.TimeoutError``. With a socket timeout at least that long
+    it is a plain read (no extra syscalls), bounded by that timeout."""
     if wait is None:
         return conn.read_response()
     limit = wait + SERVER_SLACK_SECONDS
     socket_timeout = getattr(conn, "socket_timeout", None)
-    if socket_timeout is None or socket_timeout >= limit:
+    if socket_timeout is not None and socket_timeout >= limit:
         return conn.read_response()
     if _read_takes_timeout(conn):  # redis-py 8: the whole reply is read with that timeout
         return conn.read_response(timeout=limit)
     if not wait_readable(conn, time.monotonic() + limit):  # older redis-py: the first bytes
+        conn.disconnect()  # the reply may still come: never reuse this connection
         raise redis.TimeoutError(f"no reply from Redis within {limit:.3f}s")
     return conn.read_response()
+
+
+def _ensure_fresh(conn: Any) -> None:
+    """Drop ``conn``'s socket if it is already readable before anything was sent on it: the
+    server closed it (a restart, an idle timeout, ``CLIENT KILL``) or it holds stray bytes.
+    The next send then reconnects. This is what makes a replay unnecessary: a command is sent
+    once, on a connection that was alive a moment before."""
+    if getattr(conn, "_sock", None) is None:
+        return
+    try:
+        stale = conn.can_read(timeout=0)
+    except (redis.ConnectionError, OSError):
+        stale = True
+    if stale:
+        conn.disconnect()
 
 
 def pipelined(
@@ -249,42 +266,43 @@ def pipelined(
     non-transactional pipeline (no per-command objects), for the hot paths. A blocking command
     may come first (give its server-side timeout as ``wait``); the ones after it run when it
     returns. An error reply is raised after all replies were read (the connection stays
-    usable). A connection error is retried once on a fresh connection (a pooled connection may
-    be stale after a Redis restart); a timeout is not (the commands may have run). ``pinned``:
-    use this thread's own connection (see :func:`thread_connection`) instead of the pool."""
+    usable). ``pinned``: use this thread's own connection (see :func:`thread_connection`)
+    instead of the pool.
+
+    Commands are never replayed: a connection error after the write may come after the server
+    ran them (a reset after the reply), and the hot paths' commands (an enqueue, an ack with
+    its reply, a fetch) must not run twice. Instead a connection the server already closed (a
+    restart, ``CLIENT KILL``) is detected before the write (its socket is readable) and
+    replaced, so a stale kept connection costs no error; any other connection error is raised
+    (as ``redis.ConnectionError``) for the caller to handle."""
     pool = client.connection_pool
-    for attempt in (1, 2):
-        conn: Any = thread_connection(client) if pinned else pool.get_connection()
-        replies: list[Any] = []
-        try:
-            conn.send_packed_command(pack(conn, commands))
-            for index in range(len(commands)):
-                try:
-                    replies.append(_read_blocking_reply(conn, wait) if index == 0 else conn.read_response())
-                except redis.ResponseError as exc:  # fully read: the connection stays usable
-                    replies.append(exc)
-        except redis.ConnectionError:
-            conn.disconnect()  # a pinned connection reconnects on its next send
-            if attempt == 2:
-                raise
-            continue
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            if not pinned:
-                pool.release(conn)
-        for reply in replies:
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-        return replies
-    raise AssertionError("unreachable")  # pragma: no cover
+    conn: Any = thread_connection(client) if pinned else pool.get_connection()
+    replies: list[Any] = []
+    try:
+        if pinned:  # pool checkouts run the same check themselves
+            _ensure_fresh(conn)
+        conn.send_packed_command(pack(conn, commands))
+        for index in range(len(commands)):
+            try:
+                replies.append(_read_blocking_reply(conn, wait) if index == 0 else conn.read_response())
+            except redis.ResponseError as exc:  # fully read: the connection stays usable
+                replies.append(exc)
+    except BaseException:
+        conn.disconnect()  # a pinned connection reconnects on its next send
+        raise
+    finally:
+        if not pinned:
+            pool.release(conn)
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return replies
 
 
 def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool = False) -> Any:
     """One command that blocks on the server for up to ``wait`` seconds (e.g. ``XREADGROUP
     ... BLOCK``), sent with :func:`pipelined` (so waited for whatever the client's
-    ``socket_timeout``, a connection error retried once, a timeout not); its reply parsed by
+    ``socket_timeout``, never replayed); its reply parsed by
     ``client``'s response callback for the command, as ``client.execute_command`` parses it
     without options. ``pinned``: on this thread's own connection."""
     response = pipelined(client, [args], pinned=pinned, wait=wait)[0]
