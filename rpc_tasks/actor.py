@@ -149,7 +149,9 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """Validate ``params`` and enqueue it for background processing (fire-and-forget).
 
         ``options`` are Dramatiq message options (``delay`` in ms, ``max_retries``, ...).
-        Raises ``pydantic.ValidationError`` (nothing is enqueued) or ``RPCConnectionError``.
+        While the broker is unreachable the enqueue is retried for up to the config's
+        ``send_retry_seconds`` (5 s by default). Raises ``pydantic.ValidationError`` (nothing is
+        enqueued) or ``RPCConnectionError`` (still unreachable after that).
         """
         return self.send_with_options(args=(params,), **options)
 
@@ -163,17 +165,37 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
     ) -> dramatiq.Message[Any]:
         """Dramatiq's ``send_with_options``, validated; broker errors become ``RPCConnectionError``."""
         message = self.message_with_options(args=args, kwargs=kwargs, **options)
-        return self._enqueue(message, delay)
+        return self._enqueue(message, delay, retry_for=self._send_retry_seconds())
+
+    def _send_retry_seconds(self) -> float:
+        try:
+            return self._replies().config.send_retry_seconds
+        except RPCConfigurationError:
+            return 0.0
 
     def _enqueue(
-        self, message: dramatiq.Message[Any], delay: timedelta | int | None
+        self, message: dramatiq.Message[Any], delay: timedelta | int | None, *, retry_for: float = 0.0
     ) -> dramatiq.Message[Any]:
+        """Enqueue ``message``; while the broker is unreachable, try again (pauses of up to
+        0.5 s) for up to ``retry_for`` seconds, then raise ``RPCConnectionError``. A retried
+        enqueue keeps its message id: in the rare case where the first attempt went in but its
+        answer was lost, the message is there twice with one id (``idempotent`` actors run it
+        once)."""
         if isinstance(delay, timedelta):
             delay = int(delay.total_seconds() * 1000)
-        try:
-            return self.broker.enqueue(message, delay=delay)
-        except _ENQUEUE_ERRORS as exc:
-            raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
+        give_up = time.monotonic() + retry_for
+        pause = 0.05
+        while True:
+            try:
+                return self.broker.enqueue(message, delay=delay)
+            except _ENQUEUE_ERRORS as exc:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
+                if pause == 0.05:
+                    logger.warning("Enqueue of %r failed (%s); retrying for %.1fs.", self.actor_name, exc, left)
+                time.sleep(min(pause, left))
+                pause = min(0.5, pause * 2)
 
     def call(
         self,

@@ -126,6 +126,15 @@ class WebSocketRPCConfig(BaseModel):
     # Limits
     max_payload_bytes: int = Field(default=1_048_576, ge=1024, description="largest encoded envelope")
 
+    # Reliability
+    send_retry_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="how long .send() keeps retrying an enqueue while the broker is unreachable "
+        "(.call() never retries: it fails at once with RPCConnectionError)",
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:

@@ -183,8 +183,9 @@ def _rpc_dispatch_source() -> bytes:
 
     * an ``enqueue`` also pushes a capped wake-up token;
     * an ``ack`` given three extra arguments (reply key, reply, TTL in seconds) also pushes
-      that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``, the ``EXPIRE`` only when
-      the ``LPUSH`` succeeded; when it did not, e.g. the key holds another type, the ack still
+      that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``), only when this ack
+      really removed the message from this worker's ack set (an ack sent again after a lost
+      reply pushes nothing twice), the ``EXPIRE`` only when the ``LPUSH`` succeeded; when it did not, e.g. the key holds another type, the ack still
       happens and the script returns ``'rpc_reply_failed: <error>'``);
     * a ``fetch`` given ``'ids'`` as second argument returns ``{ids, messages}``: the Redis ids
       of the fetched messages as well as their data (the ids are the head of the queue the
@@ -201,6 +202,10 @@ def _rpc_dispatch_source() -> bytes:
         b"  local n = math.min(tonumber(ARGV[9]), tonumber(ARGV[8]))\n"
         b"  fetched_ids = redis.call('lrange', KEYS[1] .. ':' .. ARGV[3], 0, n - 1)\n"
         b"end\n"
+        b"local was_unacked = 0\n"
+        b"if ARGV[1] == 'ack' and ARGV[12] then\n"
+        b"  was_unacked = redis.call('sismember', KEYS[1] .. ':__acks__.' .. ARGV[4] .. '.' .. ARGV[3], ARGV[9])\n"
+        b"end\n"
         b"local result = rpc_tasks_dispatch()\n"
         b"if fetched_ids then\n"
         b"  return {fetched_ids, result}\n"
@@ -208,7 +213,7 @@ def _rpc_dispatch_source() -> bytes:
         b"  local wake = KEYS[1] .. ':' .. ARGV[3] .. '.wake'\n"
         b"  redis.call('lpush', wake, '1')\n"
         b"  redis.call('ltrim', wake, 0, " + str(WAKE_LIST_LENGTH - 1).encode() + b")\n"
-        b"elseif ARGV[1] == 'ack' and ARGV[12] then\n"
+        b"elseif ARGV[1] == 'ack' and ARGV[12] and was_unacked == 1 then\n"
         b"  local pushed = redis.pcall('lpush', ARGV[10], ARGV[11])\n"
         b"  if type(pushed) == 'table' and pushed.err then\n"
         b"    return 'rpc_reply_failed: ' .. pushed.err\n"
@@ -447,6 +452,19 @@ class BlockingRedisBroker(RedisBroker):
             return script(keys=[self.namespace], args=full)
 
     # -- maintenance -----------------------------------------------------------------------------
+
+    def requeue_strays(self, queue_name: str, held: set[str]) -> int:
+        """Requeue the messages of this worker's ack set for ``queue_name`` that its consumer
+        does not hold (``held``): a fetch whose reply was lost on a broken connection left
+        them there, and with this process's heartbeat alive nothing else would requeue them.
+        Returns how many were requeued (Dramatiq's ``requeue`` command)."""
+        acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        members = {m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(acks)}
+        strays = sorted(members - held)
+        if strays:
+            logger.warning("Requeueing %d message(s) of queue %r fetched on a lost reply.", len(strays), queue_name)
+            self.do_requeue(queue_name, *strays)
+        return len(strays)
 
     def watch_queue(self, queue_name: str) -> None:
         """Include ``queue_name`` in this process's periodic maintenance (called by each

@@ -17,7 +17,12 @@ each becomes a placeholder message for the reserved actor
 can be read, its reply address. Dramatiq's consumer thread dead-letters it at once (no worker
 thread sees it) and :class:`~rpc_tasks.middleware.RPCReplies` logs the reason and answers the
 caller with ``invalid_request``. A queue entry whose data is missing is acked away. The other
-messages of the batch are unaffected. ``redis_message_id`` always comes from the fetch, so a
+messages of the batch are unaffected.
+
+While Redis is unreachable the consumer retries its fetch (and worker threads their acks) at
+least every :data:`RETRY_SECONDS` instead of Dramatiq's 3 s consumer restart, so a worker
+serves again within a quarter second of Redis coming back; messages a fetch moved to this
+worker's ack set on a lost reply are requeued then. ``redis_message_id`` always comes from the fetch, so a
 foreign producer's message without that option is processed and acked normally.
 """
 
@@ -40,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 _RedisConsumer: type[Any] = getattr(_dramatiq_redis, "_RedisConsumer", object)
 
+#: Longest pause between two tries while Redis is unreachable (fetches and acks).
+RETRY_SECONDS = 0.25
+#: How long an ack/nack is retried here before Dramatiq's own (slower) retry takes over.
+FINISH_RETRY_SECONDS = 30.0
+
 
 class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
     #: Fetched (Redis id, raw message) pairs not yet handed out.
@@ -58,6 +68,8 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
         # and every later enqueue pushes a wake-up token, so the next fetch may block first.
         self._drained = False
         self._handed_off = False
+        self._outage_since: float | None = None
+        self._outage_sleep = 0.0
         broker.watch_queue(queue_name)
 
     def _earliest_eta(self) -> float | None:
@@ -98,9 +110,15 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
                 self._drained = False
                 return None
             try:
+                if self._outage_since is not None:
+                    self._recover()
                 fetched = self._fetch(room)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise ConnectionClosed(exc) from None
+                # Handled here rather than by Dramatiq's consumer restart (3 s, dropping the
+                # delay queue): retry every RETRY_SECONDS at most, so the consumer is back
+                # within that of Redis coming back.
+                self._outage(exc)
+                return None
             self._drained = len(fetched) < room
             self.message_cache = fetched
         while self.message_cache:
@@ -117,6 +135,27 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
                         self._etas[rid] = eta / 1000.0
             return MessageProxy(message) if self.broker.log_message_params else RedactedMessageProxy(message)
         return None
+
+    def _outage(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            self._outage_sleep = 0.0
+            logger.warning("Consumer of %r lost Redis (%s); retrying every %.2fs.", self.queue_name, exc, RETRY_SECONDS)
+        # A fetch whose reply was lost may have moved messages to this worker's ack set.
+        self._outage_sleep = min(RETRY_SECONDS, self._outage_sleep * 2 or 0.01)
+        time.sleep(self._outage_sleep)
+
+    def _recover(self) -> None:
+        """Redis answers again: requeue what a lost fetch reply left in our ack set."""
+        held = set(self.queued_message_ids) | {rid for rid, _ in self.message_cache}
+        self.broker.requeue_strays(self.queue_name, held)
+        assert self._outage_since is not None
+        logger.warning(
+            "Consumer of %r has Redis back after %.2fs.", self.queue_name, time.monotonic() - self._outage_since
+        )
+        self._outage_since = None
+        self._drained = False
 
     def _intake(self, rid: str, data: bytes | None) -> Message[Any] | None:
         """The message to hand to Dramatiq for one fetched entry: the decoded message, or a
@@ -187,8 +226,20 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
                 logger.error("Message %s has no Redis id; cannot %s it.", message.message_id, command)
                 return
             # The current queue may differ from message.queue_name (delayed messages): finish
-            # on the consumer's queue, as Dramatiq does.
-            self.broker.finish(command, self.queue_name, redis_message_id)
+            # on the consumer's queue, as Dramatiq does. During an outage, retried here every
+            # RETRY_SECONDS at most (Dramatiq's own retry waits 5 s between tries); an ack is
+            # safe to send again (a second one changes nothing and pushes no second reply).
+            give_up = time.monotonic() + FINISH_RETRY_SECONDS
+            pause = 0.01
+            while True:
+                try:
+                    self.broker.finish(command, self.queue_name, redis_message_id)
+                    break
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if time.monotonic() + pause > give_up:
+                        raise
+                    time.sleep(pause)
+                    pause = min(RETRY_SECONDS, pause * 2)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Dramatiq retries post-processing on connection errors: keep the deferred reply.
             raise ConnectionClosed(exc) from None

@@ -14,11 +14,20 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
+from pydantic import BaseModel
+
+from rpc_tasks import rpc_actor
+from rpc_tasks.redis.broker import BlockingRedisBroker
 from rpc_tasks.redis.connection import pipelined, thread_connection
 
 from .faultproxy import fault_proxy
+from .support import redis_broker, unique
 
 pytestmark = pytest.mark.redis
+
+
+class Numbered(BaseModel):
+    n: int
 
 
 def _db(url: str) -> int:
@@ -78,3 +87,26 @@ def test_a_kept_connection_the_server_closed_is_replaced_without_an_error(redis_
     assert thread_connection(client) is conn
     admin.close()
     client.close()
+
+
+def test_messages_of_a_fetch_whose_reply_was_lost_are_requeued(redis_url: str) -> None:
+    """A fetch ran on the server (its messages moved to this worker's ack set) but the reply
+    was lost: not replayed, and once Redis answers the consumer requeues those strays."""
+    broker, _ = redis_broker(redis_url)
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def act(params: Numbered) -> None:
+        pass
+
+    for i in range(2):
+        act.send(Numbered(n=i))
+    with fault_proxy(6379, "reset_after_reply", trigger=b"fetch") as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/{_db(redis_url)}"
+        lossy = BlockingRedisBroker(url=url, namespace=broker.namespace)
+        with pytest.raises(redis.ConnectionError):
+            lossy.fetch_with_ids(act.queue_name, 10)
+        direct = redis.Redis.from_url(redis_url)
+        assert direct.llen(f"{broker.namespace}:{act.queue_name}") == 0, "the fetch ran on the server"
+        assert lossy.requeue_strays(act.queue_name, held=set()) == 2
+        assert direct.llen(f"{broker.namespace}:{act.queue_name}") == 2
+        direct.close()

@@ -1,0 +1,75 @@
+"""Short Redis outages on the Dramatiq path (private redis-server, killed and restarted):
+``.send()`` rides them out for ``send_retry_seconds``, ``.call()`` fails fast, workers serve
+again right after Redis is back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from rpc_tasks import RPCConnectionError, rpc_actor
+
+from .support import PrivateRedis, redis_broker, running_worker, unique, wait_until
+
+pytestmark = pytest.mark.redis
+
+
+class EchoParams(BaseModel):
+    message: str
+
+
+class EchoResult(BaseModel):
+    message: str
+
+
+def test_send_rides_out_a_short_outage_call_fails_fast_and_workers_resume_at_once() -> None:
+    with PrivateRedis() as server:
+        broker, _ = redis_broker(server.url())
+        ran: dict[str, float] = {}
+
+        @rpc_actor(broker=broker, queue_name=unique("q"))
+        def echo(params: EchoParams) -> EchoResult:
+            ran[params.message] = time.monotonic()
+            return EchoResult(message=params.message)
+
+        with running_worker(broker, worker_timeout=1000):
+            assert echo.call(EchoParams(message="before"), timeout=5).message == "before"
+            server.kill()
+            started = time.monotonic()
+            with pytest.raises(RPCConnectionError):
+                echo.call(EchoParams(message="down"), timeout=5)
+            assert time.monotonic() - started < 1.0, ".call() must fail fast during an outage"
+            sent: list[Any] = []
+            sender = threading.Thread(target=lambda: sent.append(echo.send(EchoParams(message="during"))))
+            sender.start()
+            time.sleep(3.3)  # longer than Dramatiq's consumer restart delay (3 s)
+            assert not sent, ".send() is still retrying"
+            server.start()
+            back = time.monotonic()
+            sender.join(10)
+            assert sent, ".send() gave up although Redis came back within send_retry_seconds"
+            wait_until(lambda: "during" in ran, timeout=10)
+            resumed = ran["during"] - back
+            assert echo.call(EchoParams(message="after"), timeout=5).message == "after"
+        assert resumed < 1.0, f"the worker served again {resumed:.2f}s after Redis was back"
+
+
+def test_send_gives_up_after_send_retry_seconds() -> None:
+    with PrivateRedis() as server:
+        broker, config = redis_broker(server.url())
+        broker.middleware[0]._config = config.model_copy(update={"send_retry_seconds": 0.5})
+
+        @rpc_actor(broker=broker, queue_name=unique("q"))
+        def echo(params: EchoParams) -> None:
+            pass
+
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(RPCConnectionError):
+            echo.send(EchoParams(message="x"))
+        took = time.monotonic() - started
+    assert 0.4 <= took < 3.0
