@@ -73,3 +73,26 @@ def test_send_gives_up_after_send_retry_seconds() -> None:
             echo.send(EchoParams(message="x"))
         took = time.monotonic() - started
     assert 0.4 <= took < 3.0
+
+
+def test_a_short_delay_sent_after_a_long_one_runs_on_time(redis_url: str) -> None:
+    """The delay-queue consumer holds a message due in 950 ms; a 50 ms one sent right after
+    must not wait for the first one's eta (retries and postponements are delayed messages)."""
+    broker, _ = redis_broker(redis_url)
+    ran: dict[str, float] = {}
+
+    @rpc_actor(broker=broker, queue_name=unique("q"))
+    def later(params: EchoParams) -> None:
+        ran[params.message] = time.time()
+
+    lateness = []
+    with running_worker(broker, worker_timeout=1000):
+        time.sleep(0.3)
+        for round_ in range(3):
+            later.send(EchoParams(message=f"long{round_}"), delay=950)
+            time.sleep(0.1)  # the long one is now held by the delay-queue consumer
+            sent = time.time()
+            later.send(EchoParams(message=f"short{round_}"), delay=50)
+            wait_until(lambda r=round_: f"long{r}" in ran and f"short{r}" in ran, timeout=10)
+            lateness.append(ran[f"short{round_}"] - (sent + 0.05))
+    assert max(lateness) < 0.3, lateness
