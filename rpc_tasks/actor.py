@@ -29,6 +29,7 @@ from .exceptions import (
     RPCRemoteError,
     RPCTimeoutError,
 )
+from .middleware.idempotency import STORED_RESULT
 from .middleware.ratelimits import parse_rate
 from .middleware.replies import RPCReplies
 from .models.errors import RPCError, RPCErrorCode
@@ -344,7 +345,10 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             params = self.validate_params(args[0])
         except ValidationError as exc:
             raise RPCRemoteError(protocol.error_from_exception(exc)) from exc
-        result = self._coerce_result(self.fn(params))
+        if STORED_RESULT in ctx.extra:  # idempotent and already run: its stored result
+            result = self._coerce_result(ctx.extra.pop(STORED_RESULT))
+        else:
+            result = self._coerce_result(self.fn(params))
         ctx.result = result
         ctx.has_result = True
         # Dramatiq warns about return values unless Results (or a pipeline) wants them.

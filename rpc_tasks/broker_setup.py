@@ -16,7 +16,7 @@ from dramatiq.middleware import Retries
 
 from .config import WebSocketRPCConfig, get_config
 from .exceptions import RPCConfigurationError
-from .middleware import RPCRateLimits, RPCReplies, RPCRetries
+from .middleware import RPCIdempotency, RPCRateLimits, RPCReplies, RPCRetries
 from .middleware.order import check_broker, middleware_paths
 
 __all__ = ["check_broker", "install_encoder", "install_middleware", "middleware_paths", "setup_broker"]
@@ -57,6 +57,8 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
             broker.add_middleware(limits, before=first_after)
         else:
             broker.add_middleware(limits)
+    if not any(isinstance(m, RPCIdempotency) for m in broker.middleware):
+        broker.add_middleware(RPCIdempotency(config), after=type(_first(broker, RPCRateLimits)))
     return broker
 
 

@@ -134,6 +134,15 @@ class WebSocketRPCConfig(BaseModel):
         description="how long .send() keeps retrying an enqueue while the broker is unreachable "
         "(.call() never retries: it fails at once with RPCConnectionError)",
     )
+    idempotency_ttl: int = Field(
+        default=86_400, ge=1, description="seconds an idempotent actor's result is kept against redelivery"
+    )
+    idempotency_wait: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="seconds a duplicate of an idempotent message waits for the run in progress",
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -104,7 +104,8 @@ _OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "rpc_deadline": (_number, "a number"),
     "rpc_attempt": (_count, "a non-negative integer"),
     "rpc_postponed_ms": (_number, "a non-negative number"),
-    "rpc_idempotency_key": (_text, "a string"),
+    "idempotency_key": (_text, "a string"),
+    "idempotent": (_absent, "absent (it is declared on the actor)"),
 }
 
 

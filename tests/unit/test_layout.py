@@ -44,6 +44,7 @@ def test_middleware_paths_name_the_package_inside_rpc_tasks() -> None:
     assert ours == [
         "rpc_tasks.middleware.RPCReplies",
         "rpc_tasks.middleware.RPCRateLimits",
+        "rpc_tasks.middleware.RPCIdempotency",
         "rpc_tasks.middleware.RPCRetries",
     ]
     assert dramatiq_broker_settings("redis://localhost:6379/0")["MIDDLEWARE"][: len(paths)] == paths
