@@ -31,7 +31,7 @@ from rpc_tasks import (
     setup_broker,
 )
 from rpc_tasks.exceptions import RPCConfigurationError
-from rpc_tasks.middleware import RPCRateLimits, RPCReplies, RPCRetries
+from rpc_tasks.middleware import RPCIdempotency, RPCRateLimits, RPCReplies, RPCRetries
 from rpc_tasks.models import RPCErrorCode
 
 CONFIG = WebSocketRPCConfig(redis_url="redis://127.0.0.1:6379/9")
@@ -503,7 +503,7 @@ def test_install_middleware_copies_retries_settings() -> None:
     broker = StubBroker(middleware=[AgeLimit(), plain, TimeLimit()])
     install_middleware(broker, CONFIG)
     kinds = [type(m) for m in broker.middleware]
-    assert kinds == [RPCReplies, RPCRateLimits, AgeLimit, RPCRetries, TimeLimit]  # replaced in place
+    assert kinds == [RPCReplies, RPCRateLimits, RPCIdempotency, AgeLimit, RPCRetries, TimeLimit]  # replaced in place
     retries = broker.middleware[3]
     assert isinstance(retries, RPCRetries)
     assert retries.max_retries == 3
@@ -517,6 +517,6 @@ def test_install_middleware_copies_retries_settings() -> None:
 def test_install_middleware_on_empty_broker() -> None:
     broker = StubBroker(middleware=[])
     install_middleware(broker, CONFIG)
-    assert [type(m) for m in broker.middleware] == [RPCReplies, RPCRateLimits, RPCRetries]
+    assert [type(m) for m in broker.middleware] == [RPCReplies, RPCRateLimits, RPCIdempotency, RPCRetries]
     assert "max_retries" in broker.actor_options
     assert check_broker(broker) == []
