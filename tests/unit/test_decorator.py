@@ -503,8 +503,8 @@ def test_install_middleware_copies_retries_settings() -> None:
     broker = StubBroker(middleware=[AgeLimit(), plain, TimeLimit()])
     install_middleware(broker, CONFIG)
     kinds = [type(m) for m in broker.middleware]
-    assert kinds == [RPCReplies, RPCRateLimits, RPCIdempotency, AgeLimit, RPCRetries, TimeLimit]  # replaced in place
-    retries = broker.middleware[3]
+    assert kinds == [RPCReplies, RPCRateLimits, RPCIdempotency, AgeLimit, RPCRetries, TimeLimit]  # in place
+    retries = broker.middleware[4]
     assert isinstance(retries, RPCRetries)
     assert retries.max_retries == 3
     assert retries.min_backoff == 123
