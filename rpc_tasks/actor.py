@@ -262,7 +262,10 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         in flight cost about one round trip per batch of replies. ``timeout`` applies to the
         whole batch. With ``return_exceptions=True`` a failed call's ``RPCRemoteError`` /
         ``RPCTimeoutError`` takes its place in the list; otherwise the first one (in order) is
-        raised after all replies were collected.
+        raised after all replies were collected. When the reply connection drops, the replies
+        already drained are kept and the rest are waited for on a new connection (they are
+        still in Redis); calls still unanswered at the deadline because Redis stayed
+        unreachable get an ``RPCConnectionError``.
         """
         replies = self._replies()
         config = replies.config
@@ -289,11 +292,21 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         index = {m.message_id: i for i, m in enumerate(messages)}
         outcomes: list[Any] = [_PENDING] * len(messages)
         pending = len(messages)
+        lost: RPCConnectionError | None = None
         while pending:
             left = deadline - time.time()
             if left <= 0:
                 break
-            for raw in channel.wait_many(key, left, pending):
+            try:
+                drained = channel.wait_many(key, left, pending)
+            except RPCConnectionError as exc:
+                # The reply connection dropped: the replies drained so far are kept and the
+                # others are still in Redis: go on with a new connection until the deadline.
+                lost = exc
+                time.sleep(min(0.05, max(0.0, deadline - time.time())))
+                continue
+            lost = None
+            for raw in drained:
                 try:
                     response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
                 except RPCException:
@@ -311,7 +324,8 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         channel.discard(key)
         for i, outcome in enumerate(outcomes):
             if outcome is _PENDING:
-                outcomes[i] = RPCTimeoutError(self.actor_name, timeout)
+                # Redis still unreachable at the deadline: say so rather than "timed out".
+                outcomes[i] = lost if lost is not None else RPCTimeoutError(self.actor_name, timeout)
         if not return_exceptions:
             for outcome in outcomes:
                 if isinstance(outcome, RPCException):

@@ -327,7 +327,10 @@ class BlockingRedisBroker(RedisBroker):
         channel is on the broker's Redis, the enqueue script and the ``BLPOP`` go out in one
         write (one round trip for the caller). Same middleware hooks as :meth:`enqueue`.
         ``message`` must be freshly built for this call: it gets its ``redis_message_id``
-        option in place. Returns the raw reply, ``None`` on timeout."""
+        option in place. Returns the raw reply, ``None`` on timeout (and without enqueueing
+        when ``timeout`` already ran out)."""
+        if timeout <= 0:
+            return None  # already expired (e.g. slow params validation): nothing is enqueued
         if not self._shares_redis(channel.client):
             self.enqueue(message)
             return channel.wait(key, timeout)

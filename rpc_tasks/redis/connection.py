@@ -40,8 +40,9 @@ def make_redis(
     pool_timeout: float = 10.0,
     **kwargs: Any,
 ) -> redis.Redis:
-    """A redis-py client on a *blocking* pool: when all ``max_connections`` are busy, callers
-    wait up to ``pool_timeout`` seconds for one instead of failing with "Too many connections".
+    """A redis-py client on a *blocking* pool (a :class:`DeadlinePool`): when all
+    ``max_connections`` are busy, callers wait up to ``pool_timeout`` seconds for one (a
+    ``.call()`` no longer than its deadline) instead of failing with "Too many connections".
     Works with ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs, with AUTH in the URL.
     """
     options: dict[str, Any] = {
@@ -53,10 +54,41 @@ def make_redis(
     }
     options.update(kwargs)
     try:
-        pool = redis.BlockingConnectionPool.from_url(url, **options)
+        pool = DeadlinePool.from_url(url, **options)
     except (ValueError, RedisError) as exc:
         raise RPCConnectionError(f"bad Redis URL {redact_url(url)!r}: {exc}") from None
     return redis.Redis(connection_pool=pool)
+
+
+class DeadlinePool(redis.BlockingConnectionPool):
+    """redis-py's ``BlockingConnectionPool`` whose wait for a free connection can be cut short
+    per checkout (:func:`checkout`): a ``.call()`` never waits for a connection past its own
+    deadline, whatever ``pool_timeout`` says."""
+
+    _override = threading.local()
+
+    @property  # type: ignore[override]
+    def timeout(self) -> float | None:
+        override: float | None = getattr(DeadlinePool._override, "timeout", None)
+        return self._default_timeout if override is None else override
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._default_timeout = value
+
+
+def checkout(pool: Any, timeout: float) -> Any:
+    """A connection of ``pool``, waiting at most ``timeout`` seconds for a free one when the
+    pool is a :class:`DeadlinePool` (other pools wait as they were configured to); raises
+    ``redis.ConnectionError`` when none is free in time."""
+    if not isinstance(pool, DeadlinePool):
+        return pool.get_connection()
+    own = pool._default_timeout
+    DeadlinePool._override.timeout = max(0.0, min(timeout, own if own is not None else timeout))
+    try:
+        return pool.get_connection()
+    finally:
+        DeadlinePool._override.timeout = None
 
 
 def client_from_config(config: WebSocketRPCConfig) -> redis.Redis:
@@ -68,10 +100,12 @@ def client_from_config(config: WebSocketRPCConfig) -> redis.Redis:
     )
 
 
+_PLAIN_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
+
+
 #: Pool and connection classes whose ``connection_kwargs`` name the server they talk to.
 #: Other pools (e.g. Sentinel's, which discovers its server) never count as "the same Redis".
-_PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
-_PLAIN_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
+_PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool, DeadlinePool)
 
 
 def same_redis(a: redis.Redis, b: redis.Redis) -> bool:

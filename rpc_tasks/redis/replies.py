@@ -21,9 +21,19 @@ from redis.exceptions import RedisError
 from ..config import WebSocketRPCConfig
 from ..exceptions import RPCConnectionError
 from ..protocol import reply_key
-from .connection import MIN_BLOCK_SECONDS, SERVER_SLACK_SECONDS, client_from_config, pack, wait_readable
+from .connection import (
+    MIN_BLOCK_SECONDS,
+    SERVER_SLACK_SECONDS,
+    checkout,
+    client_from_config,
+    pack,
+    wait_readable,
+)
 
 logger = logging.getLogger(__name__)
+
+#: How far past the deadline the reply to the command sent ahead of the ``BLPOP`` is waited for.
+FIRST_REPLY_SLACK_SECONDS = 0.005
 
 
 #: ``LPUSH`` a reply and, only if that succeeded, ``EXPIRE`` its key (KEYS[1]; ARGV: reply, TTL).
@@ -140,16 +150,23 @@ class ReplyChannel:
             commands.append(follow_up)
         pool = self.client.connection_pool
         try:
-            conn: Any = pool.get_connection()
+            # A free connection is waited for until the deadline at most (nothing is sent,
+            # in particular no enqueue, when none came in time).
+            conn: Any = checkout(pool, wait_for)
         except RedisError as exc:
+            if time.monotonic() >= deadline:
+                return None
             raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
         failed_first: BaseException | None = None
         try:
-            conn.send_packed_command(pack(conn, commands))
+            # No health-check PING (it would wait for the socket timeout on a frozen Redis):
+            # the deadline-bounded wait below is the liveness check.
+            conn.send_packed_command(pack(conn, commands), check_health=False)
             if first is not None:
-                # The outcome of ``first`` (e.g. "enqueued") is read even when the deadline
-                # passes before it (a very short timeout), so that ``on_first`` still runs.
-                if not wait_readable(conn, deadline + SERVER_SLACK_SECONDS):
+                # The outcome of ``first`` (e.g. "enqueued") is read until a few ms past the
+                # deadline (a very short timeout), so that ``on_first`` runs; a frozen Redis
+                # does not hold the caller longer than that.
+                if not wait_readable(conn, deadline + FIRST_REPLY_SLACK_SECONDS):
                     conn.disconnect()
                     return None
                 try:
