@@ -194,7 +194,9 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
                 if left <= 0:
                     raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
                 if pause == 0.05:
-                    logger.warning("Enqueue of %r failed (%s); retrying for %.1fs.", self.actor_name, exc, left)
+                    logger.warning(
+                        "Enqueue of %r failed (%s); retrying for %.1fs.", self.actor_name, exc, left
+                    )
                 time.sleep(min(pause, left))
                 pause = min(0.5, pause * 2)
 

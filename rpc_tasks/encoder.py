@@ -162,8 +162,8 @@ _MESSAGE_ID_RE = re.compile(rb'"message_id"\s*:\s*"([^"\\]{1,512})"')
 def _last_string(data: bytes, pattern: re.Pattern[bytes]) -> str | None:
     # Options follow args in Dramatiq's field order: the last occurrence is the option.
     found = None
-    for found in pattern.finditer(data):
-        pass
+    for match in pattern.finditer(data):
+        found = match
     if found is None:
         return None
     try:
@@ -208,7 +208,7 @@ class RPCJSONEncoder(JSONEncoder):
         src: dict[str, Any] = obj if isinstance(obj, dict) else {}
         raw_options = src.get("options")
         options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
-        queue = src.get("queue_name") if isinstance(src.get("queue_name"), str) else "default"
+        queue = str(src["queue_name"]) if isinstance(src.get("queue_name"), str) else "default"
         rid = options.get("redis_message_id")
         return placeholder_fields(
             problem,

@@ -59,6 +59,7 @@ def _take_held() -> tuple[str, str, str] | None:
     held: tuple[str, str, str] | None = ctx.extra.pop(_HELD, None)
     return held
 
+
 # KEYS: result, lock. ARGV: token, lock TTL ms. -> {"done", result} | {"run"} | {"busy"}
 _ACQUIRE = """
 local stored = redis.call('get', KEYS[1])
@@ -216,7 +217,9 @@ class RPCIdempotency(Middleware):
         with self._lock:
             self._held[lock_key] = token
             if self._renewer is None or not self._renewer.is_alive():
-                self._renewer = threading.Thread(target=self._renew, name="rpc-tasks-idempotency", daemon=True)
+                self._renewer = threading.Thread(
+                    target=self._renew, name="rpc-tasks-idempotency", daemon=True
+                )
                 self._renewer.start()
 
     def _release_local(self, lock_key: str) -> None:

@@ -52,7 +52,14 @@ def middleware_paths(extra: list[str] | None = None) -> list[str]:
         "MIDDLEWARE": rpc_tasks.middleware_paths(),
     }
     """
-    return [REPLIES_PATH, RATE_LIMITS_PATH, IDEMPOTENCY_PATH, *DRAMATIQ_DEFAULTS, RETRIES_PATH, *(extra or [])]
+    return [
+        REPLIES_PATH,
+        RATE_LIMITS_PATH,
+        IDEMPOTENCY_PATH,
+        *DRAMATIQ_DEFAULTS,
+        RETRIES_PATH,
+        *(extra or []),
+    ]
 
 
 def role_of(middleware: Any) -> str | None:
@@ -75,7 +82,9 @@ def check_broker(broker: dramatiq.Broker) -> list[str]:
         problems.append("RPCRateLimits must come after RPCReplies")
     # RPCIdempotency is optional (without it, declaring an idempotent actor fails at once).
     if IDEMPOTENCY in roles and RATE_LIMITS in roles and roles.index(IDEMPOTENCY) < roles.index(RATE_LIMITS):
-        problems.append("RPCIdempotency must come after RPCRateLimits (a postponed message must not take its lock)")
+        problems.append(
+            "RPCIdempotency must come after RPCRateLimits (a postponed message must not take its lock)"
+        )
     if any(type(m) is Retries for m in broker.middleware):
         problems.append(
             "dramatiq.middleware.Retries is installed: replace it with rpc_tasks.middleware.RPCRetries "

@@ -211,6 +211,8 @@ class RPCReplies(Middleware):
             channel.push(reply_to, payload)
         except RPCException as exc:
             self._count("reply_push_failed")
-            logger.error("Could not push the reply of message %s, nothing was written: %s", message.message_id, exc)
+            logger.error(
+                "Could not push the reply of message %s, nothing was written: %s", message.message_id, exc
+            )
             return
         self._count(counter)

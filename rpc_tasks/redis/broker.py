@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 import time
 import weakref
 from typing import Any
@@ -64,7 +63,6 @@ from dramatiq import Message
 from dramatiq.brokers import redis as _dramatiq_redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
-from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from redis.exceptions import NoScriptError
 
 from .connection import pipelined, same_redis, thread_connection, wait_readable
@@ -185,8 +183,9 @@ def _rpc_dispatch_source() -> bytes:
     * an ``ack`` given three extra arguments (reply key, reply, TTL in seconds) also pushes
       that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``), only when this ack
       really removed the message from this worker's ack set (an ack sent again after a lost
-      reply pushes nothing twice), the ``EXPIRE`` only when the ``LPUSH`` succeeded; when it did not, e.g. the key holds another type, the ack still
-      happens and the script returns ``'rpc_reply_failed: <error>'``);
+      reply pushes nothing twice), the ``EXPIRE`` only when the ``LPUSH`` succeeded; when it
+      did not (e.g. the key holds another type) the ack still happens and the script
+      returns ``'rpc_reply_failed: <error>'``);
     * a ``fetch`` given ``'ids'`` as second argument returns ``{ids, messages}``: the Redis ids
       of the fetched messages as well as their data (the ids are the head of the queue the
       fetch pops; maintenance is off for such a fetch so nothing is pushed in between).
@@ -204,7 +203,8 @@ def _rpc_dispatch_source() -> bytes:
         b"end\n"
         b"local was_unacked = 0\n"
         b"if ARGV[1] == 'ack' and ARGV[12] then\n"
-        b"  was_unacked = redis.call('sismember', KEYS[1] .. ':__acks__.' .. ARGV[4] .. '.' .. ARGV[3], ARGV[9])\n"
+        b"  local acks = KEYS[1] .. ':__acks__.' .. ARGV[4] .. '.' .. ARGV[3]\n"
+        b"  was_unacked = redis.call('sismember', acks, ARGV[9])\n"
         b"end\n"
         b"local result = rpc_tasks_dispatch()\n"
         b"if fetched_ids then\n"
@@ -372,7 +372,9 @@ class BlockingRedisBroker(RedisBroker):
         if reply is None:  # Dramatiq's own ack/nack
             getattr(self, f"do_{command}")(queue_name, redis_message_id)
             return
-        outcome = self._dispatch_pinned(command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc")
+        outcome = self._dispatch_pinned(
+            command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc"
+        )
         self._pending_replies.pop(redis_message_id, None)
         if isinstance(outcome, bytes) and outcome.startswith(b"rpc_reply_failed"):
             logger.error(
@@ -408,9 +410,7 @@ class BlockingRedisBroker(RedisBroker):
         args = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
         return _pairs(self._dispatch_pinned_args(args, "dispatch_rpc"))
 
-    def wait_and_fetch(
-        self, queue_name: str, count: int, seconds: float
-    ) -> list[tuple[str, bytes | None]]:
+    def wait_and_fetch(self, queue_name: str, count: int, seconds: float) -> list[tuple[str, bytes | None]]:
         """Block up to ``seconds`` for a wake-up token of ``queue_name``, then fetch up to
         ``count`` messages, in one round trip: ``BLPOP`` and the fetch script are pipelined on
         one connection, so Redis runs the fetch the moment the ``BLPOP`` returns (with a token
@@ -433,7 +433,9 @@ class BlockingRedisBroker(RedisBroker):
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
             return _pairs(script(keys=[self.namespace], args=fetch))
 
-    def _wait_exactly(self, commands: list[tuple[Any, ...]], timeout: float) -> list[tuple[str, bytes | None]]:
+    def _wait_exactly(
+        self, commands: list[tuple[Any, ...]], timeout: float
+    ) -> list[tuple[str, bytes | None]]:
         conn: Any = thread_connection(self.client)
         try:
             conn.send_packed_command(conn.pack_commands(commands))
@@ -465,7 +467,9 @@ class BlockingRedisBroker(RedisBroker):
         members = {m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(acks)}
         strays = sorted(members - held)
         if strays:
-            logger.warning("Requeueing %d message(s) of queue %r fetched on a lost reply.", len(strays), queue_name)
+            logger.warning(
+                "Requeueing %d message(s) of queue %r fetched on a lost reply.", len(strays), queue_name
+            )
             self.do_requeue(queue_name, *strays)
         return len(strays)
 
@@ -501,5 +505,5 @@ def _pairs(result: Any) -> list[tuple[str, bytes | None]]:
     ids, messages = result[0] or [], result[1] or []
     return [
         (rid.decode() if isinstance(rid, bytes) else str(rid), data)
-        for rid, data in zip(ids, list(messages) + [None] * (len(ids) - len(messages)))
+        for rid, data in zip(ids, list(messages) + [None] * (len(ids) - len(messages)), strict=False)
     ]

@@ -67,7 +67,7 @@ class DeadlinePool(redis.BlockingConnectionPool):
 
     _override = threading.local()
 
-    @property  # type: ignore[override]
+    @property
     def timeout(self) -> float | None:
         override: float | None = getattr(DeadlinePool._override, "timeout", None)
         return self._default_timeout if override is None else override
@@ -86,7 +86,7 @@ def checkout(pool: Any, timeout: float) -> Any:
     own = pool._default_timeout
     DeadlinePool._override.timeout = max(0.0, min(timeout, own if own is not None else timeout))
     try:
-        return pool.get_connection()
+        return cast(Any, pool).get_connection()
     finally:
         DeadlinePool._override.timeout = None
 

@@ -87,8 +87,10 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
     def _fetch(self, room: int) -> list[tuple[str, bytes | None]]:
         """Fetch up to ``room`` (Redis id, message) pairs, first blocking on the wake list when
         the queue was drained."""
+        fetched: list[tuple[str, bytes | None]]
         if not self._drained:
-            return self.broker.fetch_with_ids(self.queue_name, room)
+            fetched = self.broker.fetch_with_ids(self.queue_name, room)
+            return fetched
         if self._handed_off:
             # The last message was just put on the work queue and this thread is about to
             # block: let the worker thread woken for it take the GIL now rather than at this
@@ -97,7 +99,8 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
             time.sleep(0)  # releases the GIL
         # A delay queue waits on its wake list too, never past the earliest eta it holds: a
         # delayed message enqueued meanwhile (with an earlier eta) wakes it at once.
-        return self.broker.wait_and_fetch(self.queue_name, room, self._block_for())
+        fetched = self.broker.wait_and_fetch(self.queue_name, room, self._block_for())
+        return fetched
 
     def __next__(self) -> Any:
         if not self.message_cache:
@@ -141,7 +144,9 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
         if self._outage_since is None:
             self._outage_since = now
             self._outage_sleep = 0.0
-            logger.warning("Consumer of %r lost Redis (%s); retrying every %.2fs.", self.queue_name, exc, RETRY_SECONDS)
+            logger.warning(
+                "Consumer of %r lost Redis (%s); retrying every %.2fs.", self.queue_name, exc, RETRY_SECONDS
+            )
         # A fetch whose reply was lost may have moved messages to this worker's ack set.
         self._outage_sleep = min(RETRY_SECONDS, self._outage_sleep * 2 or 0.01)
         time.sleep(self._outage_sleep)
@@ -152,7 +157,9 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
         self.broker.requeue_strays(self.queue_name, held)
         assert self._outage_since is not None
         logger.warning(
-            "Consumer of %r has Redis back after %.2fs.", self.queue_name, time.monotonic() - self._outage_since
+            "Consumer of %r has Redis back after %.2fs.",
+            self.queue_name,
+            time.monotonic() - self._outage_since,
         )
         self._outage_since = None
         self._drained = False
@@ -174,7 +181,9 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
             return None
         limit = self.broker.max_message_bytes
         if limit is not None and len(data) > limit:
-            return self._placeholder(rid, data, f"message is {len(data)} bytes, over the limit of {limit} bytes")
+            return self._placeholder(
+                rid, data, f"message is {len(data)} bytes, over the limit of {limit} bytes"
+            )
         try:
             message: Message[Any] = Message.decode(data)
         except Exception as exc:  # DecodeError (not JSON), or any other encoder's failure
@@ -193,7 +202,8 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
         self, rid: str, data: bytes, reason: str, decoded: Message[Any] | None = None
     ) -> Message[Any]:
         if decoded is not None:
-            message_id, reply_to = decoded.message_id, decoded.options.get("rpc_reply_to")
+            message_id: str | None = decoded.message_id
+            reply_to = decoded.options.get("rpc_reply_to")
         else:
             message_id, reply_to = salvage_reply_address(data)
         fields = placeholder_fields(

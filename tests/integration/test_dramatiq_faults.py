@@ -75,8 +75,12 @@ def _bad_payloads(echo: Any, prefix: str) -> dict[str, tuple[bytes, str | None]]
         key = protocol.reply_key(prefix, mid)
         out[name] = (build(mid, key), key)
 
-    add("not_json", lambda mid, key: b'{"message_id":"%s","options":{"rpc_reply_to":"%s"} garbage' % (
-        mid.encode(), key.encode()))
+    add(
+        "not_json",
+        lambda mid, key: (
+            b'{"message_id":"%s","options":{"rpc_reply_to":"%s"} garbage' % (mid.encode(), key.encode())
+        ),
+    )
     out["json_array"] = (b"[1, 2, 3]", None)
     add("throws_string", lambda mid, key: json.dumps(_message(echo, key, mid, throws="ValueError")).encode())
     add("retries_string", lambda mid, key: json.dumps(_message(echo, key, mid, retries="x")).encode())
@@ -209,7 +213,7 @@ def test_a_message_over_the_size_limit_is_dead_lettered_before_decoding(redis_ur
 def test_worker_threads_survive_whatever_the_options(redis_url: str) -> None:
     """Plain check of the thread count after the nastiest options (kept separate from the
     per-case test so a regression names itself)."""
-    broker, config, echo, _ = _setup(redis_url)
+    broker, _, echo, _ = _setup(redis_url)
     client = redis.Redis.from_url(redis_url)
     for options in ({"throws": "x"}, {"throws": ["ValueError"]}, {"retry_when": "x"}, {"pipe_target": 5}):
         fields = _message(echo, None, uuid.uuid4().hex, **options)

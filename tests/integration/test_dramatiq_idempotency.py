@@ -46,7 +46,9 @@ def _actor(broker: Any, runs: list[str], **options: Any) -> Any:
 
 def _deliver(actor: Any, message: Any, reply_key: str) -> None:
     """Enqueue ``message`` (same message id every time, as a redelivery has) with a reply key."""
-    copy = message.copy(options={protocol.OPTION_REPLY_TO: reply_key, protocol.OPTION_DEADLINE: time.time() + 30})
+    copy = message.copy(
+        options={protocol.OPTION_REPLY_TO: reply_key, protocol.OPTION_DEADLINE: time.time() + 30}
+    )
     actor.broker.enqueue(copy)
 
 
