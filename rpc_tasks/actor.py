@@ -17,11 +17,11 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar, cast, overload
 
 import dramatiq
-from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import RedisError
 
 from . import context, protocol
+from .enqueue import ENQUEUE_ERRORS as _ENQUEUE_ERRORS
+from .enqueue import enqueue_retrying
 from .exceptions import (
     RPCConfigurationError,
     RPCConnectionError,
@@ -41,9 +41,6 @@ TParams = TypeVar("TParams", bound=BaseModel)
 TResult = TypeVar("TResult", bound="BaseModel | None")
 
 _PENDING: Any = object()
-#: What a failed enqueue raises (Dramatiq's connection errors have these two public names in
-#: every 2.x release; their base class was renamed in 2.1).
-_ENQUEUE_ERRORS = (ConnectionClosed, ConnectionFailed, RedisError, OSError)
 
 
 def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
@@ -57,6 +54,46 @@ def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
         "Call rpc_tasks.setup_broker(broker) (or add 'rpc_tasks.middleware.RPCReplies' to "
         "DRAMATIQ_BROKER['MIDDLEWARE'] for django-dramatiq)."
     )
+
+
+def _collect_replies(
+    channel: Any, key: str, deadline: float, ids: list[str], max_bytes: int, result_model: Any
+) -> tuple[list[Any], RPCConnectionError | None]:
+    """``call_many``'s drain: the outcome of each message id (``_PENDING`` if none came by
+    ``deadline``) and the connection error that was still going on at the deadline, if any.
+    When the reply connection drops, the replies drained so far are kept and the others (still
+    in Redis) are waited for on a new connection."""
+    index = {message_id: i for i, message_id in enumerate(ids)}
+    outcomes: list[Any] = [_PENDING] * len(ids)
+    pending = len(ids)
+    lost: RPCConnectionError | None = None
+    while pending:
+        left = deadline - time.time()
+        if left <= 0:
+            break
+        try:
+            drained = channel.wait_many(key, left, pending)
+        except RPCConnectionError as exc:
+            lost = exc
+            time.sleep(min(0.05, max(0.0, deadline - time.time())))
+            continue
+        lost = None
+        for raw in drained:
+            try:
+                response = protocol.decode_response(raw, max_bytes=max_bytes)
+            except RPCException:
+                continue
+            i = index.get(response.correlation_id)
+            if i is None or outcomes[i] is not _PENDING:
+                continue
+            pending -= 1
+            if not response.success:
+                outcomes[i] = RPCRemoteError(response.error or RPCError(message="remote call failed"))
+            elif result_model is None:
+                outcomes[i] = None
+            else:
+                outcomes[i] = result_model.model_validate(response.result)
+    return outcomes, lost
 
 
 class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
@@ -177,28 +214,9 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
     def _enqueue(
         self, message: dramatiq.Message[Any], delay: timedelta | int | None, *, retry_for: float = 0.0
     ) -> dramatiq.Message[Any]:
-        """Enqueue ``message``; while the broker is unreachable, try again (pauses of up to
-        0.5 s) for up to ``retry_for`` seconds, then raise ``RPCConnectionError``. A retried
-        enqueue keeps its message id: in the rare case where the first attempt went in but its
-        answer was lost, the message is there twice with one id (``idempotent`` actors run it
-        once)."""
         if isinstance(delay, timedelta):
             delay = int(delay.total_seconds() * 1000)
-        give_up = time.monotonic() + retry_for
-        pause = 0.05
-        while True:
-            try:
-                return self.broker.enqueue(message, delay=delay)
-            except _ENQUEUE_ERRORS as exc:
-                left = give_up - time.monotonic()
-                if left <= 0:
-                    raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
-                if pause == 0.05:
-                    logger.warning(
-                        "Enqueue of %r failed (%s); retrying for %.1fs.", self.actor_name, exc, left
-                    )
-                time.sleep(min(pause, left))
-                pause = min(0.5, pause * 2)
+        return enqueue_retrying(self.broker, message, delay, retry_for)
 
     def call(
         self,
@@ -291,38 +309,14 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         else:
             for message in batch:
                 self._enqueue(message, delay)
-        index = {m.message_id: i for i, m in enumerate(messages)}
-        outcomes: list[Any] = [_PENDING] * len(messages)
-        pending = len(messages)
-        lost: RPCConnectionError | None = None
-        while pending:
-            left = deadline - time.time()
-            if left <= 0:
-                break
-            try:
-                drained = channel.wait_many(key, left, pending)
-            except RPCConnectionError as exc:
-                # The reply connection dropped: the replies drained so far are kept and the
-                # others are still in Redis: go on with a new connection until the deadline.
-                lost = exc
-                time.sleep(min(0.05, max(0.0, deadline - time.time())))
-                continue
-            lost = None
-            for raw in drained:
-                try:
-                    response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
-                except RPCException:
-                    continue
-                i = index.get(response.correlation_id)
-                if i is None or outcomes[i] is not _PENDING:
-                    continue
-                pending -= 1
-                if not response.success:
-                    outcomes[i] = RPCRemoteError(response.error or RPCError(message="remote call failed"))
-                elif self.result_model is None:
-                    outcomes[i] = None
-                else:
-                    outcomes[i] = self.result_model.model_validate(response.result)
+        outcomes, lost = _collect_replies(
+            channel,
+            key,
+            deadline,
+            [m.message_id for m in messages],
+            config.max_payload_bytes,
+            self.result_model,
+        )
         channel.discard(key)
         for i, outcome in enumerate(outcomes):
             if outcome is _PENDING:

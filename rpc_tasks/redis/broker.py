@@ -67,6 +67,7 @@ from redis.exceptions import NoScriptError
 
 from .connection import pipelined, same_redis, thread_connection, wait_readable
 from .consumer import _BlockingConsumer
+from .dispatch import fetched_pairs, rpc_dispatch_source
 from .maintenance import Maintenance
 from .replies import ReplyChannel
 
@@ -161,8 +162,6 @@ def redis_broker_path() -> str:
     return "dramatiq.brokers.redis.RedisBroker"
 
 
-#: Wake-up tokens kept per queue (more would only cause empty fetches).
-WAKE_LIST_LENGTH = 64
 #: ``BlockingRedisBroker``'s default ``heartbeat_timeout`` (ms): a worker silent that long is
 #: dead and its unacked messages are requeued (Dramatiq's default is 60 s).
 DEFAULT_HEARTBEAT_TIMEOUT_MS = 10_000
@@ -173,55 +172,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_576 + ENVELOPE_ROOM_BYTES
 #: Dispatch-script command that matches none of its branches: only the heartbeat and (asked
 #: for) the maintenance run.
 MAINTENANCE_COMMAND = "rpc_tasks_maintenance"
-
-
-def _rpc_dispatch_source() -> bytes:
-    """Dramatiq's own ``dispatch.lua`` (loaded from the installed package, not copied), wrapped
-    so that, atomically with the wrapped command,
-
-    * an ``enqueue`` also pushes a capped wake-up token;
-    * an ``ack`` given three extra arguments (reply key, reply, TTL in seconds) also pushes
-      that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``), only when this ack
-      really removed the message from this worker's ack set (an ack sent again after a lost
-      reply pushes nothing twice), the ``EXPIRE`` only when the ``LPUSH`` succeeded; when it
-      did not (e.g. the key holds another type) the ack still happens and the script
-      returns ``'rpc_reply_failed: <error>'``);
-    * a ``fetch`` given ``'ids'`` as second argument returns ``{ids, messages}``: the Redis ids
-      of the fetched messages as well as their data (the ids are the head of the queue the
-      fetch pops; maintenance is off for such a fetch so nothing is pushed in between).
-    """
-    body = _dramatiq_redis._scripts["dispatch"]
-    if isinstance(body, str):
-        body = body.encode()
-    return (
-        b"local function rpc_tasks_dispatch()\n" + body + b"\nend\n"
-        b"local fetched_ids = nil\n"
-        b"if ARGV[1] == 'fetch' and ARGV[10] == 'ids' then\n"
-        b"  ARGV[7] = '0'\n"
-        b"  local n = math.min(tonumber(ARGV[9]), tonumber(ARGV[8]))\n"
-        b"  fetched_ids = redis.call('lrange', KEYS[1] .. ':' .. ARGV[3], 0, n - 1)\n"
-        b"end\n"
-        b"local was_unacked = 0\n"
-        b"if ARGV[1] == 'ack' and ARGV[12] then\n"
-        b"  local acks = KEYS[1] .. ':__acks__.' .. ARGV[4] .. '.' .. ARGV[3]\n"
-        b"  was_unacked = redis.call('sismember', acks, ARGV[9])\n"
-        b"end\n"
-        b"local result = rpc_tasks_dispatch()\n"
-        b"if fetched_ids then\n"
-        b"  return {fetched_ids, result}\n"
-        b"elseif ARGV[1] == 'enqueue' then\n"
-        b"  local wake = KEYS[1] .. ':' .. ARGV[3] .. '.wake'\n"
-        b"  redis.call('lpush', wake, '1')\n"
-        b"  redis.call('ltrim', wake, 0, " + str(WAKE_LIST_LENGTH - 1).encode() + b")\n"
-        b"elseif ARGV[1] == 'ack' and ARGV[12] and was_unacked == 1 then\n"
-        b"  local pushed = redis.pcall('lpush', ARGV[10], ARGV[11])\n"
-        b"  if type(pushed) == 'table' and pushed.err then\n"
-        b"    return 'rpc_reply_failed: ' .. pushed.err\n"
-        b"  end\n"
-        b"  redis.call('expire', ARGV[10], ARGV[12])\n"
-        b"end\n"
-        b"return result\n"
-    )
 
 
 def wake_key(namespace: str, queue_name: str) -> str:
@@ -274,7 +224,7 @@ class BlockingRedisBroker(RedisBroker):
         #: Whether Dramatiq's log lines may show message params (``log_rpc_params``).
         self.log_message_params = False
         self._maintenance = Maintenance(self)
-        self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
+        self.scripts["dispatch_rpc"] = self.client.register_script(rpc_dispatch_source())
         # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
         self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
         self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
@@ -408,7 +358,7 @@ class BlockingRedisBroker(RedisBroker):
         """Fetch up to ``count`` messages of ``queue_name`` now: (Redis id, data) pairs (data
         ``None`` for an id whose message is gone)."""
         args = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
-        return _pairs(self._dispatch_pinned_args(args, "dispatch_rpc"))
+        return fetched_pairs(self._dispatch_pinned_args(args, "dispatch_rpc"))
 
     def wait_and_fetch(self, queue_name: str, count: int, seconds: float) -> list[tuple[str, bytes | None]]:
         """Block up to ``seconds`` for a wake-up token of ``queue_name``, then fetch up to
@@ -429,9 +379,9 @@ class BlockingRedisBroker(RedisBroker):
             if timeout < EXACT_WAIT_BELOW:
                 return self._wait_exactly(commands, timeout)
             # Waited for with the BLPOP's own timeout, whatever the client's socket_timeout.
-            return _pairs(pipelined(self.client, commands, pinned=True, wait=timeout)[1])
+            return fetched_pairs(pipelined(self.client, commands, pinned=True, wait=timeout)[1])
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
-            return _pairs(script(keys=[self.namespace], args=fetch))
+            return fetched_pairs(script(keys=[self.namespace], args=fetch))
 
     def _wait_exactly(
         self, commands: list[tuple[Any, ...]], timeout: float
@@ -447,7 +397,7 @@ class BlockingRedisBroker(RedisBroker):
         except BaseException:
             conn.disconnect()
             raise
-        return _pairs(result)
+        return fetched_pairs(result)
 
     def _dispatch_pinned_args(self, full: list[Any], script_name: str) -> Any:
         script = self.scripts[script_name]
@@ -496,14 +446,3 @@ class BlockingRedisBroker(RedisBroker):
 #: Client-side waits shorter than this are cut exactly (Redis checks blocking timeouts only
 #: every ``1/hz`` s, 100 ms by default).
 EXACT_WAIT_BELOW = 0.25
-
-
-def _pairs(result: Any) -> list[tuple[str, bytes | None]]:
-    """The ``{ids, messages}`` reply of a fetch with ids, as (id, data) pairs."""
-    if not result:
-        return []
-    ids, messages = result[0] or [], result[1] or []
-    return [
-        (rid.decode() if isinstance(rid, bytes) else str(rid), data)
-        for rid, data in zip(ids, list(messages) + [None] * (len(ids) - len(messages)), strict=False)
-    ]

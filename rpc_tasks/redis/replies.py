@@ -33,7 +33,7 @@ from .connection import (
 logger = logging.getLogger(__name__)
 
 #: How far past the deadline the reply to the command sent ahead of the ``BLPOP`` is waited for.
-FIRST_REPLY_SLACK_SECONDS = 0.005
+FIRST_REPLY_SLACK_SECONDS = 0.02
 
 
 #: ``LPUSH`` a reply and, only if that succeeded, ``EXPIRE`` its key (KEYS[1]; ARGV: reply, TTL).

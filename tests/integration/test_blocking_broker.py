@@ -290,7 +290,7 @@ def test_call_with_a_tiny_timeout_still_runs_after_enqueue_hooks(redis_url: str)
         with pytest.raises(RPCTimeoutError):
             echo.call(EchoParams(message="x"), timeout=0.0001)
         with pytest.raises(RPCTimeoutError):
-            echo.call(EchoParams(message="x"), timeout=0.002)  # enqueued, then timed out
+            echo.call(EchoParams(message="x"), timeout=0.05)  # enqueued, then timed out
     # A call already expired before its enqueue enqueues nothing and runs no hook.
     enqueued = broker.do_qsize(echo.queue_name)
     assert enqueued >= 20

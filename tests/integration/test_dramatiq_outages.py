@@ -96,3 +96,34 @@ def test_a_short_delay_sent_after_a_long_one_runs_on_time(redis_url: str) -> Non
             wait_until(lambda r=round_: f"long{r}" in ran and f"short{r}" in ran, timeout=10)
             lateness.append(ran[f"short{round_}"] - (sent + 0.05))
     assert max(lateness) < 0.3, lateness
+
+
+def test_a_retry_scheduled_while_redis_blips_is_not_lost(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first run fails (retryable) and re-enqueueing its retry fails twice (Redis
+    unreachable): the retry is still scheduled and runs, instead of the message being acked
+    as if it had succeeded."""
+    import redis as redis_lib
+
+    broker, _ = redis_broker(redis_url)
+    attempts: list[int] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=3, min_backoff=10, max_backoff=10)
+    def flaky(params: EchoParams) -> EchoResult:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("transient")
+        return EchoResult(message=params.message)
+
+    real_enqueue = broker.enqueue
+    failures = [redis_lib.ConnectionError("down"), redis_lib.ConnectionError("still down")]
+
+    def blipping_enqueue(message: Any, *, delay: Any = None) -> Any:
+        if delay is not None and failures:
+            raise failures.pop(0)
+        return real_enqueue(message, delay=delay)
+
+    monkeypatch.setattr(broker, "enqueue", blipping_enqueue)
+    with running_worker(broker):
+        flaky.send(EchoParams(message="x"))
+        wait_until(lambda: len(attempts) == 2, timeout=10)
+    assert failures == []
