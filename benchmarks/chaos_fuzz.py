@@ -65,8 +65,9 @@ def _junk(rng: random.Random, depth: int = 0) -> Any:
 def queue_payloads(
     rng: random.Random, count: int, queue: str, batch: int, reply_prefix: str = "chaos:resp:"
 ) -> Iterator[tuple[bytes | None, str | None]]:
-    """``count`` (raw message or ``None`` for an id without data, job id if the message is
-    runnable) pairs; a runnable one is a valid message without ``redis_message_id``."""
+    """``count`` (raw message or ``None`` for an id without data, the job id it carries if
+    any) pairs. Some are runnable: a valid message without ``redis_message_id``, or one whose
+    mangled field still makes a valid message."""
     for i in range(count):
         kind = rng.randrange(10)
         job_id = f"fuzz-{batch}-{i}-{uuid.uuid4().hex[:6]}"
@@ -78,7 +79,7 @@ def queue_payloads(
         elif kind == 2:
             fields = _message(queue, job_id, options=reply)
             del fields[rng.choice(list(fields))]
-            yield json.dumps(fields).encode(), None
+            yield json.dumps(fields).encode(), job_id
         elif kind == 3:
             fields = _message(queue, job_id)
             fields[rng.choice(list(fields))] = _junk(rng)
@@ -88,7 +89,7 @@ def queue_payloads(
                     if isinstance(fields.get("options"), dict)
                     else fields["options"]
                 )
-            yield json.dumps(fields).encode(), None
+            yield json.dumps(fields).encode(), job_id
         elif kind == 4:
             yield (
                 json.dumps(_message(queue, job_id, options={**reply, **rng.choice(_BAD_OPTIONS)})).encode(),

@@ -57,7 +57,15 @@ def _completed(kind: str, params: Job) -> Done:
     client = getattr(_local, "client", None)
     if client is None:
         client = _local.client = redis.Redis.from_url(URL)
-    client.hincrby(exec_key(kind), params.id, 1)
+    give_up = time.monotonic() + 60
+    while True:  # the count must survive a Redis restart, or the suite would call the run lost
+        try:
+            client.hincrby(exec_key(kind), params.id, 1)
+            break
+        except redis.RedisError:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.1)
     return Done(id=params.id)
 
 

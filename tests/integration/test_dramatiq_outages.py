@@ -98,7 +98,9 @@ def test_a_short_delay_sent_after_a_long_one_runs_on_time(redis_url: str) -> Non
     assert max(lateness) < 0.3, lateness
 
 
-def test_a_retry_scheduled_while_redis_blips_is_not_lost(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_retry_scheduled_while_redis_blips_is_not_lost(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The first run fails (retryable) and re-enqueueing its retry fails twice (Redis
     unreachable): the retry is still scheduled and runs, instead of the message being acked
     as if it had succeeded."""
