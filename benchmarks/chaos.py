@@ -136,6 +136,7 @@ class Suite:
         self.logs = tempfile.mkdtemp(prefix="rpc-tasks-chaos-logs-")
         self.procs: list[Worker] = []
         self.rows: list[Row] = []
+        self.only: list[str] = []
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class Suite:
 
     def row(self, name: str, calls: list[Call], counts: dict[str, int], fault_times: list[float]) -> Row:
         row = Row(name, sent=len(calls))
-        refused = 0
+        refused = expired = 0
         for call in calls:
             n = counts.get(call.id, 0)
             outcome = call.outcome or "errored"
@@ -271,11 +272,15 @@ class Suite:
             row.twice += n >= 2
             if n == 0 and outcome == "errored":
                 refused += 1  # the caller was told it failed (e.g. Redis down): not lost
+            elif n == 0 and outcome == "timed_out" and call.mode == "call":
+                expired += 1  # the caller gave up; its message is skipped as expired by design
             else:
                 row.lost += n == 0
             setattr(row, outcome, getattr(row, outcome) + 1)
         if refused:
             row.notes.append(f"refused with an error, never ran: {refused}")
+        if expired:
+            row.notes.append(f"timed out, then skipped as expired: {expired}")
         recoveries = []
         for at in fault_times:
             in_flight = [c.end for c in calls if c.mode == "call" and c.start <= at <= c.end]
@@ -454,6 +459,8 @@ class Suite:
                 self.fuzz_queue,
                 self.fuzz_stream,
             ):
+                if self.only and scenario.__name__ not in self.only:
+                    continue
                 print(f"-- {scenario.__name__} ...", file=sys.stderr, flush=True)
                 started = time.monotonic()
                 self.rows.append(scenario())
@@ -484,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--fuzz", type=int, default=2000, help="malformed queue messages (stream: half)")
+    parser.add_argument("--only", default="", help="comma-separated scenario method names (default: all)")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    rows = Suite(args.seed, args.fuzz).run()
+    suite = Suite(args.seed, args.fuzz)
+    suite.only = [name for name in args.only.split(",") if name]
+    rows = suite.run()
     print(table(rows))
     print(f"\n(seed {args.seed}, {time.monotonic() - started:.0f} s)")
     return 0 if all(r.lost == 0 and r.wrong == 0 and r.timed_out == 0 for r in rows) else 1

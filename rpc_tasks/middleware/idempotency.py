@@ -7,8 +7,9 @@ which survives redelivery, requeue and retries of the enqueue) or a message sent
 ``idempotency_key`` option (``actor.send(params, idempotency_key="order-42")``, key: that
 string, shared by every message carrying it):
 
-* the first run takes a lock in Redis (``SET NX`` with a TTL of ``lock_ttl`` seconds, renewed
-  every third of that while the run goes on, so it lapses soon after its process died);
+* the first run takes a lock in Redis (``SET NX`` with a TTL of ``lock_ttl`` seconds, 10 by
+  default, renewed every third of that while the run goes on, so it lapses soon after its
+  process died: by the time Dramatiq requeues a dead worker's message);
 * when the run succeeds, its result is stored (TTL ``idempotency_ttl``, one day by default)
   and the lock released, in one script, *before* the message is acked: a delivery that comes
   after finds the stored result and returns it without running (a ``.call()`` caller gets it
@@ -88,14 +89,16 @@ class RPCIdempotency(Middleware):
       config: settings (``redis_url``, ``idempotency_ttl``, ``idempotency_wait``); default:
         :func:`rpc_tasks.config.get_config`.
       redis_client: a redis-py client for the lock and result keys (overrides the config's).
-      lock_ttl: seconds a run's lock outlives its last renewal (a dead run's duplicate waits
-        that long at most).
+      lock_ttl: seconds a run's lock outlives its last renewal (renewed every third of that).
+        Keep it at most the broker's ``heartbeat_timeout`` (10 s by default): then the lock of
+        a worker that died has lapsed by the time its message is requeued, and the redelivery
+        runs at once instead of waiting for it.
     """
 
     rpc_role = order.IDEMPOTENCY
 
     def __init__(
-        self, config: WebSocketRPCConfig | None = None, *, redis_client: Any = None, lock_ttl: float = 30.0
+        self, config: WebSocketRPCConfig | None = None, *, redis_client: Any = None, lock_ttl: float = 10.0
     ) -> None:
         self._config = config
         self._client = redis_client
