@@ -360,14 +360,17 @@ class BlockingRedisBroker(RedisBroker):
         args = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
         return fetched_pairs(self._dispatch_pinned_args(args, "dispatch_rpc"))
 
-    def wait_and_fetch(self, queue_name: str, count: int, seconds: float) -> list[tuple[str, bytes | None]]:
+    def wait_and_fetch(
+        self, queue_name: str, count: int, seconds: float, *, exact: bool = False
+    ) -> list[tuple[str, bytes | None]] | None:
         """Block up to ``seconds`` for a wake-up token of ``queue_name``, then fetch up to
         ``count`` messages, in one round trip: ``BLPOP`` and the fetch script are pipelined on
         one connection, so Redis runs the fetch the moment the ``BLPOP`` returns (with a token
         or on its timeout, which doubles as the idle heartbeat). Returns (Redis id, data)
-        pairs. A wait shorter than the server's timer resolution (a delayed message's eta is
-        near) is cut on the client side at ``seconds`` (the connection is dropped, which
-        cancels the ``BLPOP``) and returns nothing."""
+        pairs. ``exact`` (the delay-queue consumer waiting for an eta it holds): the wait is
+        cut on the client side at ``seconds`` (Redis times blocking commands out only every
+        ``1/hz`` s, 100 ms by default) by dropping the connection, which cancels the ``BLPOP``
+        and the fetch behind it; then ``None`` is returned."""
         script = self.scripts["dispatch_rpc"]
         timeout = max(0.001, round(seconds, 3))
         fetch = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
@@ -376,7 +379,7 @@ class BlockingRedisBroker(RedisBroker):
             ("EVALSHA", script.sha, 1, self.namespace, *fetch),
         ]
         try:
-            if timeout < EXACT_WAIT_BELOW:
+            if exact:
                 return self._wait_exactly(commands, timeout)
             # Waited for with the BLPOP's own timeout, whatever the client's socket_timeout.
             return fetched_pairs(pipelined(self.client, commands, pinned=True, wait=timeout)[1])
@@ -385,13 +388,13 @@ class BlockingRedisBroker(RedisBroker):
 
     def _wait_exactly(
         self, commands: list[tuple[Any, ...]], timeout: float
-    ) -> list[tuple[str, bytes | None]]:
+    ) -> list[tuple[str, bytes | None]] | None:
         conn: Any = thread_connection(self.client)
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             if not wait_readable(conn, time.monotonic() + timeout):
                 conn.disconnect()  # cancels the BLPOP and the fetch queued behind it
-                return []
+                return None
             conn.read_response()
             result = conn.read_response()
         except BaseException:
@@ -441,8 +444,3 @@ class BlockingRedisBroker(RedisBroker):
         """Stop the maintenance thread, then close as Dramatiq does."""
         self._maintenance.stop()
         super().close()
-
-
-#: Client-side waits shorter than this are cut exactly (Redis checks blocking timeouts only
-#: every ``1/hz`` s, 100 ms by default).
-EXACT_WAIT_BELOW = 0.25

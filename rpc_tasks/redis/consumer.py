@@ -84,9 +84,10 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
             return self.block_seconds
         return max(0.0, min(self.block_seconds, earliest - time.time()))
 
-    def _fetch(self, room: int) -> list[tuple[str, bytes | None]]:
+    def _fetch(self, room: int) -> list[tuple[str, bytes | None]] | None:
         """Fetch up to ``room`` (Redis id, message) pairs, first blocking on the wake list when
-        the queue was drained."""
+        the queue was drained; ``None`` when a wait for a held message's eta ran out (nothing
+        fetched: the next round fetches without waiting)."""
         fetched: list[tuple[str, bytes | None]]
         if not self._drained:
             fetched = self.broker.fetch_with_ids(self.queue_name, room)
@@ -99,8 +100,11 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
             time.sleep(0)  # releases the GIL
         # A delay queue waits on its wake list too, never past the earliest eta it holds: a
         # delayed message enqueued meanwhile (with an earlier eta) wakes it at once.
-        fetched = self.broker.wait_and_fetch(self.queue_name, room, self._block_for())
-        return fetched
+        block = self._block_for()
+        waited: list[tuple[str, bytes | None]] | None = self.broker.wait_and_fetch(
+            self.queue_name, room, block, exact=block < self.block_seconds
+        )
+        return waited
 
     def __next__(self) -> Any:
         if not self.message_cache:
@@ -116,6 +120,9 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
                 if self._outage_since is not None:
                     self._recover()
                 fetched = self._fetch(room)
+                if fetched is None:  # an eta is due: hand it over, then fetch without waiting
+                    self._drained = False
+                    return None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Handled here rather than by Dramatiq's consumer restart (3 s, dropping the
                 # delay queue): retry every RETRY_SECONDS at most, so the consumer is back

@@ -268,3 +268,19 @@ def test_a_busy_worker_keeps_its_heartbeat_so_its_messages_never_run_twice(redis
             time.sleep(0.1)
         wait_until(lambda: len(runs) >= 2, timeout=10)
     assert sorted(runs) == ["s0", "s1"]
+
+
+def test_a_message_without_a_wake_token_is_fetched_within_a_worker_timeout(redis_url: str) -> None:
+    """Requeued messages (maintenance, another broker) come without a wake-up token: an idle
+    consumer still fetches them when its wait times out, also with a short worker_timeout."""
+    broker, _, echo, ran = _setup(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    with running_worker(broker, threads=THREADS, worker_timeout=100):
+        time.sleep(0.3)  # idle: the consumer blocks on its wake list
+        msg = echo.message_with_options(args=(EchoParams(message="tokenless"),)).asdict()
+        rid = str(uuid.uuid4())
+        msg["options"] = {"redis_message_id": rid}
+        client.hset(f"{broker.namespace}:{echo.queue_name}.msgs", rid, json.dumps(msg))
+        client.rpush(f"{broker.namespace}:{echo.queue_name}", rid)  # no wake-up token
+        wait_until(lambda: ran == ["tokenless"], timeout=2.0)
+    client.close()
