@@ -230,3 +230,19 @@ class RedactedMessageProxy(MessageProxy):
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} {self.actor_name} {self.message_id}>"
+
+
+_REDACTED_CLASSES: dict[type, type] = {MessageProxy: RedactedMessageProxy}
+
+
+def redact_message_proxy(message: Any) -> None:
+    """Make ``message`` (a ``MessageProxy`` of any broker, e.g. RabbitMQ's subclass) print
+    like :class:`RedactedMessageProxy`, in place (its class becomes a redacting subclass of its
+    own class)."""
+    cls = type(message)
+    if isinstance(message, RedactedMessageProxy) or not isinstance(message, MessageProxy):
+        return
+    redacted = _REDACTED_CLASSES.get(cls)
+    if redacted is None:
+        redacted = _REDACTED_CLASSES[cls] = type(f"Redacted{cls.__name__}", (RedactedMessageProxy, cls), {})
+    message.__class__ = redacted

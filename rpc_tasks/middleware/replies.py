@@ -22,12 +22,11 @@ from collections import Counter
 from typing import Any
 
 import dramatiq
-from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware, SkipMessage
 
 from .. import context, protocol
 from ..config import WebSocketRPCConfig, get_config
-from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR, RedactedMessageProxy
+from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR, redact_message_proxy
 from ..exceptions import RPCException
 from ..models.errors import RPCError, RPCErrorCode
 from ..redis.replies import ReplyChannel
@@ -92,10 +91,10 @@ class RPCReplies(Middleware):
             logger.warning("rpc-tasks broker set-up: %s", problem)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        if type(message) is MessageProxy and not self.config.log_rpc_params:
-            # Other brokers' consumers build plain proxies, whose str() shows the params in
-            # Dramatiq's "Failed to process message %s" line: hide them.
-            message.__class__ = RedactedMessageProxy
+        if not self.config.log_rpc_params:
+            # Other brokers' consumers build proxies whose str() shows the params in Dramatiq's
+            # "Failed to process message %s" line: hide them.
+            redact_message_proxy(message)
         ctx = context.enter(message.message_id, message.actor_name, message)
         ctx.extra["pipe_target"] = message.options.get("pipe_target") is not None
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)

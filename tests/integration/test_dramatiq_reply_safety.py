@@ -105,3 +105,40 @@ def test_params_never_reach_the_worker_log_unless_asked(
         wait_until(lambda: caplog.text.count("Failed to process message") >= 2, timeout=10)
     assert "leaky" in caplog.text
     assert (secret in caplog.text) is log_params
+
+
+@pytest.mark.rabbitmq
+def test_params_never_reach_the_worker_log_on_rabbitmq(
+    amqp_url: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same promise on Dramatiq's RabbitmqBroker, whose consumer builds its own proxies."""
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    config = WebSocketRPCConfig(redis_url=redis_url, response_key_prefix=unique("rmq:resp") + ":")
+    broker = RabbitmqBroker(url=amqp_url)
+    setup_broker(broker, config=config, set_global=False)
+    queue = unique("rmq")
+    secret = "hunter2-" + uuid.uuid4().hex
+    failed: list[int] = []
+
+    @rpc_actor(broker=broker, queue_name=queue, max_retries=0)
+    def leaky(params: SecretParams) -> None:
+        failed.append(1)
+        raise RuntimeError("boom")
+
+    caplog.set_level(logging.DEBUG)
+    try:
+        with running_worker(broker):
+            leaky.send(SecretParams(secret=secret))
+            wait_until(lambda: failed, timeout=20)
+            wait_until(lambda: "Failed to process message" in caplog.text, timeout=10)
+    finally:
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            try:
+                broker.channel.queue_delete(name)
+            except Exception:  # noqa: BLE001 - best-effort clean-up
+                pass
+        broker.close()
+    failure_lines = [line for line in caplog.text.splitlines() if "Failed to process message" in line]
+    assert failure_lines and all("leaky" in line for line in failure_lines)
+    assert secret not in "\n".join(failure_lines)
