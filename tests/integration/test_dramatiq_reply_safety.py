@@ -136,7 +136,7 @@ def test_params_never_reach_the_worker_log_on_rabbitmq(
         for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
             try:
                 broker.channel.queue_delete(name)
-            except Exception:  # noqa: BLE001 - best-effort clean-up
+            except Exception:
                 pass
         broker.close()
     failure_lines = [line for line in caplog.text.splitlines() if "Failed to process message" in line]
