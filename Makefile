@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench docs docs-serve try-newcomer clean
+.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench chaos docs docs-serve try-newcomer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ lint: $(STAMP)
 ## Benchmarks against the raw Redis floors, Dramatiq's Results and Celery (BENCH_ARGS=--quick).
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+## Fault suite (private Redis, real workers/servers, faults injected; ~4 min): one table of counts.
+chaos: $(STAMP)
+	$(PY) -m benchmarks.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-dramatiq-* .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -17,13 +17,13 @@ from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 import dramatiq
-from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import RedisError
 
 from . import context, metrics, protocol
 from .aio import calls as _aio_calls
 from .broker_setup import install_asyncio
+from .enqueue import ENQUEUE_ERRORS as _ENQUEUE_ERRORS
+from .enqueue import enqueue_retrying
 from .exceptions import (
     RPCConfigurationError,
     RPCConnectionError,
@@ -31,6 +31,7 @@ from .exceptions import (
     RPCRemoteError,
     RPCTimeoutError,
 )
+from .middleware.idempotency import STORED_RESULT
 from .middleware.ratelimits import parse_rate
 from .middleware.replies import RPCReplies
 from .models.errors import RPCError, RPCErrorCode
@@ -42,9 +43,6 @@ TParams = TypeVar("TParams", bound=BaseModel)
 TResult = TypeVar("TResult", bound="BaseModel | None")
 
 _PENDING: Any = object()
-#: What a failed enqueue raises (Dramatiq's connection errors have these two public names in
-#: every 2.x release; their base class was renamed in 2.1).
-_ENQUEUE_ERRORS = (ConnectionClosed, ConnectionFailed, RedisError, OSError)
 
 
 def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
@@ -59,6 +57,46 @@ def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
         "@rpc_actor functions (or setup_broker(broker) for a broker you built; with "
         "django-dramatiq, DRAMATIQ_BROKER = rpc_tasks.contrib.django.dramatiq_broker_settings(url))."
     )
+
+
+def _collect_replies(
+    channel: Any, key: str, deadline: float, ids: list[str], max_bytes: int, result_model: Any
+) -> tuple[list[Any], RPCConnectionError | None]:
+    """``call_many``'s drain: the outcome of each message id (``_PENDING`` if none came by
+    ``deadline``) and the connection error that was still going on at the deadline, if any.
+    When the reply connection drops, the replies drained so far are kept and the others (still
+    in Redis) are waited for on a new connection."""
+    index = {message_id: i for i, message_id in enumerate(ids)}
+    outcomes: list[Any] = [_PENDING] * len(ids)
+    pending = len(ids)
+    lost: RPCConnectionError | None = None
+    while pending:
+        left = deadline - time.time()
+        if left <= 0:
+            break
+        try:
+            drained = channel.wait_many(key, left, pending)
+        except RPCConnectionError as exc:
+            lost = exc
+            time.sleep(min(0.05, max(0.0, deadline - time.time())))
+            continue
+        lost = None
+        for raw in drained:
+            try:
+                response = protocol.decode_response(raw, max_bytes=max_bytes)
+            except RPCException:
+                continue
+            i = index.get(response.correlation_id)
+            if i is None or outcomes[i] is not _PENDING:
+                continue
+            pending -= 1
+            if not response.success:
+                outcomes[i] = RPCRemoteError(response.error or RPCError(message="remote call failed"))
+            elif result_model is None:
+                outcomes[i] = None
+            else:
+                outcomes[i] = result_model.model_validate(response.result)
+    return outcomes, lost
 
 
 class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
@@ -152,7 +190,9 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """Validate ``params`` and enqueue it for background processing (fire-and-forget).
 
         ``options`` are Dramatiq message options (``delay`` in ms, ``max_retries``, ...).
-        Raises ``pydantic.ValidationError`` (nothing is enqueued) or ``RPCConnectionError``.
+        While the broker is unreachable the enqueue is retried for up to the config's
+        ``send_retry_seconds`` (5 s by default). Raises ``pydantic.ValidationError`` (nothing is
+        enqueued) or ``RPCConnectionError`` (still unreachable after that).
         """
         return self.send_with_options(args=(params,), **options)
 
@@ -166,18 +206,21 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
     ) -> dramatiq.Message[Any]:
         """Dramatiq's ``send_with_options``, validated; broker errors become ``RPCConnectionError``."""
         message = self.message_with_options(args=args, kwargs=kwargs, **options)
-        return self._enqueue(message, delay)
+        return self._enqueue(message, delay, retry_for=self._send_retry_seconds())
+
+    def _send_retry_seconds(self) -> float:
+        try:
+            return self._replies().config.send_retry_seconds
+        except RPCConfigurationError:
+            return 0.0
 
     def _enqueue(
-        self, message: dramatiq.Message[Any], delay: timedelta | int | None
+        self, message: dramatiq.Message[Any], delay: timedelta | int | None, *, retry_for: float = 0.0
     ) -> dramatiq.Message[Any]:
         self._replies()  # no rpc-tasks middleware: a clear error instead of a message nobody answers
         if isinstance(delay, timedelta):
             delay = int(delay.total_seconds() * 1000)
-        try:
-            return self.broker.enqueue(message, delay=delay)
-        except _ENQUEUE_ERRORS as exc:
-            raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
+        return enqueue_retrying(self.broker, message, delay, retry_for)
 
     def call(
         self,
@@ -243,7 +286,10 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         in flight cost about one round trip per batch of replies. ``timeout`` applies to the
         whole batch. With ``return_exceptions=True`` a failed call's ``RPCRemoteError`` /
         ``RPCTimeoutError`` takes its place in the list; otherwise the first one (in order) is
-        raised after all replies were collected.
+        raised after all replies were collected. When the reply connection drops, the replies
+        already drained are kept and the rest are waited for on a new connection (they are
+        still in Redis); calls still unanswered at the deadline because Redis stayed
+        unreachable get an ``RPCConnectionError``.
         """
         replies = self._replies()
         config = replies.config
@@ -267,32 +313,19 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         else:
             for message in batch:
                 self._enqueue(message, delay)
-        index = {m.message_id: i for i, m in enumerate(messages)}
-        outcomes: list[Any] = [_PENDING] * len(messages)
-        pending = len(messages)
-        while pending:
-            left = deadline - time.time()
-            if left <= 0:
-                break
-            for raw in channel.wait_many(key, left, pending):
-                try:
-                    response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
-                except RPCException:
-                    continue
-                i = index.get(response.correlation_id)
-                if i is None or outcomes[i] is not _PENDING:
-                    continue
-                pending -= 1
-                if not response.success:
-                    outcomes[i] = RPCRemoteError(response.error or RPCError(message="remote call failed"))
-                elif self.result_model is None:
-                    outcomes[i] = None
-                else:
-                    outcomes[i] = self.result_model.model_validate(response.result)
+        outcomes, lost = _collect_replies(
+            channel,
+            key,
+            deadline,
+            [m.message_id for m in messages],
+            config.max_payload_bytes,
+            self.result_model,
+        )
         channel.discard(key)
         for i, outcome in enumerate(outcomes):
             if outcome is _PENDING:
-                outcomes[i] = RPCTimeoutError(self.actor_name, timeout)
+                # Redis still unreachable at the deadline: say so rather than "timed out".
+                outcomes[i] = lost if lost is not None else RPCTimeoutError(self.actor_name, timeout)
         if not return_exceptions:
             for outcome in outcomes:
                 if isinstance(outcome, RPCException):
@@ -328,7 +361,10 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
             params = self.validate_params(args[0])
         except ValidationError as exc:
             raise RPCRemoteError(protocol.error_from_exception(exc)) from exc
-        result = self._coerce_result(self.fn(params))
+        if STORED_RESULT in ctx.extra:  # idempotent and already run: its stored result
+            result = self._coerce_result(ctx.extra.pop(STORED_RESULT))
+        else:
+            result = self._coerce_result(self.fn(params))
         ctx.result = result
         ctx.has_result = True
         # Dramatiq warns about return values unless Results (or a pipeline) wants them.

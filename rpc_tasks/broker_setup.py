@@ -16,7 +16,7 @@ from dramatiq.middleware import Retries
 
 from .config import WebSocketRPCConfig, get_config, redact_url
 from .exceptions import RPCConfigurationError
-from .middleware import RPCRateLimits, RPCReplies, RPCRetries
+from .middleware import RPCIdempotency, RPCRateLimits, RPCReplies, RPCRetries
 from .middleware.order import check_broker, middleware_paths
 from .redis.topology import is_topology_url
 
@@ -65,6 +65,8 @@ def install_middleware(broker: dramatiq.Broker, config: WebSocketRPCConfig | Non
             broker.add_middleware(limits, before=first_after)
         else:
             broker.add_middleware(limits)
+    if not any(isinstance(m, RPCIdempotency) for m in broker.middleware):
+        broker.add_middleware(RPCIdempotency(config), after=type(_first(broker, RPCRateLimits)))
     install_asyncio(broker)
     return broker
 
@@ -98,7 +100,7 @@ def install_encoder() -> None:
         dramatiq.set_encoder(RPCJSONEncoder())
 
 
-def _broker_from_url(url: str, source: str) -> dramatiq.Broker:
+def _broker_from_url(url: str, source: str, config: WebSocketRPCConfig) -> dramatiq.Broker:
     if url.startswith(("amqp://", "amqps://")):
         try:
             from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -108,9 +110,9 @@ def _broker_from_url(url: str, source: str) -> dramatiq.Broker:
     if url.startswith(("redis://", "rediss://", "unix://")) or is_topology_url(url):
         # Sentinel: on the master client a reply channel on the same URL shares (replies go out
         # with the ack); Cluster: refused with what to do instead (issue 18).
-        from .redis.broker import redis_broker
+        from .redis.broker import ENVELOPE_ROOM_BYTES, redis_broker
 
-        return redis_broker(url)
+        return redis_broker(url, max_message_bytes=config.max_payload_bytes + ENVELOPE_ROOM_BYTES)
     raise RPCConfigurationError(
         f"{source}={redact_url(url)!r} is not a broker URL: it must start with redis://, rediss://, "
         "unix://, redis+sentinel://, amqp:// or amqps:// (e.g. redis://localhost:6379/0)"
@@ -131,7 +133,10 @@ def setup_broker(
     With no ``broker``, one is built from ``broker_url``, else ``$DRAMATIQ_BROKER_URL``, else
     ``config.redis_url`` (``redis``/``rediss``/``unix`` give a
     :class:`~rpc_tasks.redis.broker.BlockingRedisBroker`, ``amqp`` a
-    ``RabbitmqBroker``). Replies always travel over Redis at ``config.redis_url``.
+    ``RabbitmqBroker``). Replies always travel over Redis at ``config.redis_url``. A built
+    ``BlockingRedisBroker`` dead-letters, undecoded, messages over ``config.max_payload_bytes``
+    plus 64 KiB of envelope; it requeues a dead worker's messages after its
+    ``heartbeat_timeout`` of 10 s (see :mod:`rpc_tasks.redis.broker`).
 
     ``tracing=True`` adds OpenTelemetry tracing (``rpc-tasks[otel]``), ``metrics=True``
     Prometheus metrics with Dramatiq's own ``Prometheus`` middleware (``rpc-tasks[prometheus]``);
@@ -145,8 +150,10 @@ def setup_broker(
             url, source = os.environ["DRAMATIQ_BROKER_URL"], "DRAMATIQ_BROKER_URL"
         else:
             url, source = config.redis_url, "redis_url"
-        broker = _broker_from_url(url, source)
+        broker = _broker_from_url(url, source, config)
     install_middleware(broker, config)
+    if hasattr(broker, "log_message_params"):
+        broker.log_message_params = config.log_rpc_params
     if tracing or metrics:
         from . import observability
 

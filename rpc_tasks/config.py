@@ -137,6 +137,24 @@ class WebSocketRPCConfig(BaseModel):
     # Limits
     max_payload_bytes: int = Field(default=1_048_576, ge=1024, description="largest encoded envelope")
 
+    # Reliability
+    send_retry_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="how long .send() keeps retrying an enqueue while the broker is unreachable "
+        "(.call() never retries: it fails at once with RPCConnectionError)",
+    )
+    idempotency_ttl: int = Field(
+        default=86_400, ge=1, description="seconds an idempotent actor's result is kept against redelivery"
+    )
+    idempotency_wait: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="seconds a duplicate of an idempotent message waits for the run in progress",
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:

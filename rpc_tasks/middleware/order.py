@@ -4,10 +4,12 @@
   failed before any other middleware does work for them;
 * ``RPCRateLimits`` right after it, so a message for a cooling-down key is put back before
   anything else runs;
+* ``RPCIdempotency`` after those two, so a message that is skipped or postponed never takes
+  an idempotency lock, and before Dramatiq's own middleware;
 * ``RPCRetries`` *instead of* ``dramatiq.middleware.Retries`` (same options), so non-retryable
   RPC errors fail at once.
 
-Each of the three classes names its role in a ``rpc_role`` class attribute; the checker goes by
+Each of the four classes names its role in a ``rpc_role`` class attribute; the checker goes by
 that role, so this module imports none of them (the reply middleware runs the checker when a
 worker boots).
 """
@@ -22,11 +24,13 @@ from dramatiq.middleware import Retries
 REPLIES = "replies"
 RATE_LIMITS = "rate_limits"
 RETRIES = "retries"
+IDEMPOTENCY = "idempotency"
 
 #: Dotted paths of rpc-tasks middleware, for django-dramatiq's ``MIDDLEWARE`` setting.
 REPLIES_PATH = "rpc_tasks.middleware.RPCReplies"
 RATE_LIMITS_PATH = "rpc_tasks.middleware.RPCRateLimits"
 RETRIES_PATH = "rpc_tasks.middleware.RPCRetries"
+IDEMPOTENCY_PATH = "rpc_tasks.middleware.RPCIdempotency"
 
 #: Dramatiq 2.x's default middleware, minus ``Retries`` (replaced by ``RPCRetries``).
 #: ``dramatiq.middleware.Prometheus`` is deliberately absent: it does not import under 2.x.
@@ -52,7 +56,15 @@ def middleware_paths(extra: list[str] | None = None) -> list[str]:
         "MIDDLEWARE": rpc_tasks.middleware_paths(),
     }
     """
-    return [REPLIES_PATH, RATE_LIMITS_PATH, *DRAMATIQ_DEFAULTS, RETRIES_PATH, ASYNCIO_PATH, *(extra or [])]
+    return [
+        REPLIES_PATH,
+        RATE_LIMITS_PATH,
+        IDEMPOTENCY_PATH,
+        *DRAMATIQ_DEFAULTS,
+        RETRIES_PATH,
+        ASYNCIO_PATH,
+        *(extra or []),
+    ]
 
 
 def role_of(middleware: Any) -> str | None:
@@ -73,6 +85,11 @@ def check_broker(broker: dramatiq.Broker) -> list[str]:
         problems.append("RPCRateLimits middleware is missing: rate-limit errors will not cool the fleet down")
     elif REPLIES in roles and roles.index(RATE_LIMITS) < roles.index(REPLIES):
         problems.append("RPCRateLimits must come after RPCReplies")
+    # RPCIdempotency is optional (without it, declaring an idempotent actor fails at once).
+    if IDEMPOTENCY in roles and RATE_LIMITS in roles and roles.index(IDEMPOTENCY) < roles.index(RATE_LIMITS):
+        problems.append(
+            "RPCIdempotency must come after RPCRateLimits (a postponed message must not take its lock)"
+        )
     if any(type(m) is Retries for m in broker.middleware):
         problems.append(
             "dramatiq.middleware.Retries is installed: replace it with rpc_tasks.middleware.RPCRetries "

@@ -39,11 +39,13 @@ from dramatiq.middleware import Middleware, SkipMessage
 
 from .. import context, metrics, protocol
 from ..config import WebSocketRPCConfig, get_config
+from ..enqueue import enqueue_retrying
 from ..exceptions import RPCConfigurationError, RPCException
 from ..models.errors import RateLimitError, RPCErrorCode
 from ..redis.connection import client_from_config
 from ..redis.ratestore import RATE_EVENTS_CHANNEL, RateStore, cooldown_key, limiter_keys
 from . import order
+from .retries import REENQUEUE_RETRY_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +286,11 @@ class RPCRateLimits(Middleware):
         if slot:
             options[protocol.OPTION_RATE_SLOT] = 1
         options.pop("eta", None)
-        broker.enqueue(message.copy(options=options), delay=delay_ms)
+        try:
+            enqueue_retrying(broker, message.copy(options=options), delay_ms, REENQUEUE_RETRY_SECONDS)
+        except RPCException as exc:
+            logger.error("Could not postpone message %s (%s); dead-lettered.", message.message_id, exc)
+            message.fail()
         metrics.emit("postpone", actor=message.actor_name, reason=reason, delay_ms=delay_ms, key=key)
         logger.info(
             "Postponed: actor=%s message=%s attempt=%d reason=%s key=%s delay_ms=%d (retries not used)",

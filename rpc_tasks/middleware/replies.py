@@ -26,7 +26,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 
 from .. import context, metrics, protocol
 from ..config import WebSocketRPCConfig, get_config
-from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR
+from ..encoder import OPTION_DECODE_ERROR, UNDECODABLE_ACTOR, redact_message_proxy
 from ..exceptions import RPCException
 from ..models.errors import RPCError, RPCErrorCode
 from ..redis.replies import ReplyChannel
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def _undecodable_error(message: Any) -> RPCError:
     reason = message.options.get(OPTION_DECODE_ERROR, "invalid message")
-    return RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"message could not be decoded: {reason}")
+    return RPCError(code=RPCErrorCode.INVALID_REQUEST, message=f"message cannot be processed: {reason}")
 
 
 class RPCReplies(Middleware):
@@ -91,6 +91,10 @@ class RPCReplies(Middleware):
             logger.warning("rpc-tasks broker set-up: %s", problem)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if not self.config.log_rpc_params:
+            # Other brokers' consumers build proxies whose str() shows the params in Dramatiq's
+            # "Failed to process message %s" line: hide them.
+            redact_message_proxy(message)
         ctx = context.enter(message.message_id, message.actor_name, message)
         ctx.extra["pipe_target"] = message.options.get("pipe_target") is not None
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
@@ -148,9 +152,16 @@ class RPCReplies(Middleware):
         if message.actor_name == UNDECODABLE_ACTOR:
             self._count("undecodable")
             logger.error(
-                "Message %s could not be decoded (%s); dead-lettered.",
+                "Message %s cannot be processed (%s); dead-lettered.",
                 message.message_id,
                 message.options.get(OPTION_DECODE_ERROR),
+            )
+        elif message.actor_name not in broker.actors:
+            self._count("unknown_actor")
+            logger.error(
+                "Message %s is for actor %r, which this worker does not know; dead-lettered.",
+                message.message_id,
+                message.actor_name,
             )
         reply_to = message.options.get(protocol.OPTION_REPLY_TO)
         if reply_to is None:
@@ -198,9 +209,11 @@ class RPCReplies(Middleware):
         channel = self.channel
         try:
             channel.push(reply_to, payload)
-        except RPCException:
+        except RPCException as exc:
             self._count("reply_push_failed")
             metrics.emit("reply_push_failed", actor=message.actor_name, queue=message.queue_name)
-            logger.exception("Could not push the reply of message %s.", message.message_id)
+            logger.error(
+                "Could not push the reply of message %s, nothing was written: %s", message.message_id, exc
+            )
             return
         self._count(counter)

@@ -36,12 +36,15 @@ from dramatiq.middleware import Retries
 from pydantic import ValidationError
 
 from .. import context, metrics, protocol
+from ..enqueue import enqueue_retrying
 from ..exceptions import RPCException
 from ..models.errors import RPCError, RPCErrorCode
 from . import order
 
 logger = logging.getLogger(__name__)
 
+#: How long re-enqueueing a retry (or a postponed message) is retried while the broker is down.
+REENQUEUE_RETRY_SECONDS = 30.0
 #: Dramatiq refuses delays of 7 days or more.
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 1
 
@@ -184,7 +187,15 @@ class RPCRetries(Retries):
             delay,
         )
         metrics.emit("retry", actor=message.actor_name, code=code, delay_ms=delay, attempt=attempt)
-        broker.enqueue(message, delay=delay)
+        try:
+            # Redis briefly down: retried here; a retry that cannot be scheduled at all is
+            # dead-lettered (visible) rather than acked as if it had succeeded.
+            enqueue_retrying(broker, message, delay, REENQUEUE_RETRY_SECONDS)
+        except RPCException as exc:
+            logger.error(
+                "Could not schedule the retry of message %s (%s); dead-lettered.", message.message_id, exc
+            )
+            message.fail()
 
     def _give_up(self, message: Any, reason: str, code: str, attempt: int, delay: int | None = None) -> None:
         message.fail()

@@ -17,8 +17,21 @@ unchanged:
   one empty fetch; the wake list is capped (``LTRIM``) so it never grows while consumers are
   busy;
 * a consumer that holds its full prefetch waits for one of its messages to be acked instead;
-* the delay-queue consumer never sleeps past the earliest ``eta`` it holds, so delayed messages
-  (retries, postponements) are handed over on time.
+* the delay-queue consumer never waits past the earliest ``eta`` it holds, and a delayed
+  message enqueued meanwhile wakes it, so delayed messages (retries, postponements) are handed
+  over on time.
+
+Reliability (see :mod:`rpc_tasks.redis.consumer` for what happens to unprocessable messages):
+
+* every fetch returns each message's Redis id with its data, so any message can be acked or
+  dead-lettered whatever its bytes hold; ``max_message_bytes`` caps what is decoded;
+* a process with consumers runs Dramatiq's maintenance (through Dramatiq's own dispatch script)
+  for each of its queues every ``heartbeat_timeout / 4``: the messages of a worker that died
+  are requeued within ``1.25 x heartbeat_timeout`` even when nothing else happens (Dramatiq
+  itself only runs it by chance, ``maintenance_chance`` per million commands), and the
+  process's heartbeat stays fresh while all its threads are busy;
+* ``heartbeat_timeout`` defaults to :data:`DEFAULT_HEARTBEAT_TIMEOUT_MS` (10 s, Dramatiq's is
+  60 s): a ``.call()`` whose worker was SIGKILLed runs again on another worker within ~13 s.
 
 For ``.call()`` (when the reply channel is on the broker's Redis server and database):
 
@@ -37,9 +50,7 @@ delay queue (about 4 Redis commands per second with the default 1 s).
 
 from __future__ import annotations
 
-import inspect
 import logging
-import threading
 import time
 import weakref
 from typing import Any
@@ -48,14 +59,15 @@ from uuid import uuid4
 import dramatiq
 import redis
 from dramatiq import Message
-from dramatiq.brokers import redis as _dramatiq_redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
-from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from redis.exceptions import NoScriptError
 
-from . import topology
-from .connection import pipelined, same_redis
+from . import internals, topology
+from .connection import pipelined, same_redis, thread_connection, wait_readable
+from .consumer import _BlockingConsumer
+from .dispatch import enqueue_replicated, fetched_pairs, rpc_dispatch_source
+from .maintenance import Maintenance
 from .replies import ReplyChannel
 
 logger = logging.getLogger(__name__)
@@ -64,55 +76,9 @@ logger = logging.getLogger(__name__)
 TESTED_DRAMATIQ = "2.2"
 
 
-def _internals_problem() -> str | None:
-    """What no longer has the shape this module relies on, or ``None``.
-
-    This is the only module of rpc-tasks that touches Dramatiq's private names: the Redis
-    consumer class ``_RedisConsumer`` (and its ``message_cache`` / ``queued_message_ids`` /
-    ``outstanding_message_count``), the ``_scripts`` dict with ``dispatch.lua`` and the
-    argument layout of that script (``command, timestamp, queue_name, worker_id,
-    heartbeat_timeout, dead_message_ttl, do_maintenance, max_unpack_size, ...``), and
-    ``RedisBroker._should_do_maintenance`` / ``_max_unpack_size``."""
-    consumer: Any = getattr(_dramatiq_redis, "_RedisConsumer", None)
-    if not isinstance(consumer, type):
-        return "dramatiq.brokers.redis._RedisConsumer is gone"
-    init: Any = vars(consumer).get("__init__")
-    try:
-        params = list(inspect.signature(init).parameters)
-    except (TypeError, ValueError):
-        return "_RedisConsumer.__init__ cannot be inspected"
-    if params != ["self", "broker", "queue_name", "prefetch", "timeout"]:
-        return f"_RedisConsumer.__init__ takes {params[1:]}"
-    if not isinstance(inspect.getattr_static(consumer, "outstanding_message_count", None), property):
-        return "_RedisConsumer.outstanding_message_count is not a property"
-    try:
-        source = inspect.getsource(init)
-    except (OSError, TypeError):
-        source = "self.message_cache self.queued_message_ids"  # no source shipped: trust the rest
-    if "self.message_cache" not in source or "self.queued_message_ids" not in source:
-        return "_RedisConsumer no longer keeps message_cache / queued_message_ids"
-    scripts = getattr(_dramatiq_redis, "_scripts", None)
-    dispatch = scripts.get("dispatch") if isinstance(scripts, dict) else None
-    if isinstance(dispatch, str):
-        dispatch = dispatch.encode()
-    if not isinstance(dispatch, bytes):
-        return "dramatiq.brokers.redis._scripts['dispatch'] is gone"
-    for line in (
-        b"local command = ARGV[1]",
-        b"local queue_name = ARGV[3]",
-        b"local max_unpack_size = ARGV[8]",
-    ):
-        if line not in dispatch:
-            return f"dispatch.lua no longer has {line.decode()!r}"
-    for name in ("_should_do_maintenance", "_max_unpack_size", "_dispatch"):
-        if not callable(getattr(RedisBroker, name, None)):
-            return f"RedisBroker.{name} is gone"
-    return None
-
-
-#: Why ``BlockingRedisBroker`` cannot run on the installed Dramatiq (``None``: it can).
-INTERNALS_PROBLEM = _internals_problem()
-_RedisConsumer: type[Any] = getattr(_dramatiq_redis, "_RedisConsumer", object)
+#: Why ``BlockingRedisBroker`` cannot run on the installed Dramatiq (``None``: it can); see
+#: :mod:`rpc_tasks.redis.internals`.
+INTERNALS_PROBLEM = internals.INTERNALS_PROBLEM
 
 
 _warned = False
@@ -138,6 +104,7 @@ def redis_broker(url: str, **options: Any) -> RedisBroker:
     if INTERNALS_PROBLEM is None:
         return BlockingRedisBroker(url=url, **options)
     _warn_fallback()
+    options.pop("max_message_bytes", None)
     if topology.is_topology_url(url):  # Sentinel: the shared master client (issue 18)
         kwargs, _ = topology.broker_options({"url": url, **options})
         return RedisBroker(**kwargs)
@@ -152,34 +119,16 @@ def redis_broker_path() -> str:
     return "dramatiq.brokers.redis.RedisBroker"
 
 
-#: Wake-up tokens kept per queue (more would only cause empty fetches).
-WAKE_LIST_LENGTH = 64
-
-
-def _rpc_dispatch_source() -> bytes:
-    """Dramatiq's own ``dispatch.lua`` (loaded from the installed package, not copied), wrapped
-    so that, atomically with the wrapped command,
-
-    * an ``enqueue`` also pushes a capped wake-up token;
-    * an ``ack`` given three extra arguments (reply key, reply, TTL in seconds) also pushes
-      that ``.call()`` reply with its TTL (``LPUSH`` + ``EXPIRE``).
-    """
-    body = _dramatiq_redis._scripts["dispatch"]
-    if isinstance(body, str):
-        body = body.encode()
-    return (
-        b"local function rpc_tasks_dispatch()\n" + body + b"\nend\n"
-        b"local result = rpc_tasks_dispatch()\n"
-        b"if ARGV[1] == 'enqueue' then\n"
-        b"  local wake = KEYS[1] .. ':' .. ARGV[3] .. '.wake'\n"
-        b"  redis.call('lpush', wake, '1')\n"
-        b"  redis.call('ltrim', wake, 0, " + str(WAKE_LIST_LENGTH - 1).encode() + b")\n"
-        b"elseif ARGV[1] == 'ack' and ARGV[12] then\n"
-        b"  redis.call('lpush', ARGV[10], ARGV[11])\n"
-        b"  redis.call('expire', ARGV[10], ARGV[12])\n"
-        b"end\n"
-        b"return result\n"
-    )
+#: ``BlockingRedisBroker``'s default ``heartbeat_timeout`` (ms): a worker silent that long is
+#: dead and its unacked messages are requeued (Dramatiq's default is 60 s).
+DEFAULT_HEARTBEAT_TIMEOUT_MS = 10_000
+#: Room for the envelope (options, ids) on top of ``max_payload_bytes`` in a message's size cap.
+ENVELOPE_ROOM_BYTES = 65_536
+#: Default ``max_message_bytes``: the default ``max_payload_bytes`` (1 MiB) plus the envelope.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576 + ENVELOPE_ROOM_BYTES
+#: Dispatch-script command that matches none of its branches: only the heartbeat and (asked
+#: for) the maintenance run.
+MAINTENANCE_COMMAND = "rpc_tasks_maintenance"
 
 
 def wake_key(namespace: str, queue_name: str) -> str:
@@ -201,7 +150,9 @@ class BlockingRedisBroker(RedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return _BlockingConsumer(self, queue_name, prefetch, timeout)
 
-    def _dispatch_args(self, command: str, queue_name: str, *args: Any) -> list[Any]:
+    def _dispatch_args(
+        self, command: str, queue_name: str, *args: Any, maintenance: bool | None = None
+    ) -> list[Any]:
         # The argument list of Dramatiq's dispatch script (see RedisBroker._dispatch).
         return [
             command,
@@ -210,32 +161,45 @@ class BlockingRedisBroker(RedisBroker):
             self.broker_id,
             self.heartbeat_timeout,
             self.dead_message_ttl,
-            self._should_do_maintenance(command),
-            self._max_unpack_size(),
+            internals.maintenance_flag(self, command) if maintenance is None else int(maintenance),
+            internals.max_unpack_size(self),
             *args,
         ]
 
     def _enqueue_args(self, queue_name: str, message_id: str, data: bytes) -> list[Any]:
         return self._dispatch_args("enqueue", queue_name, message_id, data)
 
-    def __init__(self, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        **kwargs: Any,
+    ) -> None:
         if INTERNALS_PROBLEM is not None:
             raise RuntimeError(
                 f"BlockingRedisBroker cannot run on Dramatiq {dramatiq.__version__}: {INTERNALS_PROBLEM}"
             )
+        kwargs.setdefault("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT_MS)
         url = kwargs.get("url")
         if isinstance(url, str) and topology.is_topology_url(url):  # scale-out (issue 18)
             kwargs, wait_replicas = topology.broker_options(kwargs, wait_replicas)
         super().__init__(**kwargs)
-        self.scripts["dispatch_rpc"] = self.client.register_script(_rpc_dispatch_source())
-        # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
-        self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
-        self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
         #: Scale-out (issue 18): after each ``.send()`` enqueue, ``WAIT`` until this many replicas
-        #: have the message (0: don't). See :meth:`_enqueue_replicated`.
+        #: have the message (0: don't); :func:`rpc_tasks.redis.dispatch.enqueue_replicated`.
         self.wait_replicas = wait_replicas
         #: How long that ``WAIT`` may take (ms) before the enqueue is reported unconfirmed.
         self.wait_timeout_ms = wait_timeout_ms
+        #: Largest message a consumer decodes (bytes); larger ones are dead-lettered unread.
+        self.max_message_bytes = max_message_bytes
+        #: Whether Dramatiq's log lines may show message params (``log_rpc_params``).
+        self.log_message_params = False
+        self._maintenance = Maintenance(self)
+        self.scripts["dispatch_rpc"] = self.client.register_script(rpc_dispatch_source())
+        # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
+        self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
+        self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
 
     def enqueue_many(self, messages: list[Message[Any]]) -> list[Message[Any]]:
         """Enqueue (without delay) many messages in one round trip; same middleware hooks as
@@ -267,34 +231,15 @@ class BlockingRedisBroker(RedisBroker):
         return prepared
 
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
-        """Dramatiq's enqueue plus a wake-up token: one script, one round trip."""
+        """Dramatiq's enqueue plus a wake-up token: one script, one round trip (with
+        ``wait_replicas``, a ``WAIT`` in the same write)."""
         if self.wait_replicas > 0:
-            return self._enqueue_replicated(queue_name, message_id, data)
+            enqueue = ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace)
+            args = self._enqueue_args(queue_name, message_id, data)
+            return enqueue_replicated(self, self.scripts["dispatch_rpc"], (*enqueue, *args))
         return self.scripts["dispatch_rpc"](
             keys=[self.namespace], args=self._enqueue_args(queue_name, message_id, data)
         )
-
-    def _enqueue_replicated(self, queue_name: str, message_id: str, data: bytes) -> Any:
-        """The enqueue script and ``WAIT wait_replicas wait_timeout_ms`` on one connection (one
-        write): returns once that many replicas have the message, so a failover to one of them
-        cannot lose it. Fewer in time: ``redis.ConnectionError`` (the caller sees
-        ``RPCConnectionError``; the message *is* enqueued on the master, so sending it again
-        may run it twice)."""
-        script = self.scripts["dispatch_rpc"]
-        args = self._enqueue_args(queue_name, message_id, data)
-        enqueue = ("EVALSHA", script.sha, 1, self.namespace, *args)
-        wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        try:
-            result, acked = pipelined(self.client, [enqueue, wait])
-        except NoScriptError:  # the server lost its script cache: load it, send both again
-            self.client.script_load(script.script)
-            result, acked = pipelined(self.client, [enqueue, wait])
-        if int(acked) < self.wait_replicas:
-            raise redis.ConnectionError(
-                f"enqueued, but {acked} of {self.wait_replicas} replicas confirmed it within "
-                f"{self.wait_timeout_ms} ms (wait_replicas)"
-            )
-        return result
 
     def _shares_redis(self, client: redis.Redis) -> bool:
         same = self._same_redis.get(client)
@@ -309,7 +254,10 @@ class BlockingRedisBroker(RedisBroker):
         channel is on the broker's Redis, the enqueue script and the ``BLPOP`` go out in one
         write (one round trip for the caller). Same middleware hooks as :meth:`enqueue`.
         ``message`` must be freshly built for this call: it gets its ``redis_message_id``
-        option in place. Returns the raw reply, ``None`` on timeout."""
+        option in place. Returns the raw reply, ``None`` on timeout (and without enqueueing
+        when ``timeout`` already ran out)."""
+        if timeout <= 0:
+            return None  # already expired (e.g. slow params validation): nothing is enqueued
         if not self._shares_redis(channel.client):
             self.enqueue(message)
             return channel.wait(key, timeout)
@@ -351,8 +299,17 @@ class BlockingRedisBroker(RedisBroker):
         if reply is None:  # Dramatiq's own ack/nack
             getattr(self, f"do_{command}")(queue_name, redis_message_id)
             return
-        self._dispatch_pinned(command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc")
+        outcome = self._dispatch_pinned(
+            command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc"
+        )
         self._pending_replies.pop(redis_message_id, None)
+        if isinstance(outcome, bytes) and outcome.startswith(b"rpc_reply_failed"):
+            logger.error(
+                "Message %s was acked but its reply could not be pushed to %r (%s); no TTL was set.",
+                redis_message_id,
+                reply[0],
+                outcome.decode(errors="replace").partition(": ")[2],
+            )
 
     def _dispatch_pinned(
         self, command: str, queue_name: str, *args: Any, script_name: str = "dispatch"
@@ -360,12 +317,7 @@ class BlockingRedisBroker(RedisBroker):
         """Dramatiq's dispatch script (or our wrapper of it) on this thread's own connection
         (worker and consumer threads are long-lived; a pool checkout costs a readiness poll and
         two getpid calls)."""
-        script = self.scripts[script_name]
-        full = self._dispatch_args(command, queue_name, *args)
-        try:
-            return pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *full)], pinned=True)[0]
-        except NoScriptError:  # the server lost its script cache: load it and run it again
-            return script(keys=[self.namespace], args=full)
+        return self._dispatch_pinned_args(self._dispatch_args(command, queue_name, *args), script_name)
 
     def do_ack(self, queue_name: str, redis_message_id: str) -> Any:
         """Dramatiq's ``ack`` (same script), on the calling thread's own connection."""
@@ -379,23 +331,96 @@ class BlockingRedisBroker(RedisBroker):
         """Forget a deferred reply whose ack failed for good."""
         self._pending_replies.pop(redis_message_id, None)
 
-    def wait_and_fetch(self, queue_name: str, count: int, seconds: float) -> list[bytes]:
+    def fetch_with_ids(self, queue_name: str, count: int) -> list[tuple[str, bytes | None]]:
+        """Fetch up to ``count`` messages of ``queue_name`` now: (Redis id, data) pairs (data
+        ``None`` for an id whose message is gone)."""
+        args = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
+        return fetched_pairs(self._dispatch_pinned_args(args, "dispatch_rpc"))
+
+    def wait_and_fetch(
+        self, queue_name: str, count: int, seconds: float, *, exact: bool = False
+    ) -> list[tuple[str, bytes | None]] | None:
         """Block up to ``seconds`` for a wake-up token of ``queue_name``, then fetch up to
-        ``count`` messages, in one round trip: ``BLPOP`` and Dramatiq's fetch script are
-        pipelined on one connection, so Redis runs the fetch the moment the ``BLPOP`` returns
-        (with a token or on its timeout, which doubles as the idle heartbeat)."""
-        script = self.scripts["dispatch"]
+        ``count`` messages, in one round trip: ``BLPOP`` and the fetch script are pipelined on
+        one connection, so Redis runs the fetch the moment the ``BLPOP`` returns (with a token
+        or on its timeout, which doubles as the idle heartbeat). Returns (Redis id, data)
+        pairs. ``exact`` (the delay-queue consumer waiting for an eta it holds): the wait is
+        cut on the client side at ``seconds`` (Redis times blocking commands out only every
+        ``1/hz`` s, 100 ms by default) by dropping the connection, which cancels the ``BLPOP``
+        and the fetch behind it; then ``None`` is returned."""
+        script = self.scripts["dispatch_rpc"]
         timeout = max(0.001, round(seconds, 3))
+        fetch = self._dispatch_args("fetch", queue_name, count, "ids", maintenance=False)
         commands = [
             ("BLPOP", wake_key(self.namespace, queue_name), timeout),
-            ("EVALSHA", script.sha, 1, self.namespace, *self._dispatch_args("fetch", queue_name, count)),
+            ("EVALSHA", script.sha, 1, self.namespace, *fetch),
         ]
         try:
+            if exact:
+                return self._wait_exactly(commands, timeout)
             # Waited for with the BLPOP's own timeout, whatever the client's socket_timeout.
-            messages = pipelined(self.client, commands, pinned=True, wait=timeout)[1]
+            return fetched_pairs(pipelined(self.client, commands, pinned=True, wait=timeout)[1])
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
-            messages = self.do_fetch(queue_name, count)
-        return list(messages or [])
+            return fetched_pairs(script(keys=[self.namespace], args=fetch))
+
+    def _wait_exactly(
+        self, commands: list[tuple[Any, ...]], timeout: float
+    ) -> list[tuple[str, bytes | None]] | None:
+        conn: Any = thread_connection(self.client)
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            if not wait_readable(conn, time.monotonic() + timeout):
+                conn.disconnect()  # cancels the BLPOP and the fetch queued behind it
+                return None
+            conn.read_response()
+            result = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        return fetched_pairs(result)
+
+    def _dispatch_pinned_args(self, full: list[Any], script_name: str) -> Any:
+        script = self.scripts[script_name]
+        try:
+            return pipelined(self.client, [("EVALSHA", script.sha, 1, self.namespace, *full)], pinned=True)[0]
+        except NoScriptError:  # the server lost its script cache: load it and run it again
+            return script(keys=[self.namespace], args=full)
+
+    # -- maintenance -----------------------------------------------------------------------------
+
+    def requeue_strays(self, queue_name: str, held: set[str]) -> int:
+        """Requeue the messages of this worker's ack set for ``queue_name`` that its consumer
+        does not hold (``held``): a fetch whose reply was lost on a broken connection left
+        them there, and with this process's heartbeat alive nothing else would requeue them.
+        Returns how many were requeued (Dramatiq's ``requeue`` command)."""
+        acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        members = {m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(acks)}
+        strays = sorted(members - held)
+        if strays:
+            logger.warning(
+                "Requeueing %d message(s) of queue %r fetched on a lost reply.", len(strays), queue_name
+            )
+            self.do_requeue(queue_name, *strays)
+        return len(strays)
+
+    def watch_queue(self, queue_name: str) -> None:
+        """Include ``queue_name`` in this process's periodic maintenance (called by each
+        consumer; starts the maintenance thread on first use)."""
+        self._maintenance.watch(queue_name)
+
+    def run_maintenance(self, queue_name: str) -> None:
+        """Run Dramatiq's maintenance for ``queue_name`` now, through Dramatiq's own dispatch
+        script: requeue the unacked messages of workers whose heartbeat is older than
+        ``heartbeat_timeout``, drop expired dead letters; also refreshes this process's
+        heartbeat."""
+        self._dispatch_pinned_args(
+            self._dispatch_args(MAINTENANCE_COMMAND, queue_name, maintenance=True), "dispatch"
+        )
+
+    def close(self) -> None:
+        """Stop the maintenance thread, then close as Dramatiq does."""
+        self._maintenance.stop()
+        super().close()
 
     # -- async callers (rpc_tasks.aio) ----------------------------------------------------------
 
@@ -412,109 +437,3 @@ class BlockingRedisBroker(RedisBroker):
         self.emit_before("enqueue", message, None)
         args = self._enqueue_args(message.queue_name, rid, message.encode())
         return ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace, *args)
-
-
-class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
-    message_cache: list[bytes]
-
-    def __init__(self, broker: BlockingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        # timeout=0 turns Dramatiq's idle sleep into sleep(0); we block on the wake list instead.
-        super().__init__(broker, queue_name, prefetch, 0)
-        self.broker: BlockingRedisBroker = broker
-        self.block_seconds = max(0.001, timeout / 1000.0)
-        self.is_delay_queue = queue_name.endswith(".DQ")
-        self._room = threading.Event()
-        self._etas: dict[str, float] = {}
-        self._lock = threading.Lock()
-        # True once a fetch returned fewer messages than asked for: the queue was empty then,
-        # and every later enqueue pushes a wake-up token, so the next fetch may block first.
-        self._drained = False
-        self._handed_off = False
-
-    def _block_for(self) -> float:
-        if not self.is_delay_queue:
-            return self.block_seconds
-        with self._lock:
-            earliest = min(self._etas.values(), default=None)
-        if earliest is None:
-            return self.block_seconds
-        return max(0.0, min(self.block_seconds, earliest - time.time()))
-
-    def _fetch(self, room: int) -> list[bytes] | None:
-        """Fetch up to ``room`` messages; ``None`` when it slept until a delayed message's eta."""
-        if not self._drained:
-            return list(self.broker.do_fetch(self.queue_name, room) or [])
-        if self._handed_off:
-            # The last message was just put on the work queue and this thread is about to
-            # block: let the worker thread woken for it take the GIL now rather than at this
-            # thread's next I/O (halves the hand-over here, ~120 -> ~60 us).
-            self._handed_off = False
-            time.sleep(0)  # releases the GIL
-        block = self._block_for()
-        if self.is_delay_queue and block < self.block_seconds:
-            # Waiting for a known eta: sleep exactly (Redis times out blocking commands only
-            # every 1/hz s, 100 ms by default, which would bunch delayed messages together).
-            time.sleep(block)
-            self._drained = False
-            return None
-        return self.broker.wait_and_fetch(self.queue_name, room, block)
-
-    def __next__(self) -> Any:
-        if not self.message_cache:
-            room = self.prefetch - self.outstanding_message_count
-            if room <= 0:
-                # Saturated: wait until one of our messages is acked/nacked (or the timeout).
-                self._room.clear()
-                if self.outstanding_message_count >= self.prefetch:
-                    self._room.wait(self._block_for())
-                self._drained = False
-                return None
-            try:
-                messages = self._fetch(room)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise ConnectionClosed(exc) from None
-            if messages is None:
-                return None
-            self._drained = len(messages) < room
-            if not messages:
-                return None
-            self.message_cache = messages
-        # Dramatiq's own path takes the message from the cache (decode, bookkeeping).
-        message = super().__next__()
-        self._handed_off = message is not None
-        if message is not None and self.is_delay_queue:
-            eta = message.options.get("eta")
-            if isinstance(eta, (int, float)):
-                with self._lock:
-                    self._etas[message.message_id] = eta / 1000.0
-        return message
-
-    def _done(self, message: Any) -> None:
-        if self.is_delay_queue:
-            with self._lock:
-                self._etas.pop(message.message_id, None)
-        self._room.set()
-
-    def ack(self, message: Any) -> None:
-        self._finish("ack", message)
-
-    def nack(self, message: Any) -> None:
-        self._finish("nack", message)
-
-    def _finish(self, command: str, message: Any) -> None:
-        redis_message_id = message.options["redis_message_id"]
-        try:
-            # The current queue may differ from message.queue_name (delayed messages): finish
-            # on the consumer's queue, as Dramatiq does.
-            self.broker.finish(command, self.queue_name, redis_message_id)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Dramatiq retries post-processing on connection errors: keep the deferred reply.
-            raise ConnectionClosed(exc) from None
-        except (ConnectionClosed, ConnectionFailed):
-            raise
-        except BaseException:
-            self.broker.drop_deferred_reply(redis_message_id)
-            raise
-        finally:
-            self.queued_message_ids.discard(message.message_id)
-            self._done(message)

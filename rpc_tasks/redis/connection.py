@@ -43,8 +43,9 @@ def make_redis(
     pool_timeout: float = 10.0,
     **kwargs: Any,
 ) -> redis.Redis:
-    """A redis-py client on a *blocking* pool: when all ``max_connections`` are busy, callers
-    wait up to ``pool_timeout`` seconds for one instead of failing with "Too many connections".
+    """A redis-py client on a *blocking* pool (a :class:`DeadlinePool`): when all
+    ``max_connections`` are busy, callers wait up to ``pool_timeout`` seconds for one (a
+    ``.call()`` no longer than its deadline) instead of failing with "Too many connections".
     Works with ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs, with AUTH in the URL, and
     with the Sentinel and Cluster forms of :mod:`rpc_tasks.redis.topology`.
     """
@@ -59,10 +60,41 @@ def make_redis(
     }
     options.update(kwargs)
     try:
-        pool = redis.BlockingConnectionPool.from_url(url, **options)
+        pool = DeadlinePool.from_url(url, **options)
     except (ValueError, RedisError) as exc:
         raise RPCConnectionError(f"bad Redis URL {redact_url(url)!r}: {exc}") from None
     return redis.Redis(connection_pool=pool)
+
+
+class DeadlinePool(redis.BlockingConnectionPool):
+    """redis-py's ``BlockingConnectionPool`` whose wait for a free connection can be cut short
+    per checkout (:func:`checkout`): a ``.call()`` never waits for a connection past its own
+    deadline, whatever ``pool_timeout`` says."""
+
+    _override = threading.local()
+
+    @property
+    def timeout(self) -> float | None:
+        override: float | None = getattr(DeadlinePool._override, "timeout", None)
+        return self._default_timeout if override is None else override
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._default_timeout = value
+
+
+def checkout(pool: Any, timeout: float) -> Any:
+    """A connection of ``pool``, waiting at most ``timeout`` seconds for a free one when the
+    pool is a :class:`DeadlinePool` (other pools wait as they were configured to); raises
+    ``redis.ConnectionError`` when none is free in time."""
+    if not isinstance(pool, DeadlinePool):
+        return pool.get_connection()
+    own = pool._default_timeout
+    DeadlinePool._override.timeout = max(0.0, min(timeout, own if own is not None else timeout))
+    try:
+        return cast(Any, pool).get_connection()
+    finally:
+        DeadlinePool._override.timeout = None
 
 
 def client_from_config(config: WebSocketRPCConfig) -> redis.Redis:
@@ -74,10 +106,12 @@ def client_from_config(config: WebSocketRPCConfig) -> redis.Redis:
     )
 
 
+_PLAIN_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
+
+
 #: Pool and connection classes whose ``connection_kwargs`` name the server they talk to.
 #: Other pools (e.g. Sentinel's, which discovers its server) never count as "the same Redis".
-_PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
-_PLAIN_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
+_PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool, DeadlinePool)
 
 
 def same_redis(a: redis.Redis, b: redis.Redis) -> bool:
@@ -236,19 +270,37 @@ def _read_takes_timeout(conn: Any) -> bool:
 def _read_blocking_reply(conn: Any, wait: float | None) -> Any:
     """Read the reply of a command that blocks on the server for up to ``wait`` seconds, with
     some slack, whatever the client's ``socket_timeout`` (which would otherwise cut every long
-    block short): no reply by then raises ``redis.TimeoutError``. Without a socket timeout that
-    short it is a plain read (no extra syscalls)."""
+    block short, or, when it is ``None``, let a half-open connection hang the reader forever):
+    no reply by then raises ``redis.TimeoutError``. With a socket timeout at least that long
+    it is a plain read (no extra syscalls), bounded by that timeout."""
     if wait is None:
         return conn.read_response()
     limit = wait + SERVER_SLACK_SECONDS
     socket_timeout = getattr(conn, "socket_timeout", None)
-    if socket_timeout is None or socket_timeout >= limit:
+    if socket_timeout is not None and socket_timeout >= limit:
         return conn.read_response()
     if _read_takes_timeout(conn):  # redis-py 8: the whole reply is read with that timeout
         return conn.read_response(timeout=limit)
     if not wait_readable(conn, time.monotonic() + limit):  # older redis-py: the first bytes
+        conn.disconnect()  # the reply may still come: never reuse this connection
         raise redis.TimeoutError(f"no reply from Redis within {limit:.3f}s")
     return conn.read_response()
+
+
+def _ensure_fresh(conn: Any) -> bool:
+    """Drop ``conn``'s socket if it is already readable before anything was sent on it: the
+    server closed it (a restart, an idle timeout, ``CLIENT KILL``) or it holds stray bytes.
+    The next send then reconnects. This is what makes a replay unnecessary: a command is sent
+    once, on a connection that was alive a moment before. True when it was dropped."""
+    if getattr(conn, "_sock", None) is None:
+        return False
+    try:
+        stale = conn.can_read(timeout=0)
+    except (redis.ConnectionError, OSError):
+        stale = True
+    if stale:
+        conn.disconnect()
+    return bool(stale)
 
 
 def pipelined(
@@ -262,10 +314,18 @@ def pipelined(
     non-transactional pipeline (no per-command objects), for the hot paths. A blocking command
     may come first (give its server-side timeout as ``wait``); the ones after it run when it
     returns. An error reply is raised after all replies were read (the connection stays
-    usable). A connection error is retried once on a fresh connection (a pooled connection may
-    be stale after a Redis restart); a timeout is not (the commands may have run). ``pinned``:
-    use this thread's own connection (see :func:`thread_connection`) instead of the pool.
-    On a Redis Cluster client: on the node owning the first command's key, following moved slots."""
+    usable). ``pinned``: use this thread's own connection (see :func:`thread_connection`)
+    instead of the pool. On a Redis Cluster client: on the node owning the first command's key,
+    following moved slots.
+
+    Commands are never replayed: a connection error after the write may come after the server
+    ran them (a reset after the reply), and the hot paths' commands (an enqueue, an ack with
+    its reply, a fetch) must not run twice. Instead a connection the server already closed (a
+    restart, ``CLIENT KILL``) is detected before the write (its socket is readable) and
+    replaced, so a stale kept connection costs no error; any other connection error is raised
+    (as ``redis.ConnectionError``) for the caller to handle. A kept connection that failed goes
+    back to the pool: the next checkout from a Sentinel pool asks where the master is now (a
+    reconnect on send would not)."""
     if topology.is_cluster(client):  # scale-out (issue 18): route, then the plain path below
         key = topology.slot_key(client, commands[0]) or ""
         deadline = time.monotonic() + (wait or 0.0) + CLUSTER_REDIRECT_SECONDS
@@ -273,40 +333,36 @@ def pipelined(
             client, key, lambda node: pipelined(node, commands, pinned=pinned, wait=wait), deadline
         )
     pool = client.connection_pool
-    for attempt in (1, 2):
-        conn: Any = thread_connection(client) if pinned else pool.get_connection()
-        replies: list[Any] = []
-        try:
-            conn.send_packed_command(pack(conn, commands))
-            for index in range(len(commands)):
-                try:
-                    replies.append(_read_blocking_reply(conn, wait) if index == 0 else conn.read_response())
-                except redis.ResponseError as exc:  # fully read: the connection stays usable
-                    replies.append(exc)
-        except redis.ConnectionError:
-            conn.disconnect()
-            if pinned:  # a fresh one from the pool: a Sentinel pool's checkout asks where the
-                _unpin(client, conn)  # master is now (a reconnect on send would not, issue 18)
-            if attempt == 2:
-                raise
-            continue
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            if not pinned:
-                pool.release(conn)
-        for reply in replies:
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-        return replies
-    raise AssertionError("unreachable")  # pragma: no cover
+    conn: Any = thread_connection(client) if pinned else pool.get_connection()
+    replies: list[Any] = []
+    try:
+        if pinned and _ensure_fresh(conn):  # pool checkouts run the same check themselves
+            _unpin(client, conn)
+            conn = thread_connection(client)
+        conn.send_packed_command(pack(conn, commands))
+        for index in range(len(commands)):
+            try:
+                replies.append(_read_blocking_reply(conn, wait) if index == 0 else conn.read_response())
+            except redis.ResponseError as exc:  # fully read: the connection stays usable
+                replies.append(exc)
+    except BaseException as exc:
+        conn.disconnect()
+        if pinned and isinstance(exc, redis.ConnectionError):
+            _unpin(client, conn)
+        raise
+    finally:
+        if not pinned:
+            pool.release(conn)
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return replies
 
 
 def blocking_command(client: redis.Redis, *args: Any, wait: float, pinned: bool = False) -> Any:
     """One command that blocks on the server for up to ``wait`` seconds (e.g. ``XREADGROUP
     ... BLOCK``), sent with :func:`pipelined` (so waited for whatever the client's
-    ``socket_timeout``, a connection error retried once, a timeout not); its reply parsed by
+    ``socket_timeout``, never replayed); its reply parsed by
     ``client``'s response callback for the command, as ``client.execute_command`` parses it
     without options. ``pinned``: on this thread's own connection."""
     response = pipelined(client, [args], pinned=pinned, wait=wait)[0]

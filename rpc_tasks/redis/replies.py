@@ -1,7 +1,9 @@
 """Reply lists in Redis: the one place a reply is pushed and waited for.
 
-``ReplyChannel.push`` writes a reply and its TTL atomically (``MULTI``/``LPUSH``/``EXPIRE``/
-``EXEC``), so a reply key never exists without a TTL. ``ReplyChannel.wait`` pops the reply with
+``ReplyChannel.push`` writes a reply and its TTL atomically, in one small script
+(:data:`PUSH_REPLY_LUA`) that runs ``EXPIRE`` only when the ``LPUSH`` succeeded: a reply key
+never exists without a TTL, and a key of another type under the reply prefix is left exactly
+as it was (the push fails with Redis's ``WRONGTYPE`` error). ``ReplyChannel.wait`` pops the reply with
 ``BLPOP`` (float timeout, millisecond precision) and deletes the key in the same round trip.
 Every redis-py exception is turned into :class:`~rpc_tasks.exceptions.RPCConnectionError`.
 """
@@ -24,6 +26,7 @@ from .connection import (
     CLUSTER_REDIRECT_SECONDS,
     MIN_BLOCK_SECONDS,
     SERVER_SLACK_SECONDS,
+    checkout,
     client_from_config,
     pack,
     wait_readable,
@@ -31,11 +34,25 @@ from .connection import (
 
 logger = logging.getLogger(__name__)
 
+#: How far past the deadline the reply to the command sent ahead of the ``BLPOP`` is waited for.
+FIRST_REPLY_SLACK_SECONDS = 0.02
+
+
+#: ``LPUSH`` a reply and, only if that succeeded, ``EXPIRE`` its key (KEYS[1]; ARGV: reply, TTL).
+PUSH_REPLY_LUA = """
+local pushed = redis.pcall('lpush', KEYS[1], ARGV[1])
+if type(pushed) == 'table' and pushed.err then
+  return redis.error_reply(pushed.err)
+end
+redis.call('expire', KEYS[1], ARGV[2])
+return pushed
+"""
+
 
 def queue_reply(pipe: Any, key: str, payload: bytes, ttl: int) -> None:
-    """Add a reply (``LPUSH`` + ``EXPIRE``) to a ``MULTI`` pipeline."""
-    pipe.lpush(key, payload)
-    pipe.expire(key, ttl)
+    """Add a reply push (``LPUSH``, then ``EXPIRE`` only if it succeeded, atomically) to a
+    pipeline; its error reply (e.g. ``WRONGTYPE``) is the pipeline's result for it."""
+    pipe.eval(PUSH_REPLY_LUA, 1, key, payload, ttl)
 
 
 class ReplyChannel:
@@ -53,6 +70,7 @@ class ReplyChannel:
         self.prefix = prefix
         self.ttl = ttl
         self.max_bytes = max_bytes
+        self._push_script = client.register_script(PUSH_REPLY_LUA)
 
     @classmethod
     def from_config(cls, config: WebSocketRPCConfig, client: redis.Redis | None = None) -> ReplyChannel:
@@ -69,9 +87,10 @@ class ReplyChannel:
         return reply_key(self.prefix, correlation_id)
 
     def push(self, key: str, payload: bytes) -> None:
-        """``LPUSH`` + ``EXPIRE`` in one transaction (never a key without a TTL)."""
+        """``LPUSH`` + ``EXPIRE`` atomically, the ``EXPIRE`` only when the ``LPUSH`` succeeded
+        (never a key without a TTL, never a TTL on someone else's key); one round trip."""
         try:
-            # scale-out (issue 18): on a cluster, the transaction runs on the key's node
+            # scale-out (issue 18): on a cluster, the push runs on the key's node
             client = topology.node_client(self.client, key)
             if client is not self.client:
                 deadline = time.monotonic() + min(self.ttl, CLUSTER_REDIRECT_SECONDS)
@@ -79,11 +98,9 @@ class ReplyChannel:
                     self.client, key, lambda node: self._push_on(node, key, payload), deadline
                 )
                 return
-            with client.pipeline(transaction=True) as pipe:
-                queue_reply(pipe, key, payload, self.ttl)
-                pipe.execute()
+            self._push_script(keys=[key], args=[payload, self.ttl])
         except RedisError as exc:
-            raise RPCConnectionError(f"could not push reply to Redis: {exc}") from exc
+            raise RPCConnectionError(f"could not push reply to {key!r}: {exc}") from exc
 
     def _push_on(self, node: redis.Redis, key: str, payload: bytes) -> None:
         """``push`` on one cluster node (scale-out, issue 18); ``MOVED``/``ASK`` raised as such."""
@@ -190,16 +207,23 @@ class ReplyChannel:
             commands.append(follow_up)
         pool = client.connection_pool
         try:
-            conn: Any = pool.get_connection()
+            # A free connection is waited for until the deadline at most (nothing is sent,
+            # in particular no enqueue, when none came in time).
+            conn: Any = checkout(pool, wait_for)
         except RedisError as exc:
+            if time.monotonic() >= deadline:
+                return None
             raise RPCConnectionError(f"no Redis connection for the reply: {exc}") from exc
         failed_first: BaseException | None = None
         try:
-            conn.send_packed_command(pack(conn, commands))
+            # No health-check PING (it would wait for the socket timeout on a frozen Redis):
+            # the deadline-bounded wait below is the liveness check.
+            conn.send_packed_command(pack(conn, commands), check_health=False)
             if first is not None:
-                # The outcome of ``first`` (e.g. "enqueued") is read even when the deadline
-                # passes before it (a very short timeout), so that ``on_first`` still runs.
-                if not wait_readable(conn, deadline + SERVER_SLACK_SECONDS):
+                # The outcome of ``first`` (e.g. "enqueued") is read until a few ms past the
+                # deadline (a very short timeout), so that ``on_first`` runs; a frozen Redis
+                # does not hold the caller longer than that.
+                if not wait_readable(conn, deadline + FIRST_REPLY_SLACK_SECONDS):
                     conn.disconnect()
                     return None
                 try:

@@ -299,7 +299,12 @@ def test_call_with_a_tiny_timeout_still_runs_after_enqueue_hooks(redis_url: str)
     for _ in range(20):
         with pytest.raises(RPCTimeoutError):
             echo.call(EchoParams(message="x"), timeout=0.0001)
-    assert hooks.events == ["before:True", "after"] * 20
+        with pytest.raises(RPCTimeoutError):
+            echo.call(EchoParams(message="x"), timeout=0.05)  # enqueued, then timed out
+    # A call already expired before its enqueue enqueues nothing and runs no hook.
+    enqueued = broker.do_qsize(echo.queue_name)
+    assert enqueued >= 20
+    assert hooks.events == ["before:True", "after"] * enqueued
 
 
 def test_fork_while_other_threads_keep_connections(redis_url: str) -> None:

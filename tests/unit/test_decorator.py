@@ -33,7 +33,7 @@ from rpc_tasks import (
     setup_broker,
 )
 from rpc_tasks.exceptions import RPCConfigurationError
-from rpc_tasks.middleware import RPCRateLimits, RPCReplies, RPCRetries
+from rpc_tasks.middleware import RPCIdempotency, RPCRateLimits, RPCReplies, RPCRetries
 from rpc_tasks.models import RPCErrorCode
 
 CONFIG = WebSocketRPCConfig(redis_url="redis://127.0.0.1:6379/9")
@@ -508,8 +508,16 @@ def test_install_middleware_copies_retries_settings() -> None:
     broker = StubBroker(middleware=[AgeLimit(), plain, TimeLimit()])
     install_middleware(broker, CONFIG)
     kinds = [type(m) for m in broker.middleware]
-    assert kinds == [RPCReplies, RPCRateLimits, AgeLimit, RPCRetries, TimeLimit, AsyncIO]  # replaced in place
-    retries = broker.middleware[3]
+    assert kinds == [
+        RPCReplies,
+        RPCRateLimits,
+        RPCIdempotency,
+        AgeLimit,
+        RPCRetries,
+        TimeLimit,
+        AsyncIO,
+    ]  # in place
+    retries = broker.middleware[4]
     assert isinstance(retries, RPCRetries)
     assert retries.max_retries == 3
     assert retries.min_backoff == 123
@@ -522,6 +530,12 @@ def test_install_middleware_copies_retries_settings() -> None:
 def test_install_middleware_on_empty_broker() -> None:
     broker = StubBroker(middleware=[])
     install_middleware(broker, CONFIG)
-    assert [type(m) for m in broker.middleware] == [RPCReplies, RPCRateLimits, RPCRetries, AsyncIO]
+    assert [type(m) for m in broker.middleware] == [
+        RPCReplies,
+        RPCRateLimits,
+        RPCIdempotency,
+        RPCRetries,
+        AsyncIO,
+    ]
     assert "max_retries" in broker.actor_options
     assert check_broker(broker) == []

@@ -16,6 +16,7 @@ import rpc_tasks
 import rpc_tasks.middleware
 from rpc_tasks.contrib.django import dramatiq_broker_settings
 from rpc_tasks.redis import broker as broker_module
+from rpc_tasks.redis import internals
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +45,7 @@ def test_middleware_paths_name_the_package_inside_rpc_tasks() -> None:
     assert ours == [
         "rpc_tasks.middleware.RPCReplies",
         "rpc_tasks.middleware.RPCRateLimits",
+        "rpc_tasks.middleware.RPCIdempotency",
         "rpc_tasks.middleware.RPCRetries",
     ]
     assert dramatiq_broker_settings("redis://localhost:6379/0")["MIDDLEWARE"][: len(paths)] == paths
@@ -70,7 +72,7 @@ def test_installed_dramatiq_has_the_internals_the_blocking_broker_relies_on() ->
 )
 def test_changed_dramatiq_internals_are_detected(monkeypatch: pytest.MonkeyPatch, change, expected) -> None:  # type: ignore[no-untyped-def]
     change(monkeypatch)
-    problem = broker_module._internals_problem()
+    problem = internals.internals_problem()
     assert problem is not None and expected in problem
 
 
@@ -142,3 +144,32 @@ def test_no_import_cycles_in_rpc_tasks_or_middleware() -> None:
         if start not in state:
             visit(start, [start])
     assert cycles == []
+
+
+def test_only_the_internals_module_touches_dramatiqs_private_names() -> None:
+    """``from dramatiq... import _name`` or ``<dramatiq module alias>._name`` anywhere in
+    rpc_tasks but rpc_tasks/redis/internals.py fails this test."""
+    offenders = []
+    for path in (ROOT / "rpc_tasks").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "dramatiq":
+                for alias in node.names:
+                    if alias.name.startswith("_"):
+                        offenders.append(f"{path.relative_to(ROOT)}: imports {node.module}.{alias.name}")
+                    aliases.add(alias.asname or alias.name)
+            elif isinstance(node, ast.Import):
+                aliases |= {
+                    a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("dramatiq")
+                }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert [o for o in offenders if not o.startswith("rpc_tasks/redis/internals.py")] == []
