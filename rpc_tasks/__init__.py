@@ -15,11 +15,12 @@
     result = await echo.acall(EchoParams(message="hi"), timeout=2.5)  # in a coroutine
 """
 
-from .actor import RPCActor, find_replies_middleware, rpc_actor
+from .actor import RPCActor, find_replies_middleware
 from .aio import AsyncWebSocketRPCClient, aclose_loop_connections, get_async_rpc_client
 from .broker_setup import check_broker, install_middleware, middleware_paths, setup_broker
 from .config import WebSocketRPCConfig, get_config, redact_url
 from .context import current_message
+from .decorator import rpc_actor
 from .exceptions import (
     RPCConfigurationError,
     RPCConnectionError,

@@ -8,41 +8,30 @@ reply address and the caller's deadline (see :mod:`rpc_tasks.protocol`).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Generic, Protocol, TypeVar, cast, overload
+from typing import Any, Generic, TypeVar, cast
 
 import dramatiq
 from pydantic import BaseModel, ValidationError
 
+from . import calls as _calls
 from . import context, metrics, protocol
 from .aio import calls as _aio_calls
-from .broker_setup import install_asyncio
-from .enqueue import ENQUEUE_ERRORS as _ENQUEUE_ERRORS
 from .enqueue import enqueue_retrying
 from .exceptions import (
     RPCConfigurationError,
-    RPCConnectionError,
-    RPCException,
     RPCRemoteError,
-    RPCTimeoutError,
 )
 from .middleware.idempotency import STORED_RESULT
-from .middleware.ratelimits import parse_rate
 from .middleware.replies import RPCReplies
 from .models.errors import RPCError, RPCErrorCode
-from .signatures import MISSING, infer_models
 
 logger = logging.getLogger(__name__)
 
 TParams = TypeVar("TParams", bound=BaseModel)
 TResult = TypeVar("TResult", bound="BaseModel | None")
-
-_PENDING: Any = object()
 
 
 def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
@@ -57,46 +46,6 @@ def find_replies_middleware(broker: dramatiq.Broker) -> RPCReplies:
         "@rpc_actor functions (or setup_broker(broker) for a broker you built; with "
         "django-dramatiq, DRAMATIQ_BROKER = rpc_tasks.contrib.django.dramatiq_broker_settings(url))."
     )
-
-
-def _collect_replies(
-    channel: Any, key: str, deadline: float, ids: list[str], max_bytes: int, result_model: Any
-) -> tuple[list[Any], RPCConnectionError | None]:
-    """``call_many``'s drain: the outcome of each message id (``_PENDING`` if none came by
-    ``deadline``) and the connection error that was still going on at the deadline, if any.
-    When the reply connection drops, the replies drained so far are kept and the others (still
-    in Redis) are waited for on a new connection."""
-    index = {message_id: i for i, message_id in enumerate(ids)}
-    outcomes: list[Any] = [_PENDING] * len(ids)
-    pending = len(ids)
-    lost: RPCConnectionError | None = None
-    while pending:
-        left = deadline - time.time()
-        if left <= 0:
-            break
-        try:
-            drained = channel.wait_many(key, left, pending)
-        except RPCConnectionError as exc:
-            lost = exc
-            time.sleep(min(0.05, max(0.0, deadline - time.time())))
-            continue
-        lost = None
-        for raw in drained:
-            try:
-                response = protocol.decode_response(raw, max_bytes=max_bytes)
-            except RPCException:
-                continue
-            i = index.get(response.correlation_id)
-            if i is None or outcomes[i] is not _PENDING:
-                continue
-            pending -= 1
-            if not response.success:
-                outcomes[i] = RPCRemoteError(response.error or RPCError(message="remote call failed"))
-            elif result_model is None:
-                outcomes[i] = None
-            else:
-                outcomes[i] = result_model.model_validate(response.result)
-    return outcomes, lost
 
 
 class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
@@ -238,37 +187,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         the structured error when the actor failed for good, :class:`RPCConnectionError` when
         Redis/the broker is unreachable.
         """
-        replies = self._replies()
-        config = replies.config
-        timeout = protocol.check_timeout(timeout, config.rpc_timeout)
-        started = time.time()
-        delay = options.pop("delay", None)
-        message = self.message_with_options(args=(params,), **options)
-        channel = replies.channel
-        key = channel.key_for(message.message_id)
-        deadline = protocol.deadline_from_timeout(timeout, started)
-        # The message was just built here and nobody else holds it: add the reply address and
-        # deadline in place (a copy costs a dataclass round trip on every call).
-        message.options[protocol.OPTION_REPLY_TO] = key
-        message.options[protocol.OPTION_DEADLINE] = deadline
-        enqueue_and_wait = getattr(self.broker, "enqueue_and_wait", None)
-        if enqueue_and_wait is not None and delay is None:
-            # BlockingRedisBroker: enqueue and BLPOP in one round trip.
-            try:
-                raw = enqueue_and_wait(message, channel, key, deadline - time.time())
-            except _ENQUEUE_ERRORS as exc:
-                raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
-        else:
-            self._enqueue(message, delay)
-            raw = channel.wait(key, deadline - time.time())
-        if raw is None:
-            raise RPCTimeoutError(self.actor_name, timeout)
-        response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
-        if not response.success:
-            raise RPCRemoteError(response.error or RPCError(message="remote call failed"))
-        if self.result_model is None:
-            return cast(TResult, None)
-        return cast(TResult, self.result_model.model_validate(response.result))
+        return cast(TResult, _calls.call(self, params, timeout, options))
 
     def call_many(
         self,
@@ -291,46 +210,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         still in Redis); calls still unanswered at the deadline because Redis stayed
         unreachable get an ``RPCConnectionError``.
         """
-        replies = self._replies()
-        config = replies.config
-        timeout = protocol.check_timeout(timeout, config.rpc_timeout)
-        started = time.time()
-        delay = options.pop("delay", None)
-        messages = [self.message_with_options(args=(p,), **options) for p in params_list]
-        if not messages:
-            return []
-        channel = replies.channel
-        key = channel.key_for(f"batch-{messages[0].message_id}")
-        deadline = protocol.deadline_from_timeout(timeout, started)
-        extra = {protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: deadline}
-        batch = [message.copy(options={**message.options, **extra}) for message in messages]
-        enqueue_many = getattr(self.broker, "enqueue_many", None)
-        if enqueue_many is not None and delay is None:
-            try:
-                enqueue_many(batch)
-            except _ENQUEUE_ERRORS as exc:
-                raise RPCConnectionError(f"could not enqueue {self.actor_name!r}: {exc}") from exc
-        else:
-            for message in batch:
-                self._enqueue(message, delay)
-        outcomes, lost = _collect_replies(
-            channel,
-            key,
-            deadline,
-            [m.message_id for m in messages],
-            config.max_payload_bytes,
-            self.result_model,
-        )
-        channel.discard(key)
-        for i, outcome in enumerate(outcomes):
-            if outcome is _PENDING:
-                # Redis still unreachable at the deadline: say so rather than "timed out".
-                outcomes[i] = lost if lost is not None else RPCTimeoutError(self.actor_name, timeout)
-        if not return_exceptions:
-            for outcome in outcomes:
-                if isinstance(outcome, RPCException):
-                    raise outcome
-        return outcomes
+        return _calls.call_many(self, params_list, timeout, return_exceptions, options)
 
     # -- execution -----------------------------------------------------------------------------
 
@@ -445,98 +325,3 @@ def _labels(actor: dramatiq.Actor[Any, Any], *args: Any, **kwargs: Any) -> dict[
 RPCActor.send_with_options = metrics.observed("send", _labels)(RPCActor.send_with_options)  # type: ignore[method-assign]
 RPCActor.call = metrics.observed("call", _labels)(RPCActor.call)  # type: ignore[method-assign]
 RPCActor.call_many = metrics.observed("call_many", _labels)(RPCActor.call_many)  # type: ignore[method-assign]
-
-
-P = TypeVar("P", bound=BaseModel)
-R = TypeVar("R", bound="BaseModel | None")
-
-
-class RPCActorDecorator(Protocol):
-    """What ``@rpc_actor(...)`` with options returns: takes a plain or an ``async def``
-    function of one params model."""
-
-    @overload
-    def __call__(self, fn: Callable[[P], Awaitable[R]], /) -> RPCActor[P, R]: ...
-
-    @overload
-    def __call__(self, fn: Callable[[P], R], /) -> RPCActor[P, R]: ...
-
-
-@overload
-def rpc_actor(fn: Callable[[P], Awaitable[R]], /) -> RPCActor[P, R]: ...
-
-
-@overload
-def rpc_actor(fn: Callable[[P], R], /) -> RPCActor[P, R]: ...
-
-
-@overload
-def rpc_actor(
-    *,
-    actor_name: str | None = None,
-    queue_name: str = "default",
-    priority: int = 0,
-    broker: dramatiq.Broker | None = None,
-    params_model: type[BaseModel] | None = None,
-    result_model: type[BaseModel] | None = ...,
-    **options: Any,
-) -> RPCActorDecorator: ...
-
-
-def rpc_actor(
-    fn: Callable[..., Any] | None = None,
-    /,
-    *,
-    actor_name: str | None = None,
-    queue_name: str = "default",
-    priority: int = 0,
-    broker: dramatiq.Broker | None = None,
-    params_model: type[BaseModel] | None = None,
-    result_model: Any = MISSING,
-    **options: Any,
-) -> Any:
-    """Declare a typed RPC actor.
-
-    ::
-
-        @rpc_actor(queue_name="rpc", max_retries=3)
-        def echo(params: EchoParams) -> EchoResult:
-            return EchoResult(message=params.message)
-
-        echo.send(EchoParams(message="hi"))                        # background
-        result = echo.call(EchoParams(message="hi"), timeout=2.5)  # -> EchoResult
-
-    The params model is taken from the first parameter's annotation and the result model from
-    the return annotation (``None`` means "no result"), unless given explicitly. ``options``
-    are Dramatiq actor options (``max_retries``, ``time_limit``, ``min_backoff``, ...). The
-    actor is declared on ``broker`` or on Dramatiq's global broker at decoration time, so set
-    the broker up first (:func:`rpc_tasks.setup_broker`).
-
-    An ``async def`` function makes an async actor: workers run it on the event loop thread
-    of Dramatiq's ``AsyncIO`` middleware (added to the broker here if it lacks it), with the
-    same validation, retries, rate limits, deadlines and replies; ``await actor(params)`` runs
-    it in-process.
-    """
-
-    def decorator(fn: Callable[..., Any]) -> RPCActor[Any, Any]:
-        pm, rm = infer_models(fn, params_model, result_model)
-        if options.get("rate_limit") is not None:
-            parse_rate(options["rate_limit"])  # a clear error now, not on the first message
-        actor_class = functools.partial(RPCActor, params_model=pm, result_model=rm)
-        actor = dramatiq.actor(  # type: ignore[call-overload]
-            fn,
-            actor_class=actor_class,
-            actor_name=actor_name,
-            queue_name=queue_name,
-            priority=priority,
-            broker=broker,
-            **options,
-        )
-        functools.update_wrapper(actor, fn, updated=())
-        if inspect.iscoroutinefunction(fn):  # run by Dramatiq's AsyncIO middleware
-            install_asyncio(actor.broker)
-        return cast(RPCActor[Any, Any], actor)
-
-    if fn is not None:
-        return decorator(fn)
-    return decorator

@@ -31,6 +31,9 @@ from pydantic import BaseModel, ValidationError
 
 from . import compat
 from .exceptions import (
+    RequestDecodeError as RequestDecodeError,
+)
+from .exceptions import (
     RPCConnectionError,
     RPCPayloadTooLargeError,
     RPCProtocolError,
@@ -350,25 +353,6 @@ class Request:
             return False
         now = now or datetime.now(timezone.utc)
         return (now - self.timestamp).total_seconds() > self.timeout
-
-
-class RequestDecodeError(RPCProtocolError):
-    """A stream entry is not a valid request; ``reply_to``/``correlation_id`` are set when
-    they could be read, so the server can still send an error reply."""
-
-    def __init__(
-        self,
-        reason: str,
-        reply_to: str | None = None,
-        correlation_id: str | None = None,
-        wants_error_details: bool = False,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.reply_to = reply_to
-        self.correlation_id = correlation_id
-        #: The request announced ``error_details`` (its error reply may carry our own codes).
-        self.wants_error_details = wants_error_details
 
 
 def wire_timeout(timeout: float) -> int:

@@ -352,19 +352,6 @@ class Dispatcher:
             {"entry_id": gone, "stream": self.stream, "reason": "trimmed", "consumer": self.consumer_name},
         )
 
-    def _check_backlog(self) -> None:
-        pending, lag = self.io.backlog(self.stream, self.group)
-        metrics.emit("server_backlog", stream=self.stream, group=self.group, pending=pending, unread=lag)
-        if pending + max(lag, 0) > self.config.stream_maxlen // 2:
-            logger.warning(
-                "Stream %s backlog is %d pending + %d unread of stream_maxlen=%d: entries may be trimmed "
-                "before they are processed",
-                self.stream,
-                pending,
-                lag,
-                self.config.stream_maxlen,
-            )
-
 
 def _log_finish(stream: str, entry_id: str, done: str, reply_to: str | None) -> None:
     """Say what :meth:`StreamIO.finish` really did when it is not the plain case."""

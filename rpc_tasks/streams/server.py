@@ -48,6 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from .. import metrics
 from ..config import WebSocketRPCConfig
 from ..exceptions import RPCException
 from ..redis.connection import release_thread_connections
@@ -225,7 +226,7 @@ class RPCServer(Dispatcher):
         self._outages.timed(self.io.ensure_group, self.stream, self.group)
         if self._outages.trusted():
             self._reclaim(pool, slots)
-        self._check_backlog()
+        _check_backlog(self)
 
     def _serve_with_readers(self, slots: threading.Semaphore) -> None:
         """``concurrency`` reader threads each block on ``XREADGROUP ... COUNT 1`` and run the
@@ -430,4 +431,19 @@ class _Outages:
             "Redis unavailable (%s); retrying in %.1fs",
             exc,
             backoff,
+        )
+
+
+def _check_backlog(server: RPCServer) -> None:
+    """Report the group's backlog (metrics) and warn when it nears ``stream_maxlen``."""
+    pending, lag = server.io.backlog(server.stream, server.group)
+    metrics.emit("server_backlog", stream=server.stream, group=server.group, pending=pending, unread=lag)
+    if pending + max(lag, 0) > server.config.stream_maxlen // 2:
+        logger.warning(
+            "Stream %s backlog is %d pending + %d unread of stream_maxlen=%d: entries may be trimmed "
+            "before they are processed",
+            server.stream,
+            pending,
+            lag,
+            server.config.stream_maxlen,
         )

@@ -284,3 +284,4 @@ def test_a_message_without_a_wake_token_is_fetched_within_a_worker_timeout(redis
         client.rpush(f"{broker.namespace}:{echo.queue_name}", rid)  # no wake-up token
         wait_until(lambda: ran == ["tokenless"], timeout=2.0)
     client.close()
+    assert ran == ["tokenless"]

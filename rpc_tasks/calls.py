@@ -1,0 +1,143 @@
+"""The sync callers behind ``RPCActor.call`` and ``RPCActor.call_many``: enqueue with a reply
+address and a deadline, wait on the reply list, turn replies into results or errors. (The async
+twins are in :mod:`rpc_tasks.aio.calls`.)"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import protocol
+from .enqueue import ENQUEUE_ERRORS as _ENQUEUE_ERRORS
+from .exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
+from .models.errors import RPCError
+
+_PENDING: Any = object()
+
+
+def call(actor: Any, params: Any, timeout: float | None, options: dict[str, Any]) -> Any:
+    """``actor.call(params, timeout=..., **options)`` (see :meth:`rpc_tasks.RPCActor.call`)."""
+
+    replies = actor._replies()
+    config = replies.config
+    timeout = protocol.check_timeout(timeout, config.rpc_timeout)
+    started = time.time()
+    delay = options.pop("delay", None)
+    message = actor.message_with_options(args=(params,), **options)
+    channel = replies.channel
+    key = channel.key_for(message.message_id)
+    deadline = protocol.deadline_from_timeout(timeout, started)
+    # The message was just built here and nobody else holds it: add the reply address and
+    # deadline in place (a copy costs a dataclass round trip on every call).
+    message.options[protocol.OPTION_REPLY_TO] = key
+    message.options[protocol.OPTION_DEADLINE] = deadline
+    enqueue_and_wait = getattr(actor.broker, "enqueue_and_wait", None)
+    if enqueue_and_wait is not None and delay is None:
+        # BlockingRedisBroker: enqueue and BLPOP in one round trip.
+        try:
+            raw = enqueue_and_wait(message, channel, key, deadline - time.time())
+        except _ENQUEUE_ERRORS as exc:
+            raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
+    else:
+        actor._enqueue(message, delay)
+        raw = channel.wait(key, deadline - time.time())
+    if raw is None:
+        raise RPCTimeoutError(actor.actor_name, timeout)
+    response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
+    if not response.success:
+        raise RPCRemoteError(response.error or RPCError(message="remote call failed"))
+    if actor.result_model is None:
+        return None
+    return actor.result_model.model_validate(response.result)
+
+
+def call_many(
+    actor: Any,
+    params_list: Sequence[Any | Mapping[str, Any]],
+    timeout: float | None,
+    return_exceptions: bool,
+    options: dict[str, Any],
+) -> list[Any]:
+    """``actor.call_many(...)`` (see :meth:`rpc_tasks.RPCActor.call_many`)."""
+
+    replies = actor._replies()
+    config = replies.config
+    timeout = protocol.check_timeout(timeout, config.rpc_timeout)
+    started = time.time()
+    delay = options.pop("delay", None)
+    messages = [actor.message_with_options(args=(p,), **options) for p in params_list]
+    if not messages:
+        return []
+    channel = replies.channel
+    key = channel.key_for(f"batch-{messages[0].message_id}")
+    deadline = protocol.deadline_from_timeout(timeout, started)
+    extra = {protocol.OPTION_REPLY_TO: key, protocol.OPTION_DEADLINE: deadline}
+    batch = [message.copy(options={**message.options, **extra}) for message in messages]
+    enqueue_many = getattr(actor.broker, "enqueue_many", None)
+    if enqueue_many is not None and delay is None:
+        try:
+            enqueue_many(batch)
+        except _ENQUEUE_ERRORS as exc:
+            raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
+    else:
+        for message in batch:
+            actor._enqueue(message, delay)
+    outcomes, lost = _collect_replies(
+        channel,
+        key,
+        deadline,
+        [m.message_id for m in messages],
+        config.max_payload_bytes,
+        actor.result_model,
+    )
+    channel.discard(key)
+    for i, outcome in enumerate(outcomes):
+        if outcome is _PENDING:
+            # Redis still unreachable at the deadline: say so rather than "timed out".
+            outcomes[i] = lost if lost is not None else RPCTimeoutError(actor.actor_name, timeout)
+    if not return_exceptions:
+        for outcome in outcomes:
+            if isinstance(outcome, RPCException):
+                raise outcome
+    return outcomes
+
+
+def _collect_replies(
+    channel: Any, key: str, deadline: float, ids: list[str], max_bytes: int, result_model: Any
+) -> tuple[list[Any], RPCConnectionError | None]:
+    """``call_many``'s drain: the outcome of each message id (``_PENDING`` if none came by
+    ``deadline``) and the connection error that was still going on at the deadline, if any.
+    When the reply connection drops, the replies drained so far are kept and the others (still
+    in Redis) are waited for on a new connection."""
+    index = {message_id: i for i, message_id in enumerate(ids)}
+    outcomes: list[Any] = [_PENDING] * len(ids)
+    pending = len(ids)
+    lost: RPCConnectionError | None = None
+    while pending:
+        left = deadline - time.time()
+        if left <= 0:
+            break
+        try:
+            drained = channel.wait_many(key, left, pending)
+        except RPCConnectionError as exc:
+            lost = exc
+            time.sleep(min(0.05, max(0.0, deadline - time.time())))
+            continue
+        lost = None
+        for raw in drained:
+            try:
+                response = protocol.decode_response(raw, max_bytes=max_bytes)
+            except RPCException:
+                continue
+            i = index.get(response.correlation_id)
+            if i is None or outcomes[i] is not _PENDING:
+                continue
+            pending -= 1
+            if not response.success:
+                outcomes[i] = RPCRemoteError(response.error or RPCError(message="remote call failed"))
+            elif result_model is None:
+                outcomes[i] = None
+            else:
+                outcomes[i] = result_model.model_validate(response.result)
+    return outcomes, lost
