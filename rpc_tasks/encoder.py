@@ -200,8 +200,14 @@ class RPCJSONEncoder(JSONEncoder):
         """Same bytes as Dramatiq's ``JSONEncoder.encode``."""
         return _JSON.encode(data).encode("utf-8")
 
-    def decode(self, data: bytes) -> dict[str, Any]:
+    def decode(self, data: bytes) -> Any:
+        """Dramatiq's decode; a JSON object that is *meant* as a message (it has at least one
+        of a message's fields) but is not a valid one becomes a placeholder addressed to
+        :data:`UNDECODABLE_ACTOR`. Anything else is returned as decoded: the same global
+        encoder decodes results for Dramatiq's ``Results`` backends, which are not messages."""
         obj = super().decode(data)
+        if not isinstance(obj, dict) or not obj.keys() & _FIELDS.keys():
+            return obj
         problem = message_problem(obj)
         if problem is None:
             return dict(obj)

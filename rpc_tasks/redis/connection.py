@@ -54,10 +54,11 @@ def make_redis(
     options: dict[str, Any] = {
         "max_connections": max_connections,
         "timeout": pool_timeout,
-        "socket_keepalive": True,
         "socket_connect_timeout": 5.0,
         "health_check_interval": 30,
     }
+    if not url.startswith("unix://"):  # a Unix socket connection takes no TCP keepalive option
+        options["socket_keepalive"] = True
     options.update(kwargs)
     try:
         pool = DeadlinePool.from_url(url, **options)

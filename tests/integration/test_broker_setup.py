@@ -93,12 +93,6 @@ def _results_broker(redis_url: str) -> tuple[dramatiq.Broker, RedisBackend, dram
     return broker, backend, shout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: setup_broker() installs RPCJSONEncoder as Dramatiq's global encoder, and Results "
-    "backends decode results with it: a result that is not shaped like a Dramatiq message comes "
-    "back as the 'rpc_tasks.undecodable' placeholder instead of the result's JSON",
-)
 def test_dramatiq_results_middleware_gets_the_json_result(redis_url: str) -> None:
     """With Dramatiq's ``Results`` installed, ``message.get_result()`` returns the JSON form of
     an ``@rpc_actor``'s result (README, "Decisions where the seed was vague")."""
@@ -149,3 +143,17 @@ def test_in_process_worker_runs_calls_on_the_global_or_a_given_broker(
     with in_process_worker(other, threads=1) as worker:
         assert worker.broker is other and len(worker.workers) == 1
         assert whisper.call(Params(word="QUIET"), timeout=10).word == "quiet"
+
+
+def test_rpc_encoder_salvages_only_what_is_meant_as_a_message() -> None:
+    """The global encoder also decodes Results backends' values: non-message JSON passes
+    through; a dict with message fields but the wrong shape becomes the undecodable
+    placeholder that keeps its reply address."""
+    from rpc_tasks.encoder import UNDECODABLE_ACTOR, RPCJSONEncoder
+
+    encoder = RPCJSONEncoder()
+    assert encoder.decode(b'{"message": "hi", "length": 2}') == {"message": "hi", "length": 2}
+    assert encoder.decode(b"[1, 2]") == [1, 2]
+    salvaged = encoder.decode(b'{"actor_name": "x", "options": {"rpc_reply_to": "r:1"}}')
+    assert salvaged["actor_name"] == UNDECODABLE_ACTOR
+    assert salvaged["options"]["rpc_reply_to"] == "r:1"

@@ -316,13 +316,6 @@ def test_streams_client_and_server_over_tls(tls_files: tuple[Path, Path]) -> Non
         untrusting.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: rpc_tasks.redis.connection.make_redis passes socket_keepalive, which redis-py's "
-    "UnixDomainSocketConnection does not accept, so every unix:// reply/Streams client fails "
-    "(TypeError: unexpected keyword argument 'socket_keepalive')",
-)
 def test_unix_socket_redis_url_for_calls_and_streams() -> None:
     """``unix://`` Redis URLs (documented for ``redis_url``): a Dramatiq ``.call()`` with the
     reply pushed in the ack's script (same socket path and DB), and a Streams call."""
