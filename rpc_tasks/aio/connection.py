@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from ..config import redact_url
 from ..exceptions import RPCConnectionError
-from ..redis.connection import pack
+from ..redis.connection import PLAIN_POOLS, pack
 
 #: Most commands sent in one write (keeps each step of the loop short).
 MAX_BATCH = 16
@@ -91,7 +91,7 @@ class ConnectionSpec:
         """The async twin of a redis-py client's connections; ``None`` when its pool does not
         say which server it talks to (Sentinel, custom pools and connection classes)."""
         pool = client.connection_pool
-        if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
+        if type(pool) not in PLAIN_POOLS:
             return None
         async_class = _ASYNC_CLASSES.get(pool.connection_class)
         if async_class is None:

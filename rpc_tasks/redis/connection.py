@@ -112,7 +112,9 @@ _PLAIN_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSoc
 
 #: Pool and connection classes whose ``connection_kwargs`` name the server they talk to.
 #: Other pools (e.g. Sentinel's, which discovers its server) never count as "the same Redis".
-_PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool, DeadlinePool)
+#: Pools whose connection settings name the one server they talk to (not Sentinel, not custom).
+PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool, DeadlinePool)
+_PLAIN_POOLS = PLAIN_POOLS
 
 
 def same_redis(a: redis.Redis, b: redis.Redis) -> bool:
