@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Literal, TypeVar, cast, overload
 
 import dramatiq
 from pydantic import BaseModel, ValidationError
@@ -22,6 +22,7 @@ from .aio import calls as _aio_calls
 from .enqueue import enqueue_retrying
 from .exceptions import (
     RPCConfigurationError,
+    RPCException,
     RPCRemoteError,
 )
 from .middleware.idempotency import STORED_RESULT
@@ -189,6 +190,28 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         """
         return cast(TResult, _calls.call(self, params, timeout, options))
 
+    @overload
+    def call_many(
+        self,
+        params_list: Sequence[TParams | Mapping[str, Any]],
+        /,
+        *,
+        timeout: float | None = None,
+        return_exceptions: Literal[False] = False,
+        **options: Any,
+    ) -> list[TResult]: ...
+
+    @overload
+    def call_many(
+        self,
+        params_list: Sequence[TParams | Mapping[str, Any]],
+        /,
+        *,
+        timeout: float | None = None,
+        return_exceptions: Literal[True],
+        **options: Any,
+    ) -> list[TResult | RPCException]: ...
+
     def call_many(
         self,
         params_list: Sequence[TParams | Mapping[str, Any]],
@@ -197,7 +220,7 @@ class RPCActor(dramatiq.Actor[Any, Any], Generic[TParams, TResult]):
         timeout: float | None = None,
         return_exceptions: bool = False,
         **options: Any,
-    ) -> list[Any]:
+    ) -> list[TResult] | list[TResult | RPCException]:
         """Run many calls at once from this thread and collect the typed results in order.
 
         Every params object is validated before anything is enqueued. All replies come back on

@@ -13,6 +13,9 @@ from .enqueue import ENQUEUE_ERRORS as _ENQUEUE_ERRORS
 from .exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
 from .models.errors import RPCError
 
+#: How far into a queue a timed-out call looks for its message (``LPOS ... MAXLEN``).
+_HINT_SCAN = 10_000
+
 _PENDING: Any = object()
 
 
@@ -43,7 +46,7 @@ def call(actor: Any, params: Any, timeout: float | None, options: dict[str, Any]
         actor._enqueue(message, delay)
         raw = channel.wait(key, deadline - time.time())
     if raw is None:
-        raise RPCTimeoutError(actor.actor_name, timeout)
+        raise timeout_error(actor, timeout, message)
     response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
     if not response.success:
         raise RPCRemoteError(response.error or RPCError(message="remote call failed"))
@@ -141,3 +144,45 @@ def _collect_replies(
             else:
                 outcomes[i] = result_model.model_validate(response.result)
     return outcomes, lost
+
+
+def timeout_error(actor: Any, timeout: float, message: Any) -> RPCTimeoutError:
+    """The ``RPCTimeoutError`` of a ``.call()`` that got no reply, saying where its message is
+    when the broker can tell (one extra round trip, on the timeout path only): still waiting on
+    its queue, with or without a live worker (Dramatiq's heartbeats), or taken by a worker."""
+    text = f"RPC call to {actor.actor_name!r} timed out after {timeout:g}s"
+    hint = _waiting_hint(actor, message)
+    return RPCTimeoutError(actor.actor_name, timeout, f"{text}: {hint}" if hint else text)
+
+
+def _waiting_hint(actor: Any, message: Any) -> str | None:
+    broker = actor.broker
+    client, namespace = getattr(broker, "client", None), getattr(broker, "namespace", None)
+    rid = message.options.get("redis_message_id")
+    if client is None or not isinstance(namespace, str) or not isinstance(rid, str):
+        return None  # not a Redis broker, or the message went out as a copy
+    queue = message.queue_name
+    alive_since = int(time.time() * 1000) - int(getattr(broker, "heartbeat_timeout", 60_000))
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.lpos(f"{namespace}:{queue}", rid, maxlen=_HINT_SCAN)
+            pipe.llen(f"{namespace}:{queue}")
+            pipe.zcount(f"{namespace}:__heartbeats__", alive_since, "+inf")
+            pipe.zscore(f"{namespace}:__heartbeats__", getattr(broker, "broker_id", ""))
+            position, length, alive, own = pipe.execute()
+    except Exception:  # a hint only: never hide the timeout behind another error
+        return None
+    # Every process that ran Dramatiq's script lately has a heartbeat: this caller too.
+    alive = int(alive) - (1 if own is not None and float(own) >= alive_since else 0)
+    if position is None and length < _HINT_SCAN:
+        return f"a worker took its message from queue {queue!r} but did not answer in time"
+    if not alive:
+        return (
+            f"its message is still waiting on queue {queue!r} and no worker of this broker is alive "
+            "(start one: dramatiq <the module that declares the actor>)"
+        )
+    return (
+        f"its message is still waiting on queue {queue!r} ({length} message(s) there); {alive} "
+        f"other process(es) of this broker are alive but no worker took it: do the workers consume "
+        f"queue {queue!r} and import the module that declares {actor.actor_name!r}?"
+    )

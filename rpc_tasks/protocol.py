@@ -161,9 +161,12 @@ def error_from_exception(exc: BaseException) -> RPCError:
     if isinstance(exc, RPCRemoteError):
         return exc.error
     if isinstance(exc, ValidationError):
+        errors = validation_error_details(exc)
+        fields = "; ".join(f"{'.'.join(e['loc']) or '(root)'}: {e['msg']}" for e in errors[:5])
+        more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
         return RPCValidationError(
-            message=_truncate(f"{exc.error_count()} validation error(s) for {exc.title}"),
-            details={"errors": validation_error_details(exc)},
+            message=_truncate(f"{exc.error_count()} validation error(s) for {exc.title}: {fields}{more}"),
+            details={"errors": errors},
         )
     if isinstance(exc, RPCTimeoutError):
         return TimeoutError(message=_truncate(str(exc)), timeout_seconds=exc.timeout_seconds)
