@@ -124,13 +124,13 @@ class RateStore:
             if key in self._checked:
                 return 0
             left = self.cooldown_left(key)
+            if left > 0:  # into the view *before* the key counts as checked: another worker
+                until = time.monotonic() + left / 1000.0  # thread may look in between
+                if until > self._view.get(key, 0.0):
+                    self._view[key] = until
             if len(self._checked) >= CHECKED_KEYS_LIMIT:
                 self._checked = set()
             self._checked.add(key)
-            if left > 0:
-                until = time.monotonic() + left / 1000.0
-                if until > self._view.get(key, 0.0):
-                    self._view[key] = until
             return left
         left = int((until - time.monotonic()) * 1000)
         if left <= 0:

@@ -196,6 +196,8 @@ def test_two_instances_fan_out_broadcast_rooms_and_presence(
     b = Instance(config, "--no-rpc", presence_ttl=2)  # only A consumes the request stream
     instances.extend([a, b])
     client = WebSocketRPCClient(config)
+    # A's Streams consumer is up (the listener can come first on a busy machine).
+    assert wait_until(lambda: client.health_check(timeout=2), timeout=30)
 
     async def scenario() -> None:
         async with connect(b.url("7")) as on_b, connect(a.url("8")) as on_a, connect(a.url("9")) as other:
