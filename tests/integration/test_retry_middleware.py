@@ -194,9 +194,9 @@ def test_cooldown_postpones_without_running_and_without_using_retries(
         return R(attempts=1)
 
     store = RateStore(redis.Redis.from_url(redis_url))
+    opened = time.time()  # before the cooldown starts on the server (PTTL rounds down to the ms)
+    store.open_cooldown(cooldown_key("shared-api"), 800)
     with running_worker(broker, threads=4):
-        opened = time.time()  # before the cooldown starts on the server (PTTL rounds down to the ms)
-        store.open_cooldown(cooldown_key("shared-api"), 800)
         for i in range(6):
             uses_api.send(P(n=i))
         wait_until(lambda: len(runs) == 6, timeout=10)
@@ -209,8 +209,10 @@ def test_cooldown_postpones_without_running_and_without_using_retries(
     # Postponed (not run, not retried) until the cooldown's end: how long depends on when the
     # worker first saw each message, so only that it was postponed is checked here.
     assert all(postponed > 0 for _, _, postponed in runs), ("postponed, not run", runs)
-    spread = max(at for at, _, _ in runs) - min(at for at, _, _ in runs)
-    assert spread > 0.01, "the restart is spread, not a stampede"
+    # The restart is spread, not a stampede: each message got its own point past the cooldown
+    # (checked on what was scheduled: Dramatiq 2.0's RabbitMQ delay queue releases due messages
+    # in batches, so run times alone cannot show it there).
+    assert len({postponed for _, _, postponed in runs}) > 1, ("the restart is spread", runs)
 
 
 @pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
