@@ -8,13 +8,18 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import redis
+
 from . import protocol
 from .enqueue import ENQUEUE_ERRORS as _ENQUEUE_ERRORS
 from .exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
 from .models.errors import RPCError
+from .redis.connection import PLAIN_POOLS
 
 #: How far into a queue a timed-out call looks for its message (``LPOS ... MAXLEN``).
 _HINT_SCAN = 10_000
+#: The longest a timed-out call spends finding out where its message is.
+HINT_SECONDS = 0.1
 
 _PENDING: Any = object()
 
@@ -163,8 +168,21 @@ def _waiting_hint(actor: Any, message: Any) -> str | None:
         return None  # not a Redis broker, or the message went out as a copy
     queue = message.queue_name
     alive_since = int(time.time() * 1000) - int(getattr(broker, "heartbeat_timeout", 60_000))
+    pool: Any = getattr(client, "connection_pool", None)
+    if type(pool) not in PLAIN_POOLS:
+        return None  # Sentinel/Cluster/custom pools: no hint
+    # Its own short-lived connection with a short timeout: Redis may be the reason for the
+    # timeout (frozen, paused), and the hint must not hold the caller past its deadline.
+    kwargs = {
+        **pool.connection_kwargs,
+        "socket_timeout": HINT_SECONDS,
+        "socket_connect_timeout": HINT_SECONDS,
+    }
+    probe = redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
     try:
-        with client.pipeline(transaction=False) as pipe:
+        with probe.pipeline(transaction=False) as pipe:
             pipe.lpos(f"{namespace}:{queue}", rid, maxlen=_HINT_SCAN)
             pipe.llen(f"{namespace}:{queue}")
             pipe.zcount(f"{namespace}:__heartbeats__", alive_since, "+inf")
@@ -172,6 +190,8 @@ def _waiting_hint(actor: Any, message: Any) -> str | None:
             position, length, alive, own = pipe.execute()
     except Exception:  # a hint only: never hide the timeout behind another error
         return None
+    finally:
+        probe.close()
     # Every process that ran Dramatiq's script lately has a heartbeat: this caller too.
     alive = int(alive) - (1 if own is not None and float(own) >= alive_since else 0)
     if position is None and length < _HINT_SCAN:
