@@ -29,6 +29,17 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $(BENCH_STAMP)
 
+# arq for the benchmark's arq paths, in its own venv: arq pins redis<6, the project needs
+# redis-py >= 7 (benchmarks/arq_env.py). Optional: `make bench` goes on without it (the arq
+# paths are then skipped with a notice).
+ARQ_VENV ?= .venv-arq
+ARQ_VERSION ?= 0.28.0
+ARQ_STAMP := $(ARQ_VENV)/.installed-stamp
+$(ARQ_STAMP): Makefile
+	$(PYTHON) -m venv $(ARQ_VENV)
+	$(ARQ_VENV)/bin/python -m pip install --quiet "arq==$(ARQ_VERSION)"
+	touch $(ARQ_STAMP)
+
 ## Run the quick-start demo: a worker, .send(), .call(), a remote error, a timeout.
 demo: $(STAMP)
 	$(PY) -m examples.quickstart.demo
@@ -67,16 +78,17 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-## Benchmarks against the raw Redis floors, Dramatiq's Results and Celery (BENCH_ARGS=--quick).
+## Benchmarks against the raw Redis floors, Dramatiq's Results, Celery, Taskiq and arq (BENCH_ARGS=--quick).
 bench: $(BENCH_STAMP)
-	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	@$(MAKE) --no-print-directory $(ARQ_STAMP) || echo "could not create $(ARQ_VENV): the arq paths will be skipped"
+	$(PY) -m benchmarks.run --arq-python $(ARQ_VENV)/bin/python $(BENCH_ARGS)
 
 ## Fault suite (private Redis, real workers/servers, faults injected; ~4 min): one table of counts.
 chaos: $(STAMP)
 	$(PY) -m benchmarks.chaos $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-dramatiq-* .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(ARQ_VENV) .venv-dramatiq-* .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 ## Build the docs site (MkDocs + Material, API reference from the docstrings) into site/.
 docs: $(STAMP)

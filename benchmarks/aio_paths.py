@@ -21,6 +21,7 @@ import asyncio
 import gc
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks.client import CALL_TIMEOUT, CallPath, Path
@@ -241,22 +242,15 @@ def redis_connections(port: int | None = None) -> int:
 # -- async peers ------------------------------------------------------------------------------
 
 
-class TaskiqPath(Path):
-    """Taskiq + taskiq-redis: ``await (await echo.kiq(x)).wait_result()`` at its default
-    ``check_interval`` (0.2 s)."""
+class AsyncPeerPath(Path):
+    """Another library's async call, one at a time on an event loop of the path's own:
+    subclasses set ``self.loop`` in ``setup()`` and define ``_one()`` (one checked round trip).
+    Also used by :mod:`benchmarks.arq_paths`."""
 
-    name = "taskiq"
-    check_interval = 0.2
-
-    def setup(self) -> None:
-        state = _taskiq_state()
-        self.broker, self.echo, self.loop = state["broker"], state["echo"], state["loop"]
+    loop: asyncio.AbstractEventLoop
 
     async def _one(self, timeout: float) -> None:
-        task = await self.echo.kiq(MESSAGE)
-        result = await task.wait_result(check_interval=self.check_interval, timeout=timeout)
-        if result.return_value != MESSAGE:
-            raise AssertionError(f"bad echo {result!r}")
+        raise NotImplementedError
 
     def probe(self) -> None:
         self.loop.run_until_complete(self._one(1.0))
@@ -277,6 +271,58 @@ class TaskiqPath(Path):
             latencies.append((clock() - t0) * 1000.0)
             bar.update(1)
         return {"calls": n, "elapsed_s": clock() - started, "latencies_ms": latencies}
+
+
+async def burst(
+    one: Callable[[], Awaitable[Any]], count: int, bar: Any, disconnect: Callable[[], Awaitable[Any]]
+) -> dict[str, Any]:
+    """``count`` calls of ``one()`` started at once and gathered: the run record, with the peak
+    number of Redis connections this process opened meanwhile (sampled every 50 ms). The pools'
+    connections are closed first (``disconnect()``): the ones counted are those the burst opens
+    (a warm-up burst leaves its pools full)."""
+    await disconnect()
+    baseline = redis_connections()
+    peak = {"conns": baseline}
+    done = asyncio.Event()
+
+    async def sampler() -> None:
+        while not done.is_set():
+            peak["conns"] = max(peak["conns"], redis_connections())
+            await asyncio.sleep(0.05)
+
+    watch = asyncio.ensure_future(sampler())
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(one() for _ in range(count)))
+    finally:
+        done.set()
+        watch.cancel()
+    elapsed = time.perf_counter() - started
+    bar.update(count)
+    return {
+        "calls": count,
+        "elapsed_s": elapsed,
+        "latencies_ms": [],
+        "peak_redis_connections": peak["conns"] - baseline,
+    }
+
+
+class TaskiqPath(AsyncPeerPath):
+    """Taskiq + taskiq-redis: ``await (await echo.kiq(x)).wait_result()`` at its default
+    ``check_interval`` (0.2 s)."""
+
+    name = "taskiq"
+    check_interval = 0.2
+
+    def setup(self) -> None:
+        state = _taskiq_state()
+        self.broker, self.echo, self.loop = state["broker"], state["echo"], state["loop"]
+
+    async def _one(self, timeout: float) -> None:
+        task = await self.echo.kiq(MESSAGE)
+        result = await task.wait_result(check_interval=self.check_interval, timeout=timeout)
+        if result.return_value != MESSAGE:
+            raise AssertionError(f"bad echo {result!r}")
 
     def close(self) -> None:
         state = _taskiq_state()
@@ -316,35 +362,15 @@ class Taskiq10kPath(TaskiqPath):
     first_call = False
 
     def run(self, n: int, bar: Any) -> dict[str, Any]:
-        return dict(self.loop.run_until_complete(self._many(bar)))
+        many = burst(lambda: self._one(120.0), self.count(), bar, self._disconnect)
+        return dict(self.loop.run_until_complete(many))
+
+    async def _disconnect(self) -> None:
+        await self.broker.connection_pool.disconnect()
+        await self.broker.result_backend.redis_pool.disconnect()
 
     def count(self) -> int:
         return Acall10kPath.concurrency
-
-    async def _many(self, bar: Any) -> dict[str, Any]:
-        count = self.count()
-        baseline = redis_connections()
-        peak = {"conns": baseline}
-        done = asyncio.Event()
-
-        async def sampler() -> None:
-            while not done.is_set():
-                peak["conns"] = max(peak["conns"], redis_connections())
-                await asyncio.sleep(0.05)
-
-        watch = asyncio.ensure_future(sampler())
-        started = time.perf_counter()
-        await asyncio.gather(*(self._one(120.0) for _ in range(count)))
-        elapsed = time.perf_counter() - started
-        done.set()
-        watch.cancel()
-        bar.update(count)
-        return {
-            "calls": count,
-            "elapsed_s": elapsed,
-            "latencies_ms": [],
-            "peak_redis_connections": peak["conns"] - baseline,
-        }
 
 
 class Taskiq1kPath(Taskiq10kPath):

@@ -12,6 +12,10 @@ ACALL_P50_GOAL = 1.15
 MAX_CONNECTIONS = 4
 MAX_RSS_GROWTH_MB = 20.0
 MAX_LAG_MS = 5.0
+#: Other libraries' async paths: one call at a time (``acall``'s p50 against the best of them)
+#: and many at once from one loop (``acall-10k``'s calls/s against each).
+SEQUENTIAL_PEERS = ("taskiq", "taskiq-fast", "arq", "arq-fast")
+BURST_PEERS = ("taskiq-1k", "taskiq-10k", "arq-1k", "arq-10k")
 
 #: Per-run figures of the async paths, reported as medians over runs.
 EXTRA_KEYS = (
@@ -62,7 +66,7 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             entry["inflight_calls_per_s"] = inflight["calls_per_s"]
             entry["ratio_to_inflight"] = many["calls_per_s"] / inflight["calls_per_s"]
         out["acall_10k"] = entry
-    peers = {p: summaries[p] for p in ("taskiq", "taskiq-fast") if _ok(summaries.get(p), "p50_ms")}
+    peers = {p: summaries[p] for p in SEQUENTIAL_PEERS if _ok(summaries.get(p), "p50_ms")}
     if _ok(acall, "p50_ms") and peers:
         assert acall is not None
         best = min(peers, key=lambda p: peers[p]["p50_ms"])
@@ -75,7 +79,7 @@ def comparisons(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             "goal": 1 / 3,
             "goal_met": ratio <= 1 / 3,
         }
-    for peer in ("taskiq-1k", "taskiq-10k"):
+    for peer in BURST_PEERS:
         peer_many = summaries.get(peer)
         if not _ok(many, "calls_per_s") or not peer_many:
             continue
@@ -143,12 +147,12 @@ def lines(comp: dict[str, dict[str, Any]]) -> list[str]:
             f"acall vs async peers: p50 {c['acall_p50_ms']:.3f} ms vs {peers}: "
             f"{c['ratio_to_best']:.2f}x the best (goal <= 0.33: {verdict})"
         )
-    for key in ("acall_10k_vs_taskiq_1k", "acall_10k_vs_taskiq_10k"):
-        c = comp.get(key)
+    for peer in BURST_PEERS:
+        c = comp.get(f"acall_10k_vs_{peer.replace('-', '_')}")
         if c and "ratio" in c:
             out.append(
                 f"acall-10k vs {c['peer']}: {c['acall_calls_per_s']:.0f} / {c['peer_calls_per_s']:.0f} "
-                f"calls/s = {c['ratio']:.2f}x (Taskiq's connections: "
+                f"calls/s = {c['ratio']:.2f}x ({c['peer']}'s connections: "
                 f"{_f(c['peer_peak_redis_connections'], '.0f')})"
             )
         elif c:

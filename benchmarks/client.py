@@ -39,6 +39,12 @@ class Path:
     name = ""
     #: Whether "first call after idle" is measured for this path.
     first_call = True
+    #: At most this many calls per warm-up and per timed run (for paths of ~0.5 s a call).
+    max_calls: int | None = None
+
+    def calls(self, n: int) -> int:
+        """The calls of a warm-up or timed run of ``n`` calls for this path."""
+        return n if self.max_calls is None else min(n, self.max_calls)
 
     def setup(self) -> None:
         pass
@@ -536,13 +542,13 @@ def prepare(path: Path, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
     reason = path.na_reason()
     if reason:
         out["na"] = reason
-        bar.update(args.warmup + args.runs * args.calls + args.first_samples)
+        bar.update(planned_calls(path, args))
         return out
     path.setup()
     bar.set_description(f"{path.name} (waiting)", refresh=False)
     out["ready_s"] = wait_ready(path, args.ready_timeout)
     bar.set_description(f"{path.name} warm-up", refresh=False)
-    path.run(args.warmup, bar)
+    path.run(path.calls(args.warmup), bar)
     return out
 
 
@@ -552,7 +558,7 @@ def timed_run(
     bar.set_description(f"{path.name} run {i + 1}/{args.runs}", refresh=False)
     gc.collect()
     before = commandstats(r)
-    run = path.run(args.calls, bar)
+    run = path.run(path.calls(args.calls), bar)
     after = commandstats(r)
     run["commands"] = commands_delta(before, after)
     out["runs"].append(run)
@@ -620,6 +626,11 @@ def measure_group(names: list[str], args: argparse.Namespace, bar: Any, r: redis
     return results
 
 
+def planned_calls(path: Path, args: argparse.Namespace) -> int:
+    """Calls the progress bar counts for one path (bursts count more: they report their own)."""
+    return path.calls(args.warmup) + args.runs * path.calls(args.calls) + args.first_samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--paths", required=True, help="comma-separated: " + ",".join(PATHS))
@@ -641,16 +652,17 @@ def main() -> int:
     timer.start()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     InflightPath.batch = InflightDramatiqPath.batch = args.batch
-    from benchmarks import aio_paths  # the async paths (they subclass CallPath)
+    from benchmarks import aio_paths, arq_paths  # the async paths (they subclass CallPath)
 
     PATHS.update(aio_paths.PATHS)
+    PATHS.update(arq_paths.PATHS)
     aio_paths.Acall10kPath.concurrency = args.concurrency
 
     selected = [p for p in args.paths.split(",") if p]
     r = redis.Redis.from_url(redis_url())
     results: dict[str, Any] = {}
-    per_path = args.warmup + args.runs * args.calls + args.first_samples
-    bar = progress(per_path * len(selected), selected[0] if selected else "")
+    total = sum(planned_calls(PATHS[p](), args) for p in selected if p in PATHS)
+    bar = progress(total, selected[0] if selected else "")
     try:
         results = measure_group(selected, args, bar, r)
     finally:
