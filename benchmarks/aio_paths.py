@@ -313,6 +313,8 @@ class TaskiqPath(AsyncPeerPath):
 
     name = "taskiq"
     check_interval = 0.2
+    #: At ~0.2 s a call, warm-up and timed runs are capped at this many calls.
+    max_calls: int | None = 100
 
     def setup(self) -> None:
         state = _taskiq_state()
@@ -353,6 +355,7 @@ class TaskiqFastPath(TaskiqPath):
 
     name = "taskiq-fast"
     check_interval = 0.0
+    max_calls = None
 
 
 class Taskiq10kPath(TaskiqPath):
