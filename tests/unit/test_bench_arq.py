@@ -117,7 +117,9 @@ def test_runner_skips_every_arq_path_without_its_environment(
     for summary in paths.values():
         assert summary["skipped"].startswith(f"skipped: no arq environment ({missing} does not exist")
         assert "error" not in summary
-    assert "arq: skipped: no arq environment" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "] arq: skipped: no arq environment" in out
+    assert "] arq-fast: skipped: no arq environment" in out
 
 
 def test_acall_is_compared_with_the_best_async_peer_arq_included() -> None:
