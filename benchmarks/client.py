@@ -8,6 +8,10 @@ stay apart. For each path: wait until the worker answers and warm up; then ``--r
 of ``--calls`` calls (``INFO commandstats`` read before and after each run), interleaved across
 the group's paths (run 1 of each, run 2 of each, ...); then ``--first-samples`` single calls
 each after ``--idle-gap`` seconds of silence.
+
+The arq groups' client runs this module with ``.venv-arq``'s python (redis-py 5, no rpc_tasks;
+see :mod:`benchmarks.arq_env`): keep its module-level imports to the standard library, redis
+and :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
