@@ -25,7 +25,6 @@ What is recorded (names and attributes are listed in ``docs/operating.md``):
 
 from __future__ import annotations
 
-import contextvars
 import importlib.util
 import threading
 import time
@@ -80,10 +79,6 @@ _sdk_seen = False
 _next_check = 0.0
 #: The OpenTelemetry modules, loaded by :func:`enable_tracing` (no import statement per call).
 _otel: Any = None
-#: The caller-side span of the operation running in this context (for ``before_enqueue``).
-_current_call: contextvars.ContextVar[_SpanScope | None] = contextvars.ContextVar(
-    "rpc_tasks_call_span", default=None
-)
 
 
 def tracing_available() -> bool:
@@ -112,8 +107,9 @@ def enable_tracing(tracer_provider: Any = None) -> None:
         from opentelemetry import context, propagate, trace
 
         from .. import __version__
+        from . import w3c
 
-        _otel = types.SimpleNamespace(trace=trace, propagate=propagate, context=context)
+        _otel = types.SimpleNamespace(trace=trace, propagate=propagate, context=context, w3c=w3c)
         _provider = tracer_provider
         _tracer = trace.get_tracer("rpc_tasks", __version__, tracer_provider=tracer_provider)
         _sdk_seen, _next_check = False, 0.0
@@ -174,7 +170,7 @@ def _recording() -> Tracer | None:
 
 def _extract(carrier: Any) -> Any:
     if isinstance(carrier, Mapping) and carrier:
-        return _otel.propagate.extract(dict(carrier))
+        return _otel.w3c.extract(carrier)
     return None
 
 
@@ -187,9 +183,7 @@ def _traceparent(span: Span) -> str:
 def _inject_current() -> dict[str, str] | None:
     if _recording() is None:
         return None
-    carrier: dict[str, str] = {}
-    _otel.propagate.inject(carrier)
-    return carrier or None
+    return _otel.w3c.inject() or None
 
 
 def _link_to(traceparent: Any) -> list[Any]:
@@ -222,17 +216,14 @@ def _on_event(event: str, labels: Mapping[str, Any]) -> None:
 class _SpanScope:
     """A span made current for one observed operation (see :func:`rpc_tasks.metrics.observe`)."""
 
-    __slots__ = ("call_token", "span", "token")
+    __slots__ = ("span", "token")
 
-    def __init__(self, span: Span, caller_side: bool) -> None:
+    def __init__(self, span: Span) -> None:
         self.span = span
         self.token = _otel.context.attach(_otel.trace.set_span_in_context(span))
-        self.call_token = _current_call.set(self) if caller_side else None
 
     def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
         _finish_span(self.span, outcome, error)
-        if self.call_token is not None:
-            _current_call.reset(self.call_token)
         _otel.context.detach(self.token)
 
 
@@ -263,25 +254,27 @@ def _scope_factory(kind: str, labels: Mapping[str, Any]) -> _SpanScope | None:
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
-        return _SpanScope(span, caller_side=False)
+        return _SpanScope(span)
     actor = str(labels.get("actor", ""))
-    attributes["rpc.method"] = actor
     if kind == "stream_call":
+        attributes["rpc.method"] = actor
         span = tracer.start_span(f"call {actor}", kind=SpanKind.CLIENT, attributes=attributes)
-        return _SpanScope(span, caller_side=False)
+        return _SpanScope(span)
     if kind not in ("call", "call_many", "send"):
         return None
-    attributes.update(
-        {
+    # Messaging conventions only (the actor is the span name's second word): each attribute
+    # costs the SDK a few microseconds per span, on every call.
+    span = tracer.start_span(
+        f"{kind} {actor}",
+        kind=SpanKind.PRODUCER if kind == "send" else SpanKind.CLIENT,
+        attributes={
             "messaging.system": "dramatiq",
             "messaging.destination.name": str(labels.get("queue", "")),
             "messaging.operation.type": "send",
             "messaging.operation.name": kind,
-        }
+        },
     )
-    span_kind = SpanKind.PRODUCER if kind == "send" else SpanKind.CLIENT
-    span = tracer.start_span(f"{kind} {actor}", kind=span_kind, attributes=attributes)
-    return _SpanScope(span, caller_side=True)
+    return _SpanScope(span)
 
 
 # -- Dramatiq middleware -----------------------------------------------------------------------
@@ -315,13 +308,9 @@ class TracingMiddleware(Middleware):
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
         if OPTION_TRACE in message.options or _recording() is None:
             return
-        carrier: dict[str, str] = {}
-        _otel.propagate.inject(carrier)
+        carrier = _otel.w3c.inject()
         if carrier:
             message.options[OPTION_TRACE] = carrier
-        call = _current_call.get()
-        if call is not None and call.span.is_recording():
-            call.span.set_attribute("messaging.message.id", message.message_id)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         tracer = _recording()
@@ -375,8 +364,6 @@ class TracingMiddleware(Middleware):
             "messaging.message.id": str(message.message_id),
             "messaging.operation.type": "process" if operation == "process" else "settle",
             "messaging.operation.name": operation,
-            "rpc.system": RPC_SYSTEM,
-            "rpc.method": str(message.actor_name),
             # OPTION_ATTEMPT counts started attempts: the one starting now is the next.
             "rpc_tasks.attempt": (attempt if isinstance(attempt, int) else 0) + (operation == "process"),
         }
