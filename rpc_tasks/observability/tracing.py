@@ -306,19 +306,25 @@ class TracingMiddleware(Middleware):
         return spans
 
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
-        if OPTION_TRACE in message.options or _recording() is None:
+        options = message.options
+        running: dict[str, tuple[Span, object]] | None = getattr(self._local, "spans", None)
+        if running and OPTION_TRACE_FIRST not in options:
+            # A worker re-enqueueing the message it runs (retry, postponement): later attempts
+            # link to this first one. Written here rather than on every attempt's start.
+            entry = running.get(message.message_id)
+            if entry is not None:
+                options[OPTION_TRACE_FIRST] = _traceparent(entry[0])
+        if OPTION_TRACE in options or _recording() is None:
             return
         carrier = _otel.w3c.inject()
         if carrier:
-            message.options[OPTION_TRACE] = carrier
+            options[OPTION_TRACE] = carrier
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         tracer = _recording()
         if tracer is None:
             return
         span = self._start(tracer, message, "process")
-        if OPTION_TRACE_FIRST not in message.options:
-            message.options[OPTION_TRACE_FIRST] = _traceparent(span)
         token = _otel.context.attach(_otel.trace.set_span_in_context(span))
         self._spans()[message.message_id] = (span, token)
 
