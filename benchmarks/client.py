@@ -485,7 +485,8 @@ class OtelSdkPath(OtelApiPath):
 
 
 class MetricsPath(ObsPath):
-    """Prometheus metrics on both sides (the worker: ``setup_broker(metrics=True)``)."""
+    """Prometheus metrics on both sides (the worker: ``setup_broker(metrics=True)``, which
+    includes Dramatiq's own ``Prometheus`` middleware)."""
 
     kind = "metrics"
     name = "call-metrics"
@@ -499,6 +500,14 @@ class MetricsPath(ObsPath):
         from rpc_tasks.observability import disable_metrics
 
         disable_metrics()
+
+
+class MetricsOursPath(MetricsPath):
+    """rpc-tasks' metrics only: the worker has ``RPCMetricsMiddleware`` without Dramatiq's
+    ``Prometheus`` middleware (``install_metrics(broker, dramatiq_prometheus=False)``)."""
+
+    kind = "metrics-ours"
+    name = "call-metrics-ours"
 
 
 PATHS: dict[str, type[Path]] = {
@@ -522,6 +531,7 @@ PATHS: dict[str, type[Path]] = {
         OtelApiPath,
         OtelSdkPath,
         MetricsPath,
+        MetricsOursPath,
     )
 }
 

@@ -103,6 +103,7 @@ WORKER_OF = {
     "call-otel-api": "rpc-otel-api",
     "call-otel-sdk": "rpc-otel-sdk",
     "call-metrics": "rpc-metrics",
+    "call-metrics-ours": "rpc-metrics-ours",
 }
 #: The floors share a group (and so interleaved runs) with the paths whose goals are ratios to
 #: them: on a noisy machine, ratios of runs minutes apart move with the machine, not the code.
@@ -123,7 +124,9 @@ GROUPS = (
     Group("arq-fast", ("arq-fast", "arq-1k", "arq-10k")),
     Group("streams", ("streams-raw", "streams")),
     # The cost of tracing and metrics: each .call() path against its baseline, runs interleaved.
-    Group("observability", ("obs-base", "call-otel-api", "call-otel-sdk", "call-metrics")),
+    Group(
+        "observability", ("obs-base", "call-otel-api", "call-otel-sdk", "call-metrics", "call-metrics-ours")
+    ),
 )
 ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
 #: Groups whose comparison library is an optional bench dependency: (modules, what to say).
@@ -152,6 +155,7 @@ def worker_command(
         "rpc-otel-api": "otel-api",
         "rpc-otel-sdk": "otel-sdk",
         "rpc-metrics": "metrics",
+        "rpc-metrics-ours": "metrics-ours",
     }
     if group in kinds:
         kind = kinds[group]

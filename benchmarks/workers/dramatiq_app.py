@@ -18,8 +18,10 @@ Kinds:
   (``otel-api``: no SDK configured, only the API answers; ``otel-sdk``: the worker configures the
   SDK with a ``BatchSpanProcessor`` whose exporter encodes every span as JSON to ``/dev/null``) or
   ``setup_broker(metrics=True)`` (Dramatiq's Prometheus middleware and ours; the exposition
-  server on ``dramatiq_prom_port``). On the client side these kinds install nothing global: the
-  paths turn tracing / metrics on only around their own runs (see ``benchmarks/client.py``).
+  server on ``dramatiq_prom_port``); ``metrics-ours``: rpc-tasks' metrics without Dramatiq's
+  ``Prometheus`` middleware (to tell their costs apart). On the client side these kinds
+  install nothing global: the paths turn tracing / metrics on only around their own runs (see
+  ``benchmarks/client.py``).
 """
 
 from __future__ import annotations
@@ -32,9 +34,19 @@ from pydantic import BaseModel
 
 from benchmarks.common import Names, names, rabbitmq_url, redis_url
 
-KINDS = ("blocking", "plain", "rabbitmq", "results", "dramatiq", "otel-api", "otel-sdk", "metrics")
+KINDS = (
+    "blocking",
+    "plain",
+    "rabbitmq",
+    "results",
+    "dramatiq",
+    "otel-api",
+    "otel-sdk",
+    "metrics",
+    "metrics-ours",
+)
 #: Kinds measuring the cost of tracing and metrics (``blocking`` plus observability).
-OBS_KINDS = ("otel-api", "otel-sdk", "metrics")
+OBS_KINDS = ("otel-api", "otel-sdk", "metrics", "metrics-ours")
 ACTOR_NAME = "bench_echo"
 #: A plain ``@dramatiq.actor`` declared next to the ``@rpc_actor`` echo on the ``blocking``
 #: broker and queue (the ``plain-send`` path: ``.send()`` without validation, same broker).
@@ -148,7 +160,9 @@ def build(
             from rpc_tasks.observability import install_metrics
 
             # BENCH_DRAMATIQ_PROMETHEUS=0: ours only (no exposition server), to split the cost.
-            install_metrics(broker, dramatiq_prometheus=os.environ.get("BENCH_DRAMATIQ_PROMETHEUS") != "0")
+            # metrics-ours: rpc-tasks' series only, to tell their cost from Dramatiq's middleware.
+            dramatiq_prometheus = kind == "metrics" and os.environ.get("BENCH_DRAMATIQ_PROMETHEUS") != "0"
+            install_metrics(broker, dramatiq_prometheus=dramatiq_prometheus)
         if not worker and tracing:
             from rpc_tasks.observability import disable_tracing
 
