@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,11 +162,7 @@ class Suite:
             "--threads",
             "4",
         ]
-        proc = Worker(
-            name, cmd, env=self.env(), cwd=str(ROOT), log_path=f"{self.logs}/{name}.log", lifetime=600
-        )
-        self.procs.append(proc)
-        return proc
+        return self.spawn(name, cmd)
 
     def rpc_server(self, name: str) -> Worker:
         cmd = [
@@ -178,6 +175,11 @@ class Suite:
             "--consumer-name",
             name,
         ]
+        return self.spawn(name, cmd)
+
+    def spawn(self, name: str, cmd: list[str]) -> Worker:
+        """Start ``cmd`` as process ``name`` (its log in the run's log folder), tracked for
+        :meth:`stop_all`."""
         proc = Worker(
             name, cmd, env=self.env(), cwd=str(ROOT), log_path=f"{self.logs}/{name}.log", lifetime=600
         )
@@ -289,6 +291,22 @@ class Suite:
         row.recovery = max(recoveries) if recoveries else None
         return row
 
+    def follow_up(self, row: Row, call: Callable[[Any], Any]) -> float:
+        """One normal call after a fuzz batch, ``call(job)``, counted in ``row`` by outcome
+        (answered with the same job id, wrong, timed out, errored); returns its seconds."""
+        app = self.app
+        started = time.monotonic()
+        job = app.Job(id=uuid.uuid4().hex)
+        try:
+            got = call(job)
+            outcome = "answered" if got.id == job.id else "wrong"
+        except app.RPCTimeoutError:
+            outcome = "timed_out"
+        except Exception:
+            outcome = "errored"
+        setattr(row, outcome, getattr(row, outcome) + 1)
+        return time.monotonic() - started
+
     # -- scenarios ------------------------------------------------------------------------------
 
     def sigkill_workers(self) -> Row:
@@ -373,17 +391,7 @@ class Suite:
                 row.sent += 1
                 if job_id:
                     job_ids.append(job_id)
-            started = time.monotonic()
-            job = app.Job(id=uuid.uuid4().hex)
-            try:
-                got = app.actor("plain").call(job, timeout=30)
-                outcome = "answered" if got.id == job.id else "wrong"
-            except app.RPCTimeoutError:
-                outcome = "timed_out"
-            except Exception:
-                outcome = "errored"
-            setattr(row, outcome, getattr(row, outcome) + 1)
-            slowest = max(slowest, time.monotonic() - started)
+            slowest = max(slowest, self.follow_up(row, lambda job: app.actor("plain").call(job, timeout=30)))
         deadline = time.monotonic() + 30
         while client.llen(f"{ns}:{queue}") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -422,17 +430,8 @@ class Suite:
             for fields in stream_entries(rng, 100):
                 client.xadd(config.request_stream, fields)
                 row.sent += 1
-            started = time.monotonic()
-            job = app.Job(id=uuid.uuid4().hex)
-            try:
-                got = streams.call("chaos_echo", job, app.Done, timeout=30)
-                outcome = "answered" if got.id == job.id else "wrong"
-            except app.RPCTimeoutError:
-                outcome = "timed_out"
-            except Exception:
-                outcome = "errored"
-            setattr(row, outcome, getattr(row, outcome) + 1)
-            slowest = max(slowest, time.monotonic() - started)
+            answer = self.follow_up(row, lambda job: streams.call("chaos_echo", job, app.Done, 30))
+            slowest = max(slowest, answer)
         time.sleep(3)
         pending = client.xpending(config.request_stream, config.consumer_group)["pending"]
         row.lost = int(pending)

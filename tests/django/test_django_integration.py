@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,30 +162,11 @@ def worker(redis_url: str) -> Iterator[Proc]:
 
 @pytest.fixture
 def ws_server(redis_url: str) -> Iterator[int]:
-    from tests.integration.support import free_port
+    from tests.integration.wsproc import WSServer
 
-    port = free_port()
-    proc = Proc(
-        sys.executable,
-        "-m",
-        "rpc_tasks.cli",
-        "--log-level",
-        "WARNING",
-        "ws",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        env=_env(),
-    )
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield port
-    proc.stop()
+    server = WSServer(None, env=_env(), cwd=PROJECT, stderr=subprocess.DEVNULL)
+    yield server.port
+    server.stop()
 
 
 def test_rundramatiq_runs_rpc_actors_and_views_call_them(worker: Proc) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import redis
 from pydantic import BaseModel
@@ -41,3 +44,23 @@ def work(params: Work) -> Done:
     finally:
         client.close()
     return Done(job=params.job, server=server.consumer_name)
+
+
+def serve(redis_url: str, stream: str, prefix: str) -> tuple[subprocess.Popen[bytes], WebSocketRPCConfig]:
+    """This app under ``rpc-tasks serve`` (its own process group, output discarded) on
+    ``redis_url``, ``stream`` and reply ``prefix``; and the settings its callers use."""
+    env = {
+        **os.environ,
+        "RPC_TEST_REDIS_URL": redis_url,
+        "STREAM_APP_STREAM": stream,
+        "STREAM_APP_PREFIX": prefix,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rpc_tasks.cli", "serve", "--app", "tests.integration.stream_app:server"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, config.model_copy(update={"request_stream": stream, "response_key_prefix": prefix})

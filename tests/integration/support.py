@@ -79,12 +79,18 @@ def close_rabbit_brokers() -> None:
     :func:`make_broker` built, and close them."""
     while _rabbit_brokers:
         broker = _rabbit_brokers.pop()
-        for queue in broker.get_declared_queues():
-            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-                with contextlib.suppress(Exception):
-                    broker.channel.queue_delete(name)
+        delete_rabbit_queues(broker, *broker.get_declared_queues())
         with contextlib.suppress(Exception):
             broker.close()
+
+
+def delete_rabbit_queues(broker: dramatiq.Broker, *queues: str) -> None:
+    """Delete ``queues`` with their delay (``.DQ``) and dead-letter (``.XQ``) queues from a
+    RabbitMQ broker, ignoring failures (a queue never declared, a closed channel)."""
+    for queue in queues:
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            with contextlib.suppress(Exception):
+                broker.channel.queue_delete(name)
 
 
 def queue_size(broker: dramatiq.Broker, queue: str) -> int:

@@ -3,6 +3,7 @@ Redis killed under a waiting caller and restarted, AUTH and TLS connections."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -139,6 +140,38 @@ class Done(BaseModel):
     ok: bool
 
 
+def _ok_actor(config: WebSocketRPCConfig) -> Any:
+    """A BlockingRedisBroker on ``config.redis_url`` (own namespace) and its ``ok`` actor."""
+    broker = BlockingRedisBroker(url=config.redis_url, namespace=unique("ns"))
+    setup_broker(broker, config=config, set_global=False)
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), actor_name="ok")
+    def ok(params: Slow) -> Done:
+        return Done(ok=True)
+
+    return ok
+
+
+@contextlib.contextmanager
+def _done_server(config: WebSocketRPCConfig) -> Iterator[Any]:
+    """A Streams ``RPCServer`` with a ``done`` method on ``config``, and a client for it."""
+    from rpc_tasks import RPCServer, WebSocketRPCClient
+
+    srv = RPCServer(config, concurrency=2)
+
+    @srv.method("done")
+    def done(params: Slow) -> Done:
+        return Done(ok=True)
+
+    srv.start()
+    client = WebSocketRPCClient(config)
+    try:
+        yield client
+    finally:
+        client.close()
+        assert srv.stop(10)
+
+
 def test_redis_killed_under_a_waiting_caller_then_restarted() -> None:
     with PrivateRedis() as server:
         url = server.url()
@@ -191,24 +224,11 @@ def test_redis_auth_works_and_password_is_never_logged(caplog: pytest.LogCapture
         url = server.url(password=password)
         config = WebSocketRPCConfig(redis_url=url)
         assert password not in repr(config) and password not in str(config.redacted())
-        broker = BlockingRedisBroker(url=url, namespace=unique("ns"))
-        setup_broker(broker, config=config, set_global=False)
-
-        @rpc_actor(broker=broker, queue_name=unique("q"))
-        def ok(params: Slow) -> Done:
-            return Done(ok=True)
-
-        with running_worker(broker):
+        ok = _ok_actor(config)
+        with running_worker(ok.broker):
             assert ok.call(Slow(seconds=0), timeout=5).ok
 
-        bad = WebSocketRPCConfig(redis_url=server.url(password="wrong-" + password))
-        bad_broker = BlockingRedisBroker(url=bad.redis_url, namespace=unique("ns"))
-        setup_broker(bad_broker, config=bad, set_global=False)
-
-        @rpc_actor(broker=bad_broker, queue_name=unique("q"), actor_name="ok")
-        def ok_bad(params: Slow) -> Done:
-            return Done(ok=True)
-
+        ok_bad = _ok_actor(WebSocketRPCConfig(redis_url=server.url(password="wrong-" + password)))
         with pytest.raises(RPCConnectionError) as info:
             ok_bad.call(Slow(seconds=0), timeout=1)
         assert password not in str(info.value)
@@ -273,22 +293,15 @@ def test_rediss_tls_connection(tls_files: tuple[Path, Path]) -> None:
     cert, key = tls_files
     with _tls_redis(cert, key) as server:
         url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}&ssl_cert_reqs=required"
-        config = WebSocketRPCConfig(redis_url=url)
-        broker = BlockingRedisBroker(url=url, namespace=unique("ns"))
-        setup_broker(broker, config=config, set_global=False)
-
-        @rpc_actor(broker=broker, queue_name=unique("q"))
-        def ok(params: Slow) -> Done:
-            return Done(ok=True)
-
-        with running_worker(broker):
+        ok = _ok_actor(WebSocketRPCConfig(redis_url=url))
+        with running_worker(ok.broker):
             assert ok.call(Slow(seconds=0), timeout=5).ok
 
 
 def test_streams_client_and_server_over_tls(tls_files: tuple[Path, Path]) -> None:
     """``rediss://`` for the Streams client and server: a call, and a certificate the client
     does not trust is refused."""
-    from rpc_tasks import RPCServer, WebSocketRPCClient
+    from rpc_tasks import WebSocketRPCClient
 
     cert, key = tls_files
     with _tls_redis(cert, key) as server:
@@ -296,20 +309,9 @@ def test_streams_client_and_server_over_tls(tls_files: tuple[Path, Path]) -> Non
         config = WebSocketRPCConfig(
             redis_url=url, request_stream=unique("stream"), response_key_prefix=unique("resp") + ":"
         )
-        srv = RPCServer(config, concurrency=2)
-
-        @srv.method("done")
-        def done(params: Slow) -> Done:
-            return Done(ok=True)
-
-        srv.start()
-        client = WebSocketRPCClient(config)
-        try:
+        with _done_server(config) as client:
             assert client.call("done", Slow(seconds=0), Done, timeout=10).ok
             assert client.health_check(timeout=5) is True
-        finally:
-            client.close()
-            assert srv.stop(10)
         untrusting = WebSocketRPCClient(config.model_copy(update={"redis_url": url.split("?")[0]}))
         with pytest.raises(RPCConnectionError):
             untrusting.call("done", Slow(seconds=0), Done, timeout=2)
@@ -319,36 +321,18 @@ def test_streams_client_and_server_over_tls(tls_files: tuple[Path, Path]) -> Non
 def test_unix_socket_redis_url_for_calls_and_streams() -> None:
     """``unix://`` Redis URLs (documented for ``redis_url``): a Dramatiq ``.call()`` with the
     reply pushed in the ack's script (same socket path and DB), and a Streams call."""
-    from rpc_tasks import RPCServer, WebSocketRPCClient
-
     with PrivateRedis(unix_socket=True) as server:
         url = server.unix_url(db=2)
         config = WebSocketRPCConfig(
             redis_url=url, request_stream=unique("stream"), response_key_prefix=unique("resp") + ":"
         )
-        broker = BlockingRedisBroker(url=url, namespace=unique("ns"))
-        setup_broker(broker, config=config, set_global=False)
-
-        @rpc_actor(broker=broker, queue_name=unique("q"))
-        def ok(params: Slow) -> Done:
-            return Done(ok=True)
-
+        ok = _ok_actor(config)
+        broker = ok.broker
         with running_worker(broker):
             assert ok.call(Slow(seconds=0), timeout=5).ok
         assert broker._pending_replies == {}
-        srv = RPCServer(config, concurrency=2)
-
-        @srv.method("done")
-        def done(params: Slow) -> Done:
-            return Done(ok=True)
-
-        srv.start()
-        client = WebSocketRPCClient(config)
-        try:
+        with _done_server(config) as client:
             assert client.call("done", Slow(seconds=0), Done, timeout=10).ok
-        finally:
-            client.close()
-            assert srv.stop(10)
         direct = redis.Redis(unix_socket_path=server.socket_path, db=2)
         assert direct.exists(f"{broker.namespace}:{ok.queue_name}.msgs") == 0
         assert direct.xlen(config.request_stream) == 1, "the Streams request went to DB 2 over the socket"

@@ -26,7 +26,7 @@ from rpc_tasks.redis.ratestore import RateStore, cooldown_key, limiter_keys
 from rpc_tasks.redis.replies import ReplyChannel
 from rpc_tasks.websocket.store import AsyncWSStore
 
-from .support import running_worker, unique, wait_until
+from .support import delete_rabbit_queues, running_worker, unique, wait_until
 from .topologies import migrate_slot, private_cluster
 
 pytestmark = pytest.mark.redis
@@ -215,11 +215,7 @@ def test_dramatiq_on_rabbitmq_with_replies_and_rate_limits_on_the_cluster(
                 range(20)
             )
     finally:
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            try:
-                broker.channel.queue_delete(name)
-            except Exception:
-                pass
+        delete_rabbit_queues(broker, queue)
         broker.close()
 
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from rpc_tasks import (
 )
 
 from .support import free_port, unique
+from .wsproc import wait_healthy
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,18 +79,11 @@ class IpcServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("django-ipc server did not start")
-            time.sleep(0.2)
+        try:
+            wait_healthy(f"http://127.0.0.1:{self.health}/health", self.proc, "django-ipc server", 0.2)
+        except RuntimeError:
+            self.stop()
+            raise
         time.sleep(1.5)  # its stream consumer starts after the health endpoint
 
     def stop(self) -> None:

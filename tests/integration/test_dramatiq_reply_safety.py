@@ -16,7 +16,7 @@ from rpc_tasks import WebSocketRPCConfig, protocol, rpc_actor, setup_broker
 from rpc_tasks.redis.broker import BlockingRedisBroker
 from rpc_tasks.redis.replies import ReplyChannel
 
-from .support import redis_broker, running_worker, unique, wait_until
+from .support import delete_rabbit_queues, redis_broker, running_worker, unique, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -133,11 +133,7 @@ def test_params_never_reach_the_worker_log_on_rabbitmq(
             wait_until(lambda: failed, timeout=20)
             wait_until(lambda: "Failed to process message" in caplog.text, timeout=10)
     finally:
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            try:
-                broker.channel.queue_delete(name)
-            except Exception:
-                pass
+        delete_rabbit_queues(broker, queue)
         broker.close()
     failure_lines = [line for line in caplog.text.splitlines() if "Failed to process message" in line]
     assert failure_lines and all("leaky" in line for line in failure_lines)

@@ -19,7 +19,7 @@ from rpc_tasks import (
     setup_broker,
 )
 
-from .support import running_worker, unique, wait_until
+from .support import delete_rabbit_queues, running_worker, unique, wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -41,11 +41,7 @@ def rmq_broker(amqp_url: str, redis_url: str) -> Iterator[tuple[dramatiq.Broker,
     setup_broker(broker, config=config, set_global=False)
     queue = unique("rmq")
     yield broker, queue
-    for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-        try:
-            broker.channel.queue_delete(name)
-        except Exception:
-            pass
+    delete_rabbit_queues(broker, queue)
     broker.close()
 
 

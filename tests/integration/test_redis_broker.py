@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import dramatiq
 import pytest
@@ -55,6 +56,18 @@ class EchoResult(BaseModel):
     length: int
 
 
+def recording_echo(broker: dramatiq.Broker, **options: Any) -> tuple[Any, list[str]]:
+    """An ``echo`` actor on ``broker`` that records each message it runs, and that record."""
+    ran: list[str] = []
+
+    @rpc_actor(broker=broker, queue_name=unique("q"), actor_name="echo", **options)
+    def echo(params: EchoParams) -> EchoResult:
+        ran.append(params.message)
+        return EchoResult(message=params.message, length=0)
+
+    return echo, ran
+
+
 def test_call_returns_typed_result(redis_url: str) -> None:
     broker, _ = make_broker(redis_url)
 
@@ -70,13 +83,7 @@ def test_call_returns_typed_result(redis_url: str) -> None:
 
 def test_send_is_processed_in_background_and_pushes_no_reply(redis_url: str) -> None:
     broker, config = make_broker(redis_url)
-    seen: list[str] = []
-
-    @rpc_actor(broker=broker, queue_name=unique("q"))
-    def remember(params: EchoParams) -> EchoResult:
-        seen.append(params.message)
-        return EchoResult(message=params.message, length=0)
-
+    remember, seen = recording_echo(broker)
     message = remember.send(EchoParams(message="bg"))
     assert isinstance(message, dramatiq.Message)
     assert protocol.OPTION_REPLY_TO not in message.options
@@ -206,13 +213,7 @@ def test_timeout_has_millisecond_precision(redis_url: str) -> None:
 
 def test_expired_call_is_skipped_not_executed(redis_url: str) -> None:
     broker, config = make_broker(redis_url)
-    ran: list[str] = []
-
-    @rpc_actor(broker=broker, queue_name=unique("q"))
-    def echo(params: EchoParams) -> EchoResult:
-        ran.append(params.message)
-        return EchoResult(message=params.message, length=0)
-
+    echo, ran = recording_echo(broker)
     # No worker yet: the caller gives up after 0.1 s.
     with pytest.raises(RPCTimeoutError):
         echo.call(EchoParams(message="too late"), timeout=0.1)
@@ -286,13 +287,7 @@ def test_structurally_invalid_message_is_dead_lettered_with_an_error_reply(
     """Valid JSON that is not a valid Dramatiq message (here: no ``args``) must not crash the
     consumer or loop: the caller gets ``invalid_request`` and the message is dead-lettered."""
     broker, config = make_broker(redis_url)
-    ran: list[str] = []
-
-    @rpc_actor(broker=broker, queue_name=unique("q"))
-    def echo(params: EchoParams) -> EchoResult:
-        ran.append(params.message)
-        return EchoResult(message=params.message, length=0)
-
+    echo, ran = recording_echo(broker)
     key = protocol.reply_key(config.response_key_prefix, "broken-1")
     good = echo.message_with_options(args=(EchoParams(message="x"),))
     good = good.copy(message_id="broken-1", options={protocol.OPTION_REPLY_TO: key})
@@ -375,13 +370,7 @@ def test_reply_address_outside_the_prefix_is_never_written(redis_url: str) -> No
     forged or misconfigured producer pointing at a key the application owns) gets no write
     there; the worker logs it and counts it."""
     broker, config = make_broker(redis_url)
-    ran: list[str] = []
-
-    @rpc_actor(broker=broker, queue_name=unique("q"), max_retries=0)
-    def echo(params: EchoParams) -> EchoResult:
-        ran.append(params.message)
-        return EchoResult(message=params.message, length=0)
-
+    echo, _ = recording_echo(broker, max_retries=0)
     client = redis.Redis.from_url(redis_url)
     victim = unique("app:session")
     client.set(victim, "precious")

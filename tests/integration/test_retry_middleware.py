@@ -44,6 +44,15 @@ def unavailable(retry_after: float | None) -> RPCRemoteError:
     )
 
 
+def timed_remote_error(actor: Any, params: P, timeout: float) -> tuple[RPCRemoteError, float]:
+    """``actor.call(params, timeout=timeout)``, which must raise RPCRemoteError: the error,
+    and the seconds until the caller heard it."""
+    started = time.monotonic()
+    with pytest.raises(RPCRemoteError) as info:
+        actor.call(params, timeout=timeout)
+    return info.value, time.monotonic() - started
+
+
 @pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
 def test_retry_waits_at_least_retry_after(
     redis_url: str, broker_kind: str, caplog: pytest.LogCaptureFixture
@@ -114,11 +123,9 @@ def test_non_retryable_error_fails_at_once_and_retry_codes_is_configurable(
         raise unavailable(None)  # retryable by default, but not in this actor's retry_codes
 
     with running_worker(broker):
-        started = time.monotonic()
-        with pytest.raises(RPCRemoteError) as info:
-            picky.call(P(), timeout=5)
-        assert time.monotonic() - started < 1.0
-    assert info.value.error.code is RPCErrorCode.SERVICE_UNAVAILABLE
+        exc, elapsed = timed_remote_error(picky, P(), timeout=5)
+        assert elapsed < 1.0
+    assert exc.error.code is RPCErrorCode.SERVICE_UNAVAILABLE
     assert calls["picky"] == 1
 
 
@@ -133,14 +140,11 @@ def test_call_deadline_returns_last_error_instead_of_retrying_late(redis_url: st
         raise unavailable(5.0)
 
     with running_worker(broker):
-        started = time.monotonic()
-        with pytest.raises(RPCRemoteError) as info:
-            slow_backend.call(P(), timeout=1.0)
-        elapsed = time.monotonic() - started
+        exc, elapsed = timed_remote_error(slow_backend, P(), timeout=1.0)
     assert elapsed < 0.5, "the caller hears back now, not after its 1 s timeout or the 5 s retry"
-    assert info.value.retry_after == 5.0
-    assert info.value.error.code is RPCErrorCode.SERVICE_UNAVAILABLE
-    assert info.value.error.details["next_retry_in"] >= 5.0
+    assert exc.retry_after == 5.0
+    assert exc.error.code is RPCErrorCode.SERVICE_UNAVAILABLE
+    assert exc.error.details["next_retry_in"] >= 5.0
     assert len(calls) == 1
 
 
@@ -246,12 +250,10 @@ def test_cooldown_past_the_deadline_answers_the_caller_now(redis_url: str, broke
 
     RateStore(redis.Redis.from_url(redis_url)).open_cooldown(cooldown_key("busy"), 5000)
     with running_worker(broker):
-        started = time.monotonic()
-        with pytest.raises(RPCRemoteError) as info:
-            busy.call(P(), timeout=1)
-        assert time.monotonic() - started < 0.5
-    assert info.value.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
-    assert info.value.retry_after is not None and 4.0 < info.value.retry_after <= 6.5
+        exc, elapsed = timed_remote_error(busy, P(), timeout=1)
+        assert elapsed < 0.5
+    assert exc.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
+    assert exc.retry_after is not None and 4.0 < exc.retry_after <= 6.5
 
 
 @pytest.mark.parametrize("broker_kind", ["blocking", "rabbitmq"], indirect=True)
@@ -394,13 +396,10 @@ def test_proactive_slot_past_the_deadline_answers_the_caller_now(redis_url: str,
 
     with running_worker(broker):
         assert paced.call(P(n=1), timeout=5).attempts == 1
-        started = time.monotonic()
-        with pytest.raises(RPCRemoteError) as info:
-            paced.call(P(n=2), timeout=2)
-        elapsed = time.monotonic() - started
+        exc, elapsed = timed_remote_error(paced, P(n=2), timeout=2)
     assert elapsed < 1.5, "answered now, not at the deadline"
-    assert info.value.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
-    assert info.value.retry_after is not None and 7.0 < info.value.retry_after <= 10.5
+    assert exc.error.code is RPCErrorCode.RATE_LIMIT_EXCEEDED
+    assert exc.retry_after is not None and 7.0 < exc.retry_after <= 10.5
     assert runs == [1]
     assert [e["reason"] for e in events.of("gave_up", paced.actor_name)] == ["deadline"]
 

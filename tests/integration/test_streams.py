@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -425,26 +423,10 @@ def test_get_rpc_client_is_a_thread_safe_singleton(
 
 
 def test_killed_consumer_entries_are_reclaimed_by_another(config: WebSocketRPCConfig, redis_url: str) -> None:
-    stream, prefix = config.request_stream, config.response_key_prefix
-    env = {
-        **os.environ,
-        "RPC_TEST_REDIS_URL": redis_url,
-        "STREAM_APP_STREAM": stream,
-        "STREAM_APP_PREFIX": prefix,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rpc_tasks.cli", "serve", "--app", "tests.integration.stream_app:server"],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     from tests.integration import stream_app
 
-    app_config = stream_app.config.model_copy(
-        update={"request_stream": stream, "response_key_prefix": prefix}
-    )
+    stream = config.request_stream
+    proc, app_config = stream_app.serve(redis_url, stream, config.response_key_prefix)
     client = WebSocketRPCClient(app_config)
     r = redis.Redis.from_url(redis_url)
     results: dict[str, Any] = {}

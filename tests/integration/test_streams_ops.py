@@ -148,23 +148,7 @@ def test_cli_serve_stops_gracefully_on_sigterm(config: WebSocketRPCConfig, redis
     and the process exits 0."""
     from tests.integration import stream_app
 
-    env = {
-        **os.environ,
-        "RPC_TEST_REDIS_URL": redis_url,
-        "STREAM_APP_STREAM": config.request_stream,
-        "STREAM_APP_PREFIX": config.response_key_prefix,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rpc_tasks.cli", "serve", "--app", "tests.integration.stream_app:server"],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    app_config = stream_app.config.model_copy(
-        update={"request_stream": config.request_stream, "response_key_prefix": config.response_key_prefix}
-    )
+    proc, app_config = stream_app.serve(redis_url, config.request_stream, config.response_key_prefix)
     client = WebSocketRPCClient(app_config)
     r = redis.Redis.from_url(redis_url)
     job = unique("job")

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -42,6 +41,8 @@ from rpc_tasks.websocket.models import (
 )
 
 from .support import PrivateRedis, free_port, unique, wait_until
+from .wsproc import WSServer, recv_json, welcome
+from .wsproc import ws_config as shared_ws_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,78 +56,18 @@ def config(redis_url: str) -> WebSocketRPCConfig:
 
 def ws_config(redis_url: str) -> WebSocketRPCConfig:
     """Settings of a test's ws server: its own streams, keys and channels."""
-    return WebSocketRPCConfig(
-        redis_url=redis_url,
-        websocket_secret=SECRET,
-        request_stream=unique("ws:req"),
-        response_key_prefix=unique("ws:resp") + ":",
-        broadcast_channel=unique("ws:bcast"),
-        enable_bridge=True,
-        bridge_stream=unique("ws:bridge"),
-        bridge_consumer_name=unique("bridge"),
-    )
+    return shared_ws_config(redis_url, SECRET)
 
 
-class Instance:
+class Instance(WSServer):
     def __init__(
         self, config: WebSocketRPCConfig, *extra: str, presence_ttl: int = 30, log: Any = None
     ) -> None:
-        self.port = free_port()
-        env = dict(os.environ)
-        for key, value in config.model_dump(mode="json").items():
-            env[f"WEBSOCKET_RPC_{key.upper()}"] = (
-                str(value) if not isinstance(value, bool) else str(value).lower()
-            )
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rpc_tasks.cli",
-                "--log-level",
-                "WARNING",
-                "ws",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--presence-ttl",
-                str(presence_ttl),
-                *extra,
-            ],
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-            stderr=log,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("WebSocket server did not start")
-            time.sleep(0.1)
+        super().__init__(config, "--presence-ttl", str(presence_ttl), *extra, stderr=log)
 
     def url(self, user: str | None, token: str | None = None) -> str:
         token = token if token is not None else make_token(user or "", SECRET)
         return f"ws://127.0.0.1:{self.port}/ws?token={token}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture
@@ -135,16 +76,6 @@ def instances(config: WebSocketRPCConfig) -> Iterator[list[Instance]]:
     yield started
     for inst in started:
         inst.stop()
-
-
-async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def welcome(ws: Any) -> dict[str, Any]:
-    frame = await recv_json(ws)
-    assert frame["type"] == "welcome"
-    return frame
 
 
 async def nothing_arrives(ws: Any, seconds: float = 0.5) -> bool:

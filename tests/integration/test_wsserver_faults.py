@@ -6,13 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,9 @@ from rpc_tasks import RPCServer, WebSocketRPCConfig
 from rpc_tasks.websocket.auth import make_token
 from rpc_tasks.websocket.models import BridgeParams
 
-from .support import free_port, unique, wait_until
+from .support import wait_until
+from .wsproc import WSServer, recv_json
+from .wsproc import ws_config as shared_ws_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,65 +31,24 @@ SECRET = "test-secret-" + "y" * 16
 
 
 def ws_config(redis_url: str, **kwargs: Any) -> WebSocketRPCConfig:
-    return WebSocketRPCConfig(
-        redis_url=redis_url,
-        websocket_secret=SECRET,
-        request_stream=unique("ws:req"),
-        response_key_prefix=unique("ws:resp") + ":",
-        broadcast_channel=unique("ws:bcast"),
-        enable_bridge=True,
-        bridge_stream=unique("ws:bridge"),
-        bridge_consumer_name=unique("bridge"),
-        **kwargs,
-    )
+    return shared_ws_config(redis_url, SECRET, **kwargs)
 
 
-class WSProcess:
+class WSProcess(WSServer):
     """``rpc-tasks ws`` in a subprocess, its stderr in a file."""
 
     def __init__(self, config: WebSocketRPCConfig, log_level: str = "WARNING") -> None:
-        self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="rpc-ws-", suffix=".log", delete=False)
-        env = dict(os.environ)
-        for key, value in config.model_dump(mode="json").items():
-            env[f"WEBSOCKET_RPC_{key.upper()}"] = (
-                str(value) if not isinstance(value, bool) else str(value).lower()
-            )
-        command = [sys.executable, "-m", "rpc_tasks.cli", "--log-level", log_level, "ws"]
-        self.proc = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-            stderr=self.log,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("WebSocket server did not start")
-            time.sleep(0.1)
+        super().__init__(config, log_level=log_level, stderr=self.log)
 
     def url(self, user: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws?token={make_token(user, SECRET)}"
+        return self.socket_url(user, SECRET)
 
     def logs(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        super().stop()
         self.log.close()
         os.unlink(self.log.name)
 
@@ -121,10 +78,6 @@ def django_side(config: WebSocketRPCConfig, concurrency: int) -> RPCServer:
         return Slept(user_id=params.user_id, slept_ms=ms)
 
     return server
-
-
-async def recv_json(ws: Any, timeout: float) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 def request_frame(frame_id: str, ms: int) -> str:
