@@ -138,6 +138,20 @@ def wake_key(namespace: str, queue_name: str) -> str:
     return f"{namespace}:{queue_name}.wake"
 
 
+def _reply_push_failed(
+    redis_message_id: str, queue_name: str, reply: tuple[str, bytes, int, str], outcome: bytes
+) -> None:
+    """A deferred reply was not pushed (the ack went through): logged, and counted like a reply
+    :class:`~rpc_tasks.middleware.RPCReplies` failed to push itself (``reply_push_failed``)."""
+    metrics.emit("reply_push_failed", actor=reply[3], queue=queue_name)
+    logger.error(
+        "Message %s was acked but its reply could not be pushed to %r (%s); no TTL was set.",
+        redis_message_id,
+        reply[0],
+        outcome.decode(errors="replace").partition(": ")[2],
+    )
+
+
 class BlockingRedisBroker(RedisBroker):
     """Drop-in replacement for ``dramatiq.brokers.redis.RedisBroker`` (same arguments).
 
@@ -198,8 +212,7 @@ class BlockingRedisBroker(RedisBroker):
         self.log_message_params = False
         self._maintenance = Maintenance(self)
         self.scripts["dispatch_rpc"] = self.client.register_script(rpc_dispatch_source())
-        # .call() replies waiting to go out with their message's ack
-        # (redis_message_id -> key, payload, ttl, actor name).
+        # .call() replies waiting to go out with their message's ack (id -> key, payload, ttl, actor).
         self._pending_replies: dict[str, tuple[str, bytes, int, str]] = {}
         self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
 
@@ -306,14 +319,7 @@ class BlockingRedisBroker(RedisBroker):
         )
         self._pending_replies.pop(redis_message_id, None)
         if isinstance(outcome, bytes) and outcome.startswith(b"rpc_reply_failed"):
-            # Counted like a reply RPCReplies failed to push itself.
-            metrics.emit("reply_push_failed", actor=reply[3], queue=queue_name)
-            logger.error(
-                "Message %s was acked but its reply could not be pushed to %r (%s); no TTL was set.",
-                redis_message_id,
-                reply[0],
-                outcome.decode(errors="replace").partition(": ")[2],
-            )
+            _reply_push_failed(redis_message_id, queue_name, reply, outcome)
 
     def _dispatch_pinned(
         self, command: str, queue_name: str, *args: Any, script_name: str = "dispatch"
