@@ -205,7 +205,10 @@ class Observation:
     def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
         duration = time.perf_counter() - self.started
         if self._token is not None:
-            _current.reset(self._token)
+            try:
+                _current.reset(self._token)
+            except ValueError:  # an abandoned coroutine closed outside its task: end the scopes anyway
+                pass
         outcome = self.outcome or (outcome_of(error) if error is not None else OUTCOME_OK)
         for scope in reversed(self.scopes):
             try:

@@ -323,3 +323,23 @@ def test_an_observed_coroutine_runs_inside_its_observation(recorded: Any) -> Non
         ("call", "cancelled", "CancelledError"),
     ]
     assert [e[1]["outcome"] for e in events] == ["ok", "timeout", "cancelled"]
+
+
+def test_an_abandoned_observed_coroutine_still_ends_its_scopes(recorded: Any) -> None:
+    """A coroutine started in a task's context and closed elsewhere (a task abandoned, then
+    garbage-collected) still finishes its scopes (span ended, gauge decremented)."""
+    import contextvars
+    from collections.abc import Generator
+
+    class Pending:
+        def __await__(self) -> Generator[None, None, None]:
+            yield  # suspended until closed
+
+    async def wait() -> None:
+        await Pending()
+
+    log, _ = recorded
+    coro = metrics.observing("call", {"actor": "a"}, wait())
+    contextvars.copy_context().run(coro.send, None)  # started in "the task's" context
+    coro.close()  # closed in this one
+    assert log == [("call", "error", "GeneratorExit")]
