@@ -26,7 +26,6 @@ What is recorded (names and attributes are listed in ``docs/operating.md``):
 
 from __future__ import annotations
 
-import contextvars
 import importlib.util
 import threading
 import time
@@ -81,10 +80,6 @@ _sdk_seen = False
 _next_check = 0.0
 #: The OpenTelemetry modules, loaded by :func:`enable_tracing` (no import statement per call).
 _otel: Any = None
-#: The caller-side span of the operation running in this context (for ``before_enqueue``).
-_current_call: contextvars.ContextVar[_SpanScope | None] = contextvars.ContextVar(
-    "rpc_tasks_call_span", default=None
-)
 
 
 def tracing_available() -> bool:
@@ -113,8 +108,9 @@ def enable_tracing(tracer_provider: Any = None) -> None:
         from opentelemetry import context, propagate, trace
 
         from .. import __version__
+        from . import w3c
 
-        _otel = types.SimpleNamespace(trace=trace, propagate=propagate, context=context)
+        _otel = types.SimpleNamespace(trace=trace, propagate=propagate, context=context, w3c=w3c)
         _provider = tracer_provider
         _tracer = trace.get_tracer("rpc_tasks", __version__, tracer_provider=tracer_provider)
         _sdk_seen, _next_check = False, 0.0
@@ -175,7 +171,7 @@ def _recording() -> Tracer | None:
 
 def _extract(carrier: Any) -> Any:
     if isinstance(carrier, Mapping) and carrier:
-        return _otel.propagate.extract(dict(carrier))
+        return _otel.w3c.extract(carrier)
     return None
 
 
@@ -188,9 +184,7 @@ def _traceparent(span: Span) -> str:
 def _inject_current() -> dict[str, str] | None:
     if _recording() is None:
         return None
-    carrier: dict[str, str] = {}
-    _otel.propagate.inject(carrier)
-    return carrier or None
+    return _otel.w3c.inject() or None
 
 
 def _link_to(traceparent: Any) -> list[Any]:
@@ -223,17 +217,14 @@ def _on_event(event: str, labels: Mapping[str, Any]) -> None:
 class _SpanScope:
     """A span made current for one observed operation (see :func:`rpc_tasks.metrics.observe`)."""
 
-    __slots__ = ("call_token", "span", "token")
+    __slots__ = ("span", "token")
 
-    def __init__(self, span: Span, caller_side: bool) -> None:
+    def __init__(self, span: Span) -> None:
         self.span = span
         self.token = _otel.context.attach(_otel.trace.set_span_in_context(span))
-        self.call_token = _current_call.set(self) if caller_side else None
 
     def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
         _finish_span(self.span, outcome, error)
-        if self.call_token is not None:
-            _current_call.reset(self.call_token)
         _otel.context.detach(self.token)
 
 
@@ -264,28 +255,31 @@ def _scope_factory(kind: str, labels: Mapping[str, Any]) -> _SpanScope | None:
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
-        return _SpanScope(span, caller_side=False)
+        return _SpanScope(span)
     actor = str(labels.get("actor", ""))
-    attributes["rpc.method"] = actor
     if kind == "stream_call":
+        attributes["rpc.method"] = actor
         span = tracer.start_span(f"call {actor}", kind=SpanKind.CLIENT, attributes=attributes)
-        return _SpanScope(span, caller_side=False)
+        return _SpanScope(span)
     if kind == "stream_send":  # a Streams fire-and-forget request
+        attributes["rpc.method"] = actor
         span = tracer.start_span(f"send {actor}", kind=SpanKind.PRODUCER, attributes=attributes)
-        return _SpanScope(span, caller_side=False)
+        return _SpanScope(span)
     if kind not in ("call", "call_many", "send"):
         return None
-    attributes.update(
-        {
+    # Messaging conventions only (the actor is the span name's second word): each attribute
+    # costs the SDK a few microseconds per span, on every call.
+    span = tracer.start_span(
+        f"{kind} {actor}",
+        kind=SpanKind.PRODUCER if kind == "send" else SpanKind.CLIENT,
+        attributes={
             "messaging.system": "dramatiq",
             "messaging.destination.name": str(labels.get("queue", "")),
             "messaging.operation.type": "send",
             "messaging.operation.name": kind,
-        }
+        },
     )
-    span_kind = SpanKind.PRODUCER if kind == "send" else SpanKind.CLIENT
-    span = tracer.start_span(f"{kind} {actor}", kind=span_kind, attributes=attributes)
-    return _SpanScope(span, caller_side=True)
+    return _SpanScope(span)
 
 
 # -- Dramatiq middleware -----------------------------------------------------------------------
@@ -317,23 +311,25 @@ class TracingMiddleware(Middleware):
         return spans
 
     def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
-        if OPTION_TRACE in message.options or _recording() is None:
+        options = message.options
+        running: dict[str, tuple[Span, object]] | None = getattr(self._local, "spans", None)
+        if running and OPTION_TRACE_FIRST not in options:
+            # A worker re-enqueueing the message it runs (retry, postponement): later attempts
+            # link to this first one. Written here rather than on every attempt's start.
+            entry = running.get(message.message_id)
+            if entry is not None:
+                options[OPTION_TRACE_FIRST] = _traceparent(entry[0])
+        if OPTION_TRACE in options or _recording() is None:
             return
-        carrier: dict[str, str] = {}
-        _otel.propagate.inject(carrier)
+        carrier = _otel.w3c.inject()
         if carrier:
-            message.options[OPTION_TRACE] = carrier
-        call = _current_call.get()
-        if call is not None and call.span.is_recording():
-            call.span.set_attribute("messaging.message.id", message.message_id)
+            options[OPTION_TRACE] = carrier
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         tracer = _recording()
         if tracer is None:
             return
         span = self._start(tracer, message, "process")
-        if OPTION_TRACE_FIRST not in message.options:
-            message.options[OPTION_TRACE_FIRST] = _traceparent(span)
         token = _otel.context.attach(_otel.trace.set_span_in_context(span))
         self._spans()[message.message_id] = (span, token)
 
@@ -379,8 +375,6 @@ class TracingMiddleware(Middleware):
             "messaging.message.id": str(message.message_id),
             "messaging.operation.type": "process" if operation == "process" else "settle",
             "messaging.operation.name": operation,
-            "rpc.system": RPC_SYSTEM,
-            "rpc.method": str(message.actor_name),
             # OPTION_ATTEMPT counts started attempts: the one starting now is the next.
             "rpc_tasks.attempt": (attempt if isinstance(attempt, int) else 0) + (operation == "process"),
         }
