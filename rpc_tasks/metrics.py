@@ -11,10 +11,12 @@ Events (``labels`` always include ``actor``):
   ``non_retryable``): the message failed for good;
 * ``expired_skipped``: a ``.call()`` message arrived after its caller's deadline;
 * ``reply_push_failed``: a worker could not push a reply to its caller;
-* ``call`` / ``call_many`` / ``send`` (``actor``, ``queue``) and ``stream_call`` (``actor`` =
-  the Streams method), ``serve`` (``method``, ``stream``): one observed operation ended, with
-  ``outcome`` (``ok``, ``timeout``, ``connection``, ``validation_error``, ``error`` or the remote
-  error code) and ``duration`` in seconds (see :func:`observe`);
+* ``call`` / ``call_many`` / ``send`` (``actor``, ``queue``; their async twins ``acall`` /
+  ``acall_many`` / ``asend`` too) and ``stream_call`` / ``stream_send`` (``actor`` = the Streams
+  method; a call, a fire-and-forget request), ``serve`` (``method``, ``stream``): one observed
+  operation ended, with ``outcome`` (``ok``, ``timeout``, ``connection``, ``validation_error``,
+  ``cancelled``, ``error`` or the remote error code) and ``duration`` in seconds (see
+  :func:`observe`);
 * ``server_backlog`` (``stream``, ``group``, ``pending``, ``unread``): a Streams server's backlog;
 * ``server_dead_lettered`` (``stream``): a Streams entry went to the dead-letter stream;
 * ``ws_connection`` (``delta``: +1 / -1), ``ws_delivery`` (``offered``, ``took``),
@@ -23,13 +25,15 @@ Events (``labels`` always include ``actor``):
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
+import inspect
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
@@ -157,7 +161,8 @@ def trace_context() -> dict[str, str] | None:
 
 def outcome_of(error: BaseException) -> str:
     """The outcome label of an operation that raised ``error``: the remote error code,
-    ``timeout``, ``connection``, ``validation_error`` or ``error``."""
+    ``timeout``, ``connection``, ``validation_error``, ``cancelled`` (an awaited call whose
+    task was cancelled) or ``error``."""
     if isinstance(error, RPCRemoteError):
         return error.error.wire_code
     if isinstance(error, RPCTimeoutError):
@@ -166,6 +171,8 @@ def outcome_of(error: BaseException) -> str:
         return "connection"
     if isinstance(error, ValidationError):
         return "validation_error"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
     return "error"
 
 
@@ -198,7 +205,10 @@ class Observation:
     def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
         duration = time.perf_counter() - self.started
         if self._token is not None:
-            _current.reset(self._token)
+            try:
+                _current.reset(self._token)
+            except ValueError:  # an abandoned coroutine closed outside its task: end the scopes anyway
+                pass
         outcome = self.outcome or (outcome_of(error) if error is not None else OUTCOME_OK)
         for scope in reversed(self.scopes):
             try:
@@ -243,6 +253,16 @@ def set_outcome(outcome: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+def _take_list_outcome(obs: Observation, result: Any) -> None:
+    """A list result holding RPC exceptions (``return_exceptions=True``) takes the first one's
+    outcome."""
+    if isinstance(result, list):
+        failed = next((r for r in result if isinstance(r, RPCException)), None)
+        if failed is not None:
+            obs.outcome = outcome_of(failed)
 
 
 def observed(kind: str, labels: Callable[..., dict[str, Any]]) -> Callable[[F], F]:
@@ -257,12 +277,42 @@ def observed(kind: str, labels: Callable[..., dict[str, Any]]) -> Callable[[F], 
                 return fn(*args, **kwargs)
             with Observation(kind, labels(*args, **kwargs)) as obs:
                 result = fn(*args, **kwargs)
-                if isinstance(result, list):
-                    failed = next((r for r in result if isinstance(r, RPCException)), None)
-                    if failed is not None:
-                        obs.outcome = outcome_of(failed)
+                _take_list_outcome(obs, result)
                 return result
 
         return cast(F, wrapper)
+
+    return decorator
+
+
+async def observing(kind: str, labels: dict[str, Any], awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` inside ``observe(kind, **labels)``: the async twin of
+    :func:`observed`, for coroutines (``acall``, the async Streams client).
+
+    The observation (its span made current, its gauge) is entered when this coroutine starts
+    and left when it ends, both in the awaiting task's context, so ``awaitable`` (and the
+    ``before_enqueue`` hooks it runs) sees the span as current. Wrap only when :data:`active`:
+    this is one more coroutine frame per waiting call."""
+    with Observation(kind, labels) as obs:
+        result = await awaitable
+        _take_list_outcome(obs, result)
+        return result
+
+
+def observed_async(kind: str, labels: Callable[..., dict[str, Any]]) -> Callable[[F], F]:
+    """Decorator of an ``async def`` method: while nothing is registered the call returns the
+    method's own coroutine (one flag check, no extra frame); otherwise that coroutine wrapped
+    in :func:`observing`. (``inspect.iscoroutinefunction`` still answers true on Python 3.12+.)"""
+
+    def decorator(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            coro = fn(*args, **kwargs)
+            if not active:
+                return coro
+            return observing(kind, labels(*args, **kwargs), cast("Coroutine[Any, Any, Any]", coro))
+
+        mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+        return cast(F, mark(wrapper) if mark is not None else wrapper)
 
     return decorator

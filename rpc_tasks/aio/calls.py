@@ -19,7 +19,7 @@ enqueue depends on the broker:
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextvars
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -84,7 +84,10 @@ async def _enqueue(
     """Enqueue a freshly built message without blocking the loop; errors as the sync path's."""
     if pipe is None or delay is not None:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(actor._enqueue, message, delay))
+        # In this task's context (run_in_executor does not copy it): before_enqueue hooks see
+        # the caller's span (tracing) and any other context variable, as on the loop's path.
+        run = contextvars.copy_context().run
+        return await loop.run_in_executor(None, run, actor._enqueue, message, delay)
     return await _finish(actor, message, _submit(actor, message, pipe))
 
 

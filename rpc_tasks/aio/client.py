@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel
 
-from .. import protocol
+from .. import metrics, protocol
 from ..config import WebSocketRPCConfig, get_config
 from ..exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
 from ..models.base import new_correlation_id
@@ -72,6 +72,7 @@ class AsyncWebSocketRPCClient:
         except (redis.RedisError, OSError) as exc:
             raise RPCConnectionError(f"Redis {what} failed: {exc}") from exc
 
+    @metrics.observed_async("stream_call", lambda client, method, *_, **__: {"actor": method})
     async def call(
         self,
         method: str,
@@ -113,6 +114,7 @@ class AsyncWebSocketRPCClient:
             correlation_id=correlation_id,
             extensions=self._extensions,
             max_bytes=self.config.max_payload_bytes,
+            trace_context=metrics.trace_context() if self._extensions else None,
         )
 
     async def _request(
@@ -153,17 +155,21 @@ class AsyncWebSocketRPCClient:
             if future.done() and not future.cancelled():
                 future.exception()
 
+    @metrics.observed_async("stream_send", lambda client, method, *_, **__: {"actor": method})
     async def fire_and_forget(self, method: str, params: BaseModel) -> str:
         """Send a request nobody waits for (``timeout = 0``); returns the stream entry id."""
         started = time.monotonic()
         correlation_id = new_correlation_id()
+        trace = metrics.trace_context() if self._extensions else None
         payload = protocol.encode_request(
             method,
             params,
             reply_to=protocol.reply_key(self.config.response_key_prefix, correlation_id),
             timeout=0,
             correlation_id=correlation_id,
+            extensions=self._extensions if trace else (),
             max_bytes=self.config.max_payload_bytes,
+            trace_context=trace,
         )
         outcome = "error"
         try:

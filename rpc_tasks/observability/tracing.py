@@ -18,7 +18,8 @@ What is recorded (names and attributes are listed in ``docs/operating.md``):
   retries, postponements, cooldowns and give-ups are span events; a dead-lettered message gets
   a ``dead_letter <actor>`` span; a ``.call()`` skipped after its deadline a ``process`` span
   with the event ``expired_skipped``;
-* Streams: ``call <method>`` (``CLIENT``) on the client, ``serve <method>`` (``SERVER``) on
+* Streams: ``call <method>`` (``CLIENT``; ``send <method>``, ``PRODUCER``, for a
+  fire-and-forget request) on the client, ``serve <method>`` (``SERVER``) on
   :class:`~rpc_tasks.streams.server.RPCServer`, linked through the request's ``trace_context``
   extension; the WebSocket server's deliveries and fan-out acks are events of that span.
 """
@@ -259,6 +260,10 @@ def _scope_factory(kind: str, labels: Mapping[str, Any]) -> _SpanScope | None:
     if kind == "stream_call":
         attributes["rpc.method"] = actor
         span = tracer.start_span(f"call {actor}", kind=SpanKind.CLIENT, attributes=attributes)
+        return _SpanScope(span)
+    if kind == "stream_send":  # a Streams fire-and-forget request
+        attributes["rpc.method"] = actor
+        span = tracer.start_span(f"send {actor}", kind=SpanKind.PRODUCER, attributes=attributes)
         return _SpanScope(span)
     if kind not in ("call", "call_many", "send"):
         return None

@@ -63,6 +63,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from redis.exceptions import NoScriptError
 
+from .. import metrics
 from . import internals, topology
 from .connection import pipelined, same_redis, thread_connection, wait_readable
 from .consumer import _BlockingConsumer
@@ -137,6 +138,20 @@ def wake_key(namespace: str, queue_name: str) -> str:
     return f"{namespace}:{queue_name}.wake"
 
 
+def _reply_push_failed(
+    redis_message_id: str, queue_name: str, reply: tuple[str, bytes, int, str], outcome: bytes
+) -> None:
+    """A deferred reply was not pushed (the ack went through): logged, and counted like a reply
+    :class:`~rpc_tasks.middleware.RPCReplies` failed to push itself (``reply_push_failed``)."""
+    metrics.emit("reply_push_failed", actor=reply[3], queue=queue_name)
+    logger.error(
+        "Message %s was acked but its reply could not be pushed to %r (%s); no TTL was set.",
+        redis_message_id,
+        reply[0],
+        outcome.decode(errors="replace").partition(": ")[2],
+    )
+
+
 class BlockingRedisBroker(RedisBroker):
     """Drop-in replacement for ``dramatiq.brokers.redis.RedisBroker`` (same arguments).
 
@@ -197,8 +212,8 @@ class BlockingRedisBroker(RedisBroker):
         self.log_message_params = False
         self._maintenance = Maintenance(self)
         self.scripts["dispatch_rpc"] = self.client.register_script(rpc_dispatch_source())
-        # .call() replies waiting to go out with their message's ack (redis_message_id -> reply).
-        self._pending_replies: dict[str, tuple[str, bytes, int]] = {}
+        # .call() replies waiting to go out with their message's ack (id -> key, payload, ttl, actor).
+        self._pending_replies: dict[str, tuple[str, bytes, int, str]] = {}
         self._same_redis: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
 
     def enqueue_many(self, messages: list[Message[Any]]) -> list[Message[Any]]:
@@ -288,7 +303,7 @@ class BlockingRedisBroker(RedisBroker):
             return False
         if not self._shares_redis(client):
             return False
-        self._pending_replies[redis_message_id] = (key, payload, ttl)
+        self._pending_replies[redis_message_id] = (key, payload, ttl, str(message.actor_name))
         return True
 
     def finish(self, command: str, queue_name: str, redis_message_id: str) -> None:
@@ -300,16 +315,11 @@ class BlockingRedisBroker(RedisBroker):
             getattr(self, f"do_{command}")(queue_name, redis_message_id)
             return
         outcome = self._dispatch_pinned(
-            command, queue_name, redis_message_id, *reply, script_name="dispatch_rpc"
+            command, queue_name, redis_message_id, *reply[:3], script_name="dispatch_rpc"
         )
         self._pending_replies.pop(redis_message_id, None)
         if isinstance(outcome, bytes) and outcome.startswith(b"rpc_reply_failed"):
-            logger.error(
-                "Message %s was acked but its reply could not be pushed to %r (%s); no TTL was set.",
-                redis_message_id,
-                reply[0],
-                outcome.decode(errors="replace").partition(": ")[2],
-            )
+            _reply_push_failed(redis_message_id, queue_name, reply, outcome)
 
     def _dispatch_pinned(
         self, command: str, queue_name: str, *args: Any, script_name: str = "dispatch"

@@ -118,18 +118,23 @@ class WebSocketRPCClient:
         finally:
             self._log(method, correlation_id, started, outcome, params)
 
+    @metrics.observed("stream_send", lambda client, method, *_, **__: {"actor": method})
     def fire_and_forget(self, method: str, params: BaseModel) -> str:
         """Send a request nobody waits for (``timeout = 0``: the server sends no reply).
-        Returns the Redis Stream entry id."""
+        Returns the Redis Stream entry id. With tracing on, a client that announces extensions
+        sends its trace context along (the request then lists its extensions too)."""
         started = time.monotonic()
         correlation_id = new_correlation_id()
+        trace = metrics.trace_context() if self._extensions else None
         payload = protocol.encode_request(
             method,
             params,
             reply_to=self.replies.key_for(correlation_id),
             timeout=0,
             correlation_id=correlation_id,
+            extensions=self._extensions if trace else (),
             max_bytes=self.config.max_payload_bytes,
+            trace_context=trace,
         )
         outcome = "error"
         try:

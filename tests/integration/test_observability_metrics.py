@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from rpc_tasks import RPCRemoteError, RPCTimeoutError, WebSocketRPCClient, WebSocketRPCConfig
+from rpc_tasks import (
+    AsyncWebSocketRPCClient,
+    RPCRemoteError,
+    RPCServer,
+    RPCTimeoutError,
+    WebSocketRPCClient,
+    WebSocketRPCConfig,
+    aclose_loop_connections,
+    protocol,
+)
 
 from .support import free_port, unique, wait_until
 
@@ -186,6 +196,109 @@ def test_worker_metrics_share_dramatiqs_endpoint(obs_app: Any, metrics_worker: i
         if s.name == "rpc_tasks_calls_in_flight" and s.labels.get("actor") == "echo"
     ]
     assert in_flight == [0.0]
+
+
+def caller_samples() -> Samples:
+    """This process's metrics (the caller's side), parsed."""
+    from rpc_tasks.observability import prometheus
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(prometheus.metrics_text()[0].decode())
+        for s in family.samples
+    }
+
+
+def test_async_callers_metrics(obs_app: Any, metrics_worker: int, redis_url: str) -> None:
+    """``acall`` / ``acall_many`` / ``asend`` and ``AsyncWebSocketRPCClient.call`` feed the same
+    caller series as their sync twins: latency by kind and outcome, calls in flight, sends."""
+    from rpc_tasks.observability import prometheus
+
+    prometheus.enable_metrics()
+    echo, broken, params = obs_app.echo, obs_app.broken, obs_app.EchoParams
+    config = WebSocketRPCConfig(
+        redis_url=redis_url,
+        request_stream=unique("obs:astream"),
+        consumer_group=unique("obs-agroup"),
+        response_key_prefix=unique("obs:aresp") + ":",
+    )
+    server = RPCServer(config, concurrency=2)
+    server.start()
+    client = AsyncWebSocketRPCClient(config)
+    before = caller_samples()
+    in_flight: list[float] = []
+
+    async def scenario() -> None:
+        from rpc_tasks.streams.builtins import EchoParams, EchoResult
+
+        for i in range(3):
+            assert (await echo.acall(params(message=str(i)), timeout=30)).message == str(i)
+        with pytest.raises(RPCTimeoutError):  # delivered after its deadline: skipped by the worker
+            await echo.acall(params(message="late"), timeout=0.05, delay=300)
+        with pytest.raises(RPCRemoteError):
+            await broken.acall(params(message="x"), timeout=30)
+        assert len(await echo.acall_many([params(message="a"), params(message="b")], timeout=30)) == 2
+        failed = await broken.acall_many([params(message="y")], timeout=30, return_exceptions=True)
+        assert isinstance(failed[0], RPCRemoteError)
+        for _ in range(2):
+            await echo.asend(params(message="bg"))
+        # A call waiting for its reply (the worker gets the message 300 ms from now).
+        waiting = asyncio.ensure_future(echo.acall(params(message="waits"), timeout=30, delay=300))
+        await asyncio.sleep(0)
+        in_flight.append(value(caller_samples(), "rpc_tasks_calls_in_flight", actor="echo", kind="call"))
+        assert (await waiting).message == "waits"
+        assert (await client.call("echo", EchoParams(message="s"), EchoResult, timeout=10)).message == "s"
+        with pytest.raises(RPCRemoteError):
+            await client.call("nope", EchoParams(message="s"), EchoResult, timeout=10)
+        await aclose_loop_connections()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    after = caller_samples()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    count = "rpc_tasks_call_duration_seconds_count"
+    assert delta(count, actor="echo", kind="call", outcome="ok") == 4
+    assert delta(count, actor="echo", kind="call", outcome="timeout") == 1
+    assert delta(count, actor="broken", kind="call", outcome="invalid_request") == 1
+    assert delta(count, actor="echo", kind="call_many", outcome="ok") == 1
+    assert delta(count, actor="broken", kind="call_many", outcome="invalid_request") == 1
+    assert delta(count, actor="echo", kind="stream_call", outcome="ok") == 1
+    assert delta(count, actor="nope", kind="stream_call", outcome="method_not_found") == 1
+    assert delta("rpc_tasks_sends_total", actor="echo", outcome="ok") == 2
+    assert in_flight == [1.0]
+    assert value(after, "rpc_tasks_calls_in_flight", actor="echo", kind="call") == 0
+    assert value(after, "rpc_tasks_calls_in_flight", actor="echo", kind="stream_call") == 0
+
+
+def test_reply_push_failures_are_counted(obs_app: Any, metrics_worker: int, redis_url: str) -> None:
+    """A reply the worker cannot push (its key holds a string: ``LPUSH`` fails with WRONGTYPE)
+    is counted, a success reply (pushed with the ack) and an error reply (dead letter) alike."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = []
+    for actor in (obs_app.echo, obs_app.broken):
+        key = obs_app.config.response_key_prefix + unique("taken")
+        client.set(key, "not a list")
+        message = actor.message_with_options(args=(obs_app.EchoParams(message="x"),))
+        message.options[protocol.OPTION_REPLY_TO] = key
+        message.options[protocol.OPTION_DEADLINE] = protocol.deadline_from_timeout(60, time.time())
+        obs_app.broker.enqueue(message)
+        keys.append(key)
+    name = "rpc_tasks_worker_reply_push_failures_total"
+    samples = wait_for(
+        metrics_worker,
+        lambda s: value(s, name, actor="echo") >= 1 and value(s, name, actor="broken") >= 1,
+    )
+    assert value(samples, name, actor="echo") == 1
+    assert value(samples, name, actor="broken") == 1
+    assert [client.get(key) for key in keys] == [b"not a list"] * 2
+    client.close()
 
 
 def test_rpc_tasks_serve_metrics_port(redis_url: str) -> None:

@@ -3,18 +3,25 @@ spans as JSON lines; and Streams requests to a real ``RPCServer``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rpc_tasks import RPCRemoteError, WebSocketRPCConfig, protocol
+from rpc_tasks import (
+    AsyncWebSocketRPCClient,
+    RPCRemoteError,
+    WebSocketRPCConfig,
+    aclose_loop_connections,
+    protocol,
+)
 from rpc_tasks.observability import tracing
 from rpc_tasks.streams import RPCServer, WebSocketRPCClient
 
@@ -222,6 +229,67 @@ def test_postponement_and_dead_letter_are_recorded(
     assert dead[0]["parent_id"] == _hex(call.context.span_id)
 
 
+def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a test coroutine on a fresh loop and close the loop's connections after it."""
+
+    async def main() -> Any:
+        try:
+            return await coro_fn()
+        finally:
+            await aclose_loop_connections()
+
+    return asyncio.run(main())
+
+
+def test_async_callers_carry_the_trace_context(
+    obs_app: Any, worker: Worker, spans: InMemorySpanExporter
+) -> None:
+    """``acall`` / ``acall_many`` / ``asend`` open the spans their sync twins open, and the
+    worker's runs are their children: on the loop's own enqueue paths and on the thread-pool
+    one (a message with a ``delay``)."""
+    spans.clear()
+    echo, params = obs_app.echo, obs_app.EchoParams
+    tracer = trace.get_tracer("test")
+
+    async def scenario() -> tuple[Any, list[Any]]:
+        with tracer.start_as_current_span("async view") as root:
+            lone = await echo.acall(params(message="lone"), timeout=30)  # the fast lane
+            later = await echo.acall(params(message="later"), timeout=30, delay=1)  # thread pool
+            many = await echo.acall_many([params(message=str(i)) for i in range(3)], timeout=30)
+            sent = [
+                await echo.asend(params(message="bg")),
+                await echo.asend(params(message="bg later"), delay=1),  # thread pool
+            ]
+        assert [lone.message, later.message, *(r.message for r in many)] == ["lone", "later", "0", "1", "2"]
+        return root, sent
+
+    root, sent = run(scenario)
+    mine = [s for s in spans.get_finished_spans() if s.name.endswith(" echo")]
+    by_name = {
+        name: [s for s in mine if s.name == name] for name in ("call echo", "call_many echo", "send echo")
+    }
+    assert [len(v) for v in by_name.values()] == [2, 1, 2]
+    for span in mine:
+        assert span.parent is not None and span.parent.span_id == root.get_span_context().span_id
+        assert span.attributes is not None
+        assert span.attributes["messaging.destination.name"] == obs_app.QUEUE
+        assert span.attributes["messaging.operation.name"] == span.name.split()[0]
+    assert {s.kind for s in by_name["call echo"] + by_name["call_many echo"]} == {trace.SpanKind.CLIENT}
+    assert {s.kind for s in by_name["send echo"]} == {trace.SpanKind.PRODUCER}
+    carried = sorted(m.options[tracing.OPTION_TRACE]["traceparent"].split("-")[2] for m in sent)
+    assert carried == sorted(_hex(s.context.span_id) for s in by_name["send echo"])
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+
+    def worker_spans() -> list[dict[str, Any]] | None:
+        found = [s for s in worker.spans() if s["trace_id"] == trace_id and s["name"] == "process echo"]
+        return found if len(found) == 7 else None
+
+    found = wait_until(worker_spans, timeout=30)
+    batch = by_name["call_many echo"][0]
+    expected = [*by_name["call echo"], batch, batch, batch, *by_name["send echo"]]
+    assert sorted(s["parent_id"] for s in found) == sorted(_hex(s.context.span_id) for s in expected)
+
+
 # -- Streams -------------------------------------------------------------------------------------
 
 
@@ -253,6 +321,56 @@ def test_streams_request_carries_the_trace_to_the_server(redis_url: str, spans: 
     assert served.kind is trace.SpanKind.SERVER
     assert served.parent is not None and served.parent.span_id == call.context.span_id
     assert served.context.trace_id == call.context.trace_id
+
+
+def test_async_streams_client_and_fire_and_forget_carry_the_trace(
+    redis_url: str, spans: InMemorySpanExporter
+) -> None:
+    """``AsyncWebSocketRPCClient.call`` opens ``call <method>`` (the lone-call path and the
+    concurrent one); ``fire_and_forget`` (sync and async) opens ``send <method>`` (PRODUCER);
+    each served request is a child of its caller's span."""
+    from rpc_tasks.streams.builtins import EchoParams, EchoResult
+
+    config = _streams_config(redis_url)
+    server = RPCServer(config, concurrency=2, claim_interval=0.5, claim_idle=2)
+    server.start()
+    client, sync_client = AsyncWebSocketRPCClient(config), WebSocketRPCClient(config)
+    tracer = trace.get_tracer("test")
+
+    async def scenario() -> None:
+        with tracer.start_as_current_span("async view"):
+            assert (
+                await client.call("echo", EchoParams(message="lone"), EchoResult, timeout=10)
+            ).message == "lone"
+            pair = await asyncio.gather(
+                *(client.call("echo", EchoParams(message=str(i)), EchoResult, timeout=10) for i in range(2))
+            )
+            assert [r.message for r in pair] == ["0", "1"]
+            await client.fire_and_forget("echo", EchoParams(message="async bg"))
+
+    try:
+        run(scenario)
+        with tracer.start_as_current_span("sync view"):
+            sync_client.fire_and_forget("echo", EchoParams(message="sync bg"))
+        wait_until(
+            lambda: len([s for s in spans.get_finished_spans() if s.name == "serve echo"]) == 5, timeout=30
+        )
+    finally:
+        sync_client.close()
+        server.stop()
+    finished = spans.get_finished_spans()
+    calls = [s for s in finished if s.name == "call echo"]
+    sends = [s for s in finished if s.name == "send echo"]
+    served = [s for s in finished if s.name == "serve echo"]
+    assert len(calls) == 3 and {s.kind for s in calls} == {trace.SpanKind.CLIENT}
+    assert len(sends) == 2 and {s.kind for s in sends} == {trace.SpanKind.PRODUCER}
+    assert sorted(s.parent.span_id for s in served if s.parent is not None) == sorted(
+        s.context.span_id for s in calls + sends
+    )
+    by_id = {s.context.span_id: s for s in calls + sends}
+    for span in served:
+        assert span.parent is not None
+        assert span.context.trace_id == by_id[span.parent.span_id].context.trace_id
 
 
 def test_streams_client_sends_no_trace_context_to_strict_servers(

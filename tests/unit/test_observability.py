@@ -240,3 +240,106 @@ def test_enable_without_sdk_records_nothing() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_async_callers_are_wrapped_only_while_something_observes(
+    recorded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No extra coroutine frame per waiting call when nothing observes: ``acall`` & co. then
+    return the bare coroutine of :mod:`rpc_tasks.aio`; otherwise an observing one."""
+    from rpc_tasks import AsyncWebSocketRPCClient, WebSocketRPCConfig, rpc_actor
+    from rpc_tasks.aio import calls as aio_calls
+    from rpc_tasks.aio import client as aio_client
+
+    broker = setup_broker(StubBroker(), set_global=False)
+
+    class P(BaseModel):
+        n: int
+
+    @rpc_actor(broker=broker)
+    def double(params: P) -> P:
+        return P(n=params.n * 2)
+
+    client = AsyncWebSocketRPCClient(WebSocketRPCConfig(redis_url="redis://127.0.0.1:1/0"))
+
+    def made() -> list[Any]:
+        return [
+            double.acall(P(n=1)),
+            double.acall_many([P(n=1)]),
+            double.asend(P(n=1)),
+            client.call("m", P(n=1), P),
+            client.fire_and_forget("m", P(n=1)),
+        ]
+
+    def close(coros: list[Any]) -> list[Any]:
+        codes = []
+        for coro in coros:
+            codes.append(coro.cr_code)
+            inner = coro.cr_frame.f_locals.get("awaitable")
+            if inner is not None:
+                inner.close()
+            coro.close()
+        return codes
+
+    assert close(made()) == [metrics.observing.__code__] * 5
+    monkeypatch.setattr(metrics, "active", False)
+    assert close(made()) == [
+        aio_calls.acall.__code__,
+        aio_calls.acall_many.__code__,
+        aio_calls.asend.__code__,
+        aio_client.AsyncWebSocketRPCClient.call.__wrapped__.__code__,  # type: ignore[attr-defined]
+        aio_client.AsyncWebSocketRPCClient.fire_and_forget.__wrapped__.__code__,  # type: ignore[attr-defined]
+    ]
+
+
+def test_an_observed_coroutine_runs_inside_its_observation(recorded: Any) -> None:
+    """The observation is current in the awaited coroutine (so before_enqueue hooks see its
+    span), a list of results takes its first error's outcome, a cancelled wait is ``cancelled``."""
+    import asyncio
+
+    log, events = recorded
+    seen: list[Any] = []
+
+    async def work(result: Any) -> Any:
+        seen.append(metrics._current.get())
+        await asyncio.sleep(0)
+        return result
+
+    async def scenario() -> None:
+        assert await metrics.observing("call", {"actor": "a"}, work(5)) == 5
+        await metrics.observing("call_many", {"actor": "a"}, work([RPCTimeoutError("a", 1.0)]))
+        task = asyncio.ensure_future(metrics.observing("call", {"actor": "a"}, asyncio.sleep(30)))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert metrics._current.get() is None
+
+    asyncio.run(scenario())
+    assert [type(s).__name__ for s in seen] == ["Observation", "Observation"]
+    assert log == [
+        ("call", "ok", None),
+        ("call_many", "timeout", None),
+        ("call", "cancelled", "CancelledError"),
+    ]
+    assert [e[1]["outcome"] for e in events] == ["ok", "timeout", "cancelled"]
+
+
+def test_an_abandoned_observed_coroutine_still_ends_its_scopes(recorded: Any) -> None:
+    """A coroutine started in a task's context and closed elsewhere (a task abandoned, then
+    garbage-collected) still finishes its scopes (span ended, gauge decremented)."""
+    import contextvars
+    from collections.abc import Generator
+
+    class Pending:
+        def __await__(self) -> Generator[None, None, None]:
+            yield  # suspended until closed
+
+    async def wait() -> None:
+        await Pending()
+
+    log, _ = recorded
+    coro = metrics.observing("call", {"actor": "a"}, wait())
+    contextvars.copy_context().run(coro.send, None)  # started in "the task's" context
+    coro.close()  # closed in this one
+    assert log == [("call", "error", "GeneratorExit")]
