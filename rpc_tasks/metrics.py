@@ -28,12 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import inspect
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
@@ -300,19 +299,17 @@ async def observing(kind: str, labels: dict[str, Any], awaitable: Awaitable[T]) 
 
 
 def observed_async(kind: str, labels: Callable[..., dict[str, Any]]) -> Callable[[F], F]:
-    """Decorator of an ``async def`` method: while nothing is registered the call returns the
-    method's own coroutine (one flag check, no extra frame); otherwise that coroutine wrapped
-    in :func:`observing`. (``inspect.iscoroutinefunction`` still answers true on Python 3.12+.)"""
+    """Decorator of an ``async def`` method: it stays an ``async def`` (so
+    ``inspect.iscoroutinefunction`` and mocks see a coroutine function on every Python), and
+    awaits the method inside :func:`observing` while something is registered."""
 
     def decorator(fn: F) -> F:
         @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            coro = fn(*args, **kwargs)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
             if not active:
-                return coro
-            return observing(kind, labels(*args, **kwargs), cast("Coroutine[Any, Any, Any]", coro))
+                return await fn(*args, **kwargs)
+            return await observing(kind, labels(*args, **kwargs), fn(*args, **kwargs))
 
-        mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
-        return cast(F, mark(wrapper) if mark is not None else wrapper)
+        return cast(F, wrapper)
 
     return decorator
