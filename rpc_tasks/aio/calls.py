@@ -67,7 +67,7 @@ def _broker_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe 
 
     def build() -> CommandPipe | bool:
         client = getattr(broker, "client", None)
-        if not callable(getattr(broker, "enqueue_command", None)) or client is None:
+        if not callable(getattr(broker, "enqueue_command_of", None)) or client is None:
             return False
         if same_redis(client, channel.client):
             return reader_for(channel).pipe
@@ -96,7 +96,11 @@ def _submit(actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe) -> 
     hooks now)."""
     try:
         broker: Any = actor.broker  # a BlockingRedisBroker (see _broker_pipe)
-        return pipe.submit(broker.enqueue_command(message))
+        broker.prepare_enqueue(message)
+        # Encoded when the pipe sends it: queued calls hold no encoded copy meanwhile (and
+        # share one bound method, rather than holding one each).
+        build = loop_local(("command_of", broker), lambda: broker.enqueue_command_of)
+        return pipe.submit_deferred(build, message)
     except _ENQUEUE_ERRORS as exc:
         raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
 
@@ -149,20 +153,30 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
     lane = lane_for(channel)
     if pipe is reader.pipe and delay is None and not reader.waiting and not lane.busy:
         return await _lone_call(actor, message, channel, lane, timeout, deadline)
-    future = reader.expect(message.message_id)
+    correlation_id = message.message_id
+    loop = asyncio.get_running_loop()
+    # The reader fails the future at the deadline (one timer per reader, not one per call).
+    expires = (loop.time() + (deadline - time.time()), actor.actor_name, timeout)
+    future = reader.expect(correlation_id, expires)
     message.options[protocol.OPTION_REPLY_TO] = reader.inbox
     message.options[protocol.OPTION_DEADLINE] = deadline
-    loop = asyncio.get_running_loop()
-    timer = loop.call_at(
-        loop.time() + (deadline - time.time()), _expire, (future,), actor.actor_name, timeout
-    )
-    correlation_id = message.message_id
+    del params, expires, options
     try:
-        await _enqueue(actor, message, delay, pipe)
-        del message, params  # only the reply is left to wait for: free the request meanwhile
+        if pipe is None or delay is not None:
+            await _enqueue(actor, message, delay, pipe)
+        else:
+            # _enqueue's work inlined: no coroutine (and frame) per call for the common path.
+            enqueued = _submit(actor, message, pipe)
+            try:
+                await enqueued
+            except _ENQUEUE_ERRORS:
+                await _finish(actor, message, enqueued)  # NoScriptError fallback, or the error
+            else:
+                actor.broker.emit_after("enqueue", message, None)
+            del enqueued
+        del message  # only the reply is left to wait for: free the request meanwhile
         response = await future
     finally:
-        timer.cancel()
         reader.forget(correlation_id)
         if future.done() and not future.cancelled():
             future.exception()  # retrieved (e.g. a timeout while the enqueue failed)

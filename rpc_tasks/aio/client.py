@@ -139,9 +139,8 @@ class AsyncWebSocketRPCClient:
                 if raw is None
                 else protocol.decode_response(raw, max_bytes=self.config.max_payload_bytes)
             )
-        future = reader.expect(correlation_id)
         loop = asyncio.get_running_loop()
-        timer = loop.call_at(loop.time() + timeout, _expire, future, method, timeout)
+        future = reader.expect(correlation_id, (loop.time() + timeout, method, timeout))
         try:
             payload = self._encode(method, params, correlation_id, reader.inbox, timeout)
             await self._run("XADD", StreamIO.request_command(stream, payload, maxlen))
@@ -150,7 +149,6 @@ class AsyncWebSocketRPCClient:
             except RPCTimeoutError:
                 return None
         finally:
-            timer.cancel()
             reader.forget(correlation_id)
             if future.done() and not future.cancelled():
                 future.exception()
@@ -214,11 +212,6 @@ class AsyncWebSocketRPCClient:
                 (time.monotonic() - started) * 1000,
                 outcome,
             )
-
-
-def _expire(future: asyncio.Future[Any], method: str, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(RPCTimeoutError(method, timeout))
 
 
 _client: AsyncWebSocketRPCClient | None = None

@@ -27,11 +27,16 @@ from redis.exceptions import RedisError
 from ..config import redact_url
 from ..exceptions import RPCConnectionError
 from ..redis.connection import PLAIN_POOLS, pack
+from .pacing import Pacer
 
-#: Most commands sent in one write (keeps each step of the loop short).
+#: Most commands sent in one write (their replies wake their callers in paced chunks, see
+#: :mod:`rpc_tasks.aio.pacing`).
 MAX_BATCH = 16
 #: Seconds the first reply of a write may take before the connection counts as lost.
 REPLY_TIMEOUT = 30.0
+
+#: A Redis command: its name and arguments.
+Command = tuple[Any, ...]
 
 #: Settings a sync connection and its ``redis.asyncio`` twin share.
 _PORTABLE = frozenset(
@@ -113,20 +118,36 @@ class CommandPipe:
     write with the ``redis`` exception, since they may or may not have run). A flusher task
     runs while commands wait and ends when none are left. ``piggyback`` (if given) says
     whether another writer on the same server (the reply reader) will take the queue with
-    :meth:`take` before its next write; then no flusher is started.
+    :meth:`take` before its next write; then no flusher is started. ``pacer`` paces the
+    wake-ups of the futures (see :func:`send_batch`).
     """
 
-    def __init__(self, spec: ConnectionSpec, *, piggyback: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        spec: ConnectionSpec,
+        *,
+        piggyback: Callable[[], bool] | None = None,
+        pacer: Pacer | None = None,
+    ) -> None:
         self.spec = spec
+        self.pacer = pacer or Pacer()
         self._piggyback = piggyback
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        #: ``(build, argument, future)``: the command is ``build(argument)``, or ``argument``
+        #: itself when ``build`` is ``None``.
+        self._queue: list[tuple[Callable[[Any], Command] | None, Any, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
 
-    def submit(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def submit(self, command: Command) -> asyncio.Future[Any]:
         """Queue ``command``; the future gets its reply."""
+        return self.submit_deferred(None, command)
+
+    def submit_deferred(self, build: Callable[[Any], Command] | None, argument: Any) -> asyncio.Future[Any]:
+        """Queue the command ``build(argument)``, built only when it is about to be sent (so a
+        long queue holds no encoded commands); if ``build`` raises, the future gets the
+        exception. The future gets the command's reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future))
+        self._queue.append((build, argument, future))
         self.kick()
         return future
 
@@ -135,9 +156,19 @@ class CommandPipe:
         if self._task is None and self._queue and not (self._piggyback and self._piggyback()):
             self._task = asyncio.get_running_loop().create_task(self._flush())
 
-    def take(self) -> list[tuple[tuple[Any, ...], asyncio.Future[Any]]]:
+    def take(self) -> list[tuple[Command, asyncio.Future[Any]]]:
         """Take up to :data:`MAX_BATCH` waiting commands (for a writer that sends them itself)."""
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        taken, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        batch: list[tuple[Command, asyncio.Future[Any]]] = []
+        for build, command, future in taken:
+            if build is not None:
+                try:
+                    command = build(command)
+                except Exception as exc:  # e.g. an option the encoder rejects
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+            batch.append((command, future))
         return batch
 
     async def _flush(self) -> None:
@@ -147,7 +178,7 @@ class CommandPipe:
                 if self._conn is None:
                     self._conn = self.spec.connect()
                 try:
-                    await send_batch(self._conn, batch)
+                    await send_batch(self._conn, batch, pacer=self.pacer)
                 except (RedisError, OSError):
                     continue  # the batch's futures carry the error; the next write reconnects
         finally:
@@ -176,16 +207,25 @@ async def read_reply(conn: Any, timeout: float) -> Any:
 
 async def send_batch(
     conn: Any,
-    batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
-    tail: tuple[tuple[Any, ...], ...] = (),
+    batch: list[tuple[Command, asyncio.Future[Any]]],
+    tail: tuple[Command, ...] = (),
+    *,
+    pacer: Pacer | None = None,
 ) -> None:
     """Write ``batch`` (and ``tail``, whose replies the caller reads) in one write and resolve
-    the batch's futures from their replies in order."""
+    the batch's futures from their replies in order; with a ``pacer``, yield to the loop after
+    each of its chunks (the woken callers run before the next chunk is resolved)."""
     commands = [command for command, _ in batch] + list(tail)
+    woken = 0
     try:
         # The hot paths' RESP packer (redis-py's pure-Python one costs ~10x more per command).
         await conn.send_packed_command(pack(conn, commands), check_health=False)
+        del commands
         for index, (_, future) in enumerate(batch):
+            if pacer is not None and woken >= pacer.chunk:
+                await pacer.pause(woken)
+                woken = 0
+            woken += 1
             try:
                 # The first reply of a write is waited for with a timeout (a stalled server),
                 # the others follow it (a timer per reply would cost more than the read).

@@ -23,6 +23,7 @@ reconnects.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections import Counter
 from typing import Any
 from uuid import uuid4
@@ -30,13 +31,15 @@ from uuid import uuid4
 from redis.exceptions import RedisError
 
 from .. import protocol
-from ..exceptions import RPCConnectionError, RPCException
+from ..exceptions import RPCConnectionError, RPCException, RPCTimeoutError
 from .connection import CommandPipe, ConnectionSpec, read_reply, send_batch
+from .pacing import Pacer
 
 #: Server-side timeout of the reader's ``BLPOP`` (it loops while calls wait).
 BLOCK_SECONDS = 5
 #: Extra replies taken with each ``BLPOP`` (``LPOP <inbox> count``). Each reply wakes its
-#: caller in the loop's next step: more per round trip would make that step longer.
+#: caller in the loop's next step: they are resolved in paced chunks (see
+#: :mod:`rpc_tasks.aio.pacing`), so a long burst does not make one long step.
 POP_BATCH = 8
 _SLACK = 2.0
 
@@ -55,12 +58,19 @@ class ReplyReader:
         self.prefix = prefix
         self.max_bytes = max_bytes
         self.inbox = self._new_inbox()
+        #: Paces the wake-ups of the calls (replies here, enqueues in :attr:`pipe`).
+        self.pacer = Pacer()
         #: Commands for this Redis; sent with the reader's ``BLPOP`` when it is about to write.
-        self.pipe = CommandPipe(spec, piggyback=self._will_take)
+        self.pipe = CommandPipe(spec, piggyback=self._will_take, pacer=self.pacer)
         #: ``dropped``: replies nobody waited for; ``undecodable``: replies that were not JSON
         #: envelopes; ``lost_connection``: times Redis went away under waiting calls.
         self.counters: Counter[str] = Counter()
         self._waiters: dict[str, asyncio.Future[protocol.Response]] = {}
+        #: Deadlines of the waiting calls, earliest first: ``(loop time, correlation id,
+        #: method, timeout)``; entries of calls that stopped waiting are skipped when popped
+        #: (and purged when they outnumber the waiting calls). One timer for the earliest.
+        self._deadlines: list[tuple[float, str, str, float]] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
         self._taking = False
@@ -77,19 +87,56 @@ class ReplyReader:
         """How many calls wait for a reply."""
         return len(self._waiters)
 
-    def expect(self, correlation_id: str) -> asyncio.Future[protocol.Response]:
+    def expect(
+        self, correlation_id: str, expires: tuple[float, str, float] | None = None
+    ) -> asyncio.Future[protocol.Response]:
         """Register a call; its future gets the decoded response (or ``RPCConnectionError``).
-        The reply address to send is :attr:`inbox` (read it after this call)."""
-        future: asyncio.Future[protocol.Response] = asyncio.get_running_loop().create_future()
+        The reply address to send is :attr:`inbox` (read it after this call).
+
+        ``expires``: ``(loop time, method, timeout)``: at that loop time, if still waiting,
+        the future gets ``RPCTimeoutError(method, timeout)`` (one timer for all the calls of
+        the reader, not one per call)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[protocol.Response] = loop.create_future()
         self._waiters[correlation_id] = future
+        if expires is not None:
+            when, method, timeout = expires
+            entry = (when, correlation_id, method, timeout)
+            deadlines = self._deadlines
+            if len(deadlines) > 2 * len(self._waiters) + 64:  # mostly calls already answered
+                deadlines[:] = [e for e in deadlines if e[1] in self._waiters]
+                heapq.heapify(deadlines)
+            heapq.heappush(deadlines, entry)
+            if deadlines[0] is entry:  # the earliest now: (re)arm the timer for it
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = loop.call_at(when, self._expire)
         if self._task is None:
             self._taking = True
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
         return future
+
+    def _expire(self) -> None:
+        """The timer of the earliest deadline: fail the calls whose deadline passed."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines, waiters = self._deadlines, self._waiters
+        while deadlines:
+            when, correlation_id, method, timeout = deadlines[0]
+            future = waiters.get(correlation_id)
+            if future is not None and when > now:
+                self._timer = loop.call_at(when, self._expire)
+                return
+            heapq.heappop(deadlines)
+            if future is not None and not future.done():
+                future.set_exception(RPCTimeoutError(method, timeout))
 
     def forget(self, correlation_id: str) -> None:
         """A call stopped waiting (answered, timed out or cancelled)."""
         self._waiters.pop(correlation_id, None)
+        if not self._waiters:
+            self._clear_deadlines()
         if not self._waiters and self._task is not None and self._blocking:
             # Nobody waits: abandon the blocked BLPOP (and its connection) and move to a new
             # inbox; a reply still on its way to the old one is dropped with its key's TTL.
@@ -110,7 +157,7 @@ class ReplyReader:
                 self.pipe.kick()  # more than one write's worth waiting: the pipe sends the rest
                 inbox = self.inbox
                 tail = (("BLPOP", inbox, BLOCK_SECONDS), ("LPOP", inbox, POP_BATCH))
-                await send_batch(conn, batch, tail)
+                await send_batch(conn, batch, tail, pacer=self.pacer)
                 if not self._waiters:  # every caller gave up while the batch was read
                     await conn.disconnect(nowait=True)  # abandons the BLPOP
                     if self._conn is conn:
@@ -122,13 +169,13 @@ class ReplyReader:
                 self._blocking = False
                 rest = await conn.read_response()  # LPOP: runs as soon as the BLPOP returned
                 self._taking = True
-                if popped:
-                    self._deliver(popped[1])
-                for raw in rest or ():
-                    self._deliver(raw)
+                replies = [popped[1], *(rest or ())] if popped else list(rest or ())
+                del popped, rest
+                await self._deliver_paced(replies)
         except (RedisError, OSError) as exc:
             self.counters["lost_connection"] += 1
             waiters, self._waiters = self._waiters, {}
+            self._clear_deadlines()
             for future in waiters.values():
                 if not future.done():
                     future.set_exception(RPCConnectionError(f"lost Redis while waiting for a reply: {exc}"))
@@ -141,22 +188,44 @@ class ReplyReader:
                 self._taking = self._blocking = False
             self.pipe.kick()  # commands queued for a write of ours that will not happen
 
-    def _deliver(self, raw: Any) -> None:
+    def _clear_deadlines(self) -> None:
+        self._deadlines.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _deliver_paced(self, replies: list[Any]) -> None:
+        """Deliver ``replies`` in the pacer's chunks, yielding to the loop between chunks."""
+        pacer = self.pacer
+        start = woken = 0
+        while start < len(replies):
+            if start:
+                await pacer.pause(woken)
+            end = start + pacer.chunk
+            woken = 0
+            for raw in replies[start:end]:
+                woken += self._deliver(raw)
+            start = end
+
+    def _deliver(self, raw: Any) -> int:
+        """Resolve the future of reply ``raw``; 1 if a call was woken, else 0."""
         try:
             response = protocol.decode_response(raw, max_bytes=self.max_bytes)
         except RPCException:
             self.counters["undecodable"] += 1
-            return
+            return 0
         future = self._waiters.pop(response.correlation_id, None)
         if future is None or future.done():
             self.counters["dropped"] += 1
-            return
+            return 0
         future.set_result(response)
+        return 1
 
     async def aclose(self) -> None:
         """Stop reading and close the connections; waiting calls fail with
         :class:`RPCConnectionError`."""
         waiters, self._waiters = self._waiters, {}
+        self._clear_deadlines()
         for future in waiters.values():
             if not future.done():
                 future.set_exception(RPCConnectionError("the reply reader was closed"))

@@ -443,7 +443,19 @@ class BlockingRedisBroker(RedisBroker):
         option in place. The ``before_enqueue`` hooks run here; the caller runs the command,
         then ``broker.emit_after("enqueue", message, None)``. On ``NoScriptError`` (the server
         lost its script cache) the caller falls back to :meth:`do_enqueue`, which loads it."""
-        rid = message.options["redis_message_id"] = str(uuid4())
+        self.prepare_enqueue(message)
+        return self.enqueue_command_of(message)
+
+    def prepare_enqueue(self, message: Message[Any]) -> None:
+        """:meth:`enqueue_command`'s first half: give ``message`` its ``redis_message_id`` and
+        run the ``before_enqueue`` hooks (in the caller's context). The second half,
+        :meth:`enqueue_command_of`, may run later (the async callers' pipe encodes a message
+        only when it sends it, so 10,000 queued calls hold no encoded copy meanwhile)."""
+        message.options["redis_message_id"] = str(uuid4())
         self.emit_before("enqueue", message, None)
+
+    def enqueue_command_of(self, message: Message[Any]) -> tuple[Any, ...]:
+        """:meth:`enqueue_command`'s second half: the command of a prepared ``message``."""
+        rid = message.options["redis_message_id"]
         args = self._enqueue_args(message.queue_name, rid, message.encode())
         return ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace, *args)
