@@ -152,7 +152,40 @@ def _reply_push_failed(
     )
 
 
-class BlockingRedisBroker(RedisBroker):
+class AsyncEnqueueCommands:
+    """The enqueue as a raw command, for the async callers (:mod:`rpc_tasks.aio`); a part of
+    :class:`BlockingRedisBroker`."""
+
+    def enqueue_command(self, message: Message[Any]) -> tuple[Any, ...]:
+        """The enqueue of ``message`` (no delay) as one raw command, for a caller that runs it
+        on another client (:mod:`rpc_tasks.aio` runs it on ``redis.asyncio``): the same
+        ``EVALSHA`` of the enqueue script, with the same arguments, as :meth:`do_enqueue`.
+
+        ``message`` must be freshly built for this enqueue: it gets its ``redis_message_id``
+        option in place. The ``before_enqueue`` hooks run here; the caller runs the command,
+        then ``broker.emit_after("enqueue", message, None)``. On ``NoScriptError`` (the server
+        lost its script cache) the caller falls back to :meth:`do_enqueue`, which loads it."""
+        self.prepare_enqueue(message)
+        return self.enqueue_command_of(message)
+
+    def prepare_enqueue(self, message: Message[Any]) -> None:
+        """:meth:`enqueue_command`'s first half: give ``message`` its ``redis_message_id`` and
+        run the ``before_enqueue`` hooks (in the caller's context). The second half,
+        :meth:`enqueue_command_of`, may run later (the async callers' pipe encodes a message
+        only when it sends it, so 10,000 queued calls hold no encoded copy meanwhile)."""
+        broker: Any = self  # a BlockingRedisBroker
+        message.options["redis_message_id"] = str(uuid4())
+        broker.emit_before("enqueue", message, None)
+
+    def enqueue_command_of(self, message: Message[Any]) -> tuple[Any, ...]:
+        """:meth:`enqueue_command`'s second half: the command of a prepared ``message``."""
+        broker: Any = self  # a BlockingRedisBroker
+        rid = message.options["redis_message_id"]
+        args = broker._enqueue_args(message.queue_name, rid, message.encode())
+        return ("EVALSHA", broker.scripts["dispatch_rpc"].sha, 1, broker.namespace, *args)
+
+
+class BlockingRedisBroker(AsyncEnqueueCommands, RedisBroker):
     """Drop-in replacement for ``dramatiq.brokers.redis.RedisBroker`` (same arguments).
 
     Raises ``RuntimeError`` when built on a Dramatiq whose internals changed (see
@@ -431,31 +464,3 @@ class BlockingRedisBroker(RedisBroker):
         """Stop the maintenance thread, then close as Dramatiq does."""
         self._maintenance.stop()
         super().close()
-
-    # -- async callers (rpc_tasks.aio) ----------------------------------------------------------
-
-    def enqueue_command(self, message: Message[Any]) -> tuple[Any, ...]:
-        """The enqueue of ``message`` (no delay) as one raw command, for a caller that runs it
-        on another client (:mod:`rpc_tasks.aio` runs it on ``redis.asyncio``): the same
-        ``EVALSHA`` of the enqueue script, with the same arguments, as :meth:`do_enqueue`.
-
-        ``message`` must be freshly built for this enqueue: it gets its ``redis_message_id``
-        option in place. The ``before_enqueue`` hooks run here; the caller runs the command,
-        then ``broker.emit_after("enqueue", message, None)``. On ``NoScriptError`` (the server
-        lost its script cache) the caller falls back to :meth:`do_enqueue`, which loads it."""
-        self.prepare_enqueue(message)
-        return self.enqueue_command_of(message)
-
-    def prepare_enqueue(self, message: Message[Any]) -> None:
-        """:meth:`enqueue_command`'s first half: give ``message`` its ``redis_message_id`` and
-        run the ``before_enqueue`` hooks (in the caller's context). The second half,
-        :meth:`enqueue_command_of`, may run later (the async callers' pipe encodes a message
-        only when it sends it, so 10,000 queued calls hold no encoded copy meanwhile)."""
-        message.options["redis_message_id"] = str(uuid4())
-        self.emit_before("enqueue", message, None)
-
-    def enqueue_command_of(self, message: Message[Any]) -> tuple[Any, ...]:
-        """:meth:`enqueue_command`'s second half: the command of a prepared ``message``."""
-        rid = message.options["redis_message_id"]
-        args = self._enqueue_args(message.queue_name, rid, message.encode())
-        return ("EVALSHA", self.scripts["dispatch_rpc"].sha, 1, self.namespace, *args)
