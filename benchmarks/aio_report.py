@@ -22,6 +22,7 @@ EXTRA_KEYS = (
     "peak_redis_connections",
     "client_cpu_us_per_call",
     "rss_growth_mb",
+    "rss_run_growth_mb",
     "loop_lag_p50_ms",
     "loop_lag_p99_ms",
     "loop_lag_max_ms",
