@@ -35,7 +35,7 @@ from ..exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTi
 from ..models.errors import RPCError
 from ..redis.connection import same_redis
 from ..redis.replies import ReplyChannel
-from .connection import CommandPipe, ConnectionSpec, loop_local
+from .connection import CommandPipe, ConnectionSpec, loop_local, loop_local_peek
 from .lane import FastLane, FirstCommandFailed
 from .replies import ReplyReader
 
@@ -91,18 +91,31 @@ async def _enqueue(
     return await _finish(actor, message, _submit(actor, message, pipe))
 
 
-def _submit(actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe) -> asyncio.Future[Any]:
+def _submit(
+    actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe, *, admitted: bool = False
+) -> asyncio.Future[Any]:
     """Queue the broker's enqueue command of ``message`` on ``pipe`` (runs the before-enqueue
-    hooks now)."""
+    hooks now); ``admitted``: the caller waited for room on ``pipe``."""
     try:
         broker: Any = actor.broker  # a BlockingRedisBroker (see _broker_pipe)
         broker.prepare_enqueue(message)
         # Encoded when the pipe sends it: queued calls hold no encoded copy meanwhile (and
         # share one bound method, rather than holding one each).
         build = loop_local(("command_of", broker), lambda: broker.enqueue_command_of)
-        return pipe.submit_deferred(build, message)
-    except _ENQUEUE_ERRORS as exc:
-        raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
+    except BaseException as exc:
+        if admitted:
+            pipe.pass_turn()
+        if isinstance(exc, _ENQUEUE_ERRORS):
+            raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
+        raise
+    return pipe.submit_deferred(build, message, admitted=admitted)
+
+
+def _crowded_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe | None:
+    """This loop's pipe for ``broker``'s enqueues if it is crowded (so many commands queued
+    that a new call should wait for room before it builds its message), else ``None``."""
+    pipe = loop_local_peek(("pipe", broker, channel))
+    return pipe if isinstance(pipe, CommandPipe) and pipe.crowded else None
 
 
 async def _finish(
@@ -145,14 +158,24 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
     timeout = protocol.check_timeout(timeout, config.rpc_timeout)
     started = time.time()
     delay = options.pop("delay", None)
-    message = actor.message_with_options(args=(params,), **options)
-    channel = replies.channel
-    pipe = _broker_pipe(actor.broker, channel)
-    reader = reader_for(channel)
-    deadline = protocol.deadline_from_timeout(timeout, started)
-    lane = lane_for(channel)
-    if pipe is reader.pipe and delay is None and not reader.waiting and not lane.busy:
-        return await _lone_call(actor, message, channel, lane, timeout, deadline)
+    gate = None if delay is not None else _crowded_pipe(actor.broker, replies.channel)
+    if gate is not None:  # thousands of calls at once: build the message when there is room
+        await gate.wait_for_room()
+    try:
+        message = actor.message_with_options(args=(params,), **options)
+        channel = replies.channel
+        pipe = _broker_pipe(actor.broker, channel)
+        reader = reader_for(channel)
+        deadline = protocol.deadline_from_timeout(timeout, started)
+        if gate is not None and time.time() >= deadline:  # the wait took all its time
+            raise RPCTimeoutError(actor.actor_name, timeout)
+        lane = lane_for(channel)
+        if gate is None and pipe is reader.pipe and delay is None and not reader.waiting and not lane.busy:
+            return await _lone_call(actor, message, channel, lane, timeout, deadline)
+    except BaseException:
+        if gate is not None:
+            gate.pass_turn()
+        raise
     correlation_id = message.message_id
     loop = asyncio.get_running_loop()
     # The reader fails the future at the deadline (one timer per reader, not one per call).
@@ -166,7 +189,7 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
             await _enqueue(actor, message, delay, pipe)
         else:
             # _enqueue's work inlined: no coroutine (and frame) per call for the common path.
-            enqueued = _submit(actor, message, pipe)
+            enqueued = _submit(actor, message, pipe, admitted=gate is not None)
             try:
                 await enqueued
             except _ENQUEUE_ERRORS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,10 @@ from .pacing import Pacer
 MAX_BATCH = 16
 #: Seconds the first reply of a write may take before the connection counts as lost.
 REPLY_TIMEOUT = 30.0
+
+#: Commands queued (or about to be) beyond which new calls wait for room before they build their
+#: message (see :meth:`CommandPipe.wait_for_room`).
+ROOM = 256
 
 #: A Redis command: its name and arguments.
 Command = tuple[Any, ...]
@@ -137,15 +142,60 @@ class CommandPipe:
         self._queue: list[tuple[Callable[[Any], Command] | None, Any, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
+        #: Calls waiting for room (first come, first admitted), and calls admitted that have
+        #: not submitted their command yet: admissions are free places, never more than ROOM.
+        self._room: deque[asyncio.Future[None]] = deque()
+        self._admitted = 0
+
+    @property
+    def crowded(self) -> bool:
+        """Whether a new call should :meth:`wait_for_room` first."""
+        return bool(self._room) or len(self._queue) + self._admitted >= ROOM
+
+    async def wait_for_room(self) -> None:
+        """Wait until the queue has room for one more command (first come, first served);
+        the caller then owes the pipe a :meth:`submit_deferred` (``admitted=True``) or a
+        :meth:`pass_turn`. So 10,000 calls started at once do not all build (and hold) their
+        messages before the first is sent: at most :data:`ROOM` are built ahead of the writes."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room.append(future)
+        if not self._queue and not self._admitted:  # nothing queued that would make room
+            self._admit()
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # admitted, then cancelled
+                self.pass_turn()
+            raise
+
+    def pass_turn(self) -> None:
+        """An admitted call will not submit after all: its place goes to the next caller."""
+        self._admitted -= 1
+        self._admit()
+
+    def _admit(self) -> None:
+        free = ROOM - len(self._queue) - self._admitted
+        room = self._room
+        while free > 0 and room:
+            future = room.popleft()
+            if not future.done():  # not cancelled
+                future.set_result(None)
+                self._admitted += 1
+                free -= 1
 
     def submit(self, command: Command) -> asyncio.Future[Any]:
         """Queue ``command``; the future gets its reply."""
         return self.submit_deferred(None, command)
 
-    def submit_deferred(self, build: Callable[[Any], Command] | None, argument: Any) -> asyncio.Future[Any]:
+    def submit_deferred(
+        self, build: Callable[[Any], Command] | None, argument: Any, *, admitted: bool = False
+    ) -> asyncio.Future[Any]:
         """Queue the command ``build(argument)``, built only when it is about to be sent (so a
         long queue holds no encoded commands); if ``build`` raises, the future gets the
-        exception. The future gets the command's reply."""
+        exception. The future gets the command's reply. ``admitted``: the caller waited for
+        room (:meth:`wait_for_room`); its place becomes this command's."""
+        if admitted:
+            self._admitted -= 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((build, argument, future))
         self.kick()
@@ -169,6 +219,8 @@ class CommandPipe:
                         future.set_exception(exc)
                     continue
             batch.append((command, future))
+        if self._room:
+            self._admit()
         return batch
 
     async def _flush(self) -> None:
@@ -268,6 +320,12 @@ def loop_local(key: object, factory: Callable[[], Any]) -> Any:
     if value is None:
         value = table[key] = factory()
     return value
+
+
+def loop_local_peek(key: object) -> Any:
+    """The running loop's object for ``key`` if :func:`loop_local` built one, else ``None``."""
+    table = _per_loop.get(asyncio.get_running_loop())
+    return None if table is None else table.get(key)
 
 
 async def aclose_loop_connections() -> None:
