@@ -24,6 +24,7 @@ from rpc_tasks import (
     setup_broker,
 )
 from rpc_tasks.aio.calls import reader_for
+from rpc_tasks.aio.connection import ROOM
 from rpc_tasks.middleware import RPCReplies
 from rpc_tasks.redis.broker import BlockingRedisBroker
 from rpc_tasks.redis.connection import make_redis
@@ -200,6 +201,42 @@ def test_many_concurrent_calls_share_a_few_connections(redis_url: str) -> None:
         run(scenario)
     # The fast lane's, the reader's and the pipe's, whatever the number of calls.
     assert 1 <= peak <= 3
+
+
+def test_a_burst_beyond_the_pipes_room_waits_its_turn_and_every_call_ends(redis_url: str) -> None:
+    broker, _ = redis_broker(redis_url)
+    echo = declare_echo(broker)
+    count = ROOM * 3
+
+    async def scenario() -> None:
+        baseline = len(asyncio.all_tasks())
+        bad = {10, ROOM + 10}  # invalid params, raised after their wait for room
+        calls = [
+            asyncio.ensure_future(
+                echo.acall({"text": None} if i in bad else EchoParams(text=str(i)), timeout=60)
+            )
+            for i in range(count)
+        ]
+        await asyncio.sleep(0)
+        pipe = reader_for(find_channel(broker)).pipe
+        assert pipe.crowded  # the later calls wait for room before building their message
+        cancelled = calls[ROOM + 20 : ROOM + 40]
+        for task in cancelled:
+            task.cancel()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for i, outcome in enumerate(outcomes):
+            if i in bad:
+                assert isinstance(outcome, ValidationError)
+            elif calls[i] in cancelled:
+                assert isinstance(outcome, asyncio.CancelledError)
+            else:
+                assert outcome == EchoResult(text=str(i))
+        assert not pipe.crowded and pipe._admitted == 0
+        await asyncio.sleep(0.05)
+        assert len(asyncio.all_tasks()) == baseline
+
+    with running_worker(broker, threads=4):
+        run(scenario)
 
 
 def test_waiting_calls_fail_with_connection_error_when_redis_restarts_then_recover() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from rpc_tasks import RPCConnectionError, RPCTimeoutError, protocol
+from rpc_tasks.aio import connection
 from rpc_tasks.aio.connection import CommandPipe, ConnectionSpec, send_batch
 from rpc_tasks.aio.pacing import Pacer
 from rpc_tasks.aio.replies import ReplyReader
@@ -208,5 +209,70 @@ def test_a_deferred_command_is_built_when_sent_and_its_failure_reaches_its_calle
         with pytest.raises(TypeError, match="cannot encode"):
             await bad
         await pipe.aclose()
+
+    asyncio.run(scenario())
+
+
+class HeldConnection(EchoConnection):
+    """Like :class:`EchoConnection`, but every write waits for :attr:`go`."""
+
+    go: asyncio.Event
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        await HeldConnection.go.wait()
+
+
+def test_calls_beyond_the_room_wait_first_come_first_served_and_pass_on_their_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection, "ROOM", 4)
+    monkeypatch.setattr(connection, "MAX_BATCH", 2)
+
+    async def scenario() -> tuple[list[int], int, list[Any]]:
+        HeldConnection.go = asyncio.Event()
+        pipe = CommandPipe(ConnectionSpec(HeldConnection))
+        built: list[int] = []
+        most_ahead = 0
+
+        async def call(i: int) -> Any:
+            nonlocal most_ahead
+            admitted = pipe.crowded
+            if admitted:
+                await pipe.wait_for_room()
+            if i == 7:  # gives up after it was admitted: its place goes to the next one
+                pipe.pass_turn()
+                return "gave up"
+            built.append(i)  # a message is built only now
+            most_ahead = max(most_ahead, len(built) - sum(f.done() for f in futures))
+            future = pipe.submit_deferred(None, ("ECHO", i), admitted=admitted)
+            futures.append(future)
+            return await future
+
+        futures: list[asyncio.Future[Any]] = []
+        tasks = [asyncio.ensure_future(call(i)) for i in range(12)]
+        await asyncio.sleep(0.01)
+        # Two commands in the (held) write, four queued: the others wait, nothing built.
+        assert built == [0, 1, 2, 3, 4, 5]
+        tasks[6].cancel()  # cancelled while waiting: never admitted
+        HeldConnection.go.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert pipe._admitted == 0 and not pipe._room and not pipe.crowded
+        return built, most_ahead, results
+
+    built, most_ahead, results = asyncio.run(scenario())
+    assert built == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]  # in arrival order
+    assert most_ahead <= 4 + 2  # the room, and one write's worth being sent
+    assert isinstance(results[6], asyncio.CancelledError)
+    assert results[7] == "gave up"
+    assert [r for i, r in enumerate(results) if i not in (6, 7)] == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]
+
+
+def test_a_call_waiting_for_room_with_nothing_queued_is_admitted_at_once() -> None:
+    async def scenario() -> None:
+        pipe = CommandPipe(ConnectionSpec(EchoConnection))
+        await asyncio.wait_for(pipe.wait_for_room(), 1)  # nothing would ever make room
+        assert pipe._admitted == 1
+        assert await pipe.submit_deferred(None, ("ECHO", "x"), admitted=True) == "x"
+        assert pipe._admitted == 0
 
     asyncio.run(scenario())
