@@ -265,19 +265,16 @@ async def send_batch(
     pacer: Pacer | None = None,
 ) -> None:
     """Write ``batch`` (and ``tail``, whose replies the caller reads) in one write and resolve
-    the batch's futures from their replies in order; with a ``pacer``, yield to the loop after
-    each of its chunks (the woken callers run before the next chunk is resolved)."""
+    the batch's futures from their replies in order; with a ``pacer``, yield to the loop when
+    its chunk is full (the woken callers run before the next ones are woken)."""
     commands = [command for command, _ in batch] + list(tail)
-    woken = 0
     try:
         # The hot paths' RESP packer (redis-py's pure-Python one costs ~10x more per command).
         await conn.send_packed_command(pack(conn, commands), check_health=False)
         del commands
         for index, (_, future) in enumerate(batch):
-            if pacer is not None and woken >= pacer.chunk:
-                await pacer.pause(woken)
-                woken = 0
-            woken += 1
+            if pacer is not None and pacer.full:
+                await pacer.pause()
             try:
                 # The first reply of a write is waited for with a timeout (a stalled server),
                 # the others follow it (a timer per reply would cost more than the read).
@@ -287,6 +284,8 @@ async def send_batch(
                     future.set_exception(exc)
                 continue
             if not future.done():
+                if pacer is not None:
+                    pacer.wake()
                 future.set_result(reply)
     except (RedisError, OSError) as exc:
         for _, future in batch:

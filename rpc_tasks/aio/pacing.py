@@ -4,9 +4,10 @@ Resolving a future does not run its caller: the caller runs in the loop's *next*
 reader that resolves a hundred futures in one go makes the next step run a hundred callers
 (each decodes its result, validates it, builds and submits its next call), and every other
 coroutine of the loop (a web request, a heartbeat) waits for all of them: that step is the
-loop's lag. A :class:`Pacer` cuts such bursts into chunks: the reply reader and the command
-pipes resolve at most :attr:`Pacer.chunk` futures, then yield to the loop (the woken callers
-run, the loop's timers and I/O get their turn), then resolve the next chunk.
+loop's lag. A :class:`Pacer` cuts such bursts into chunks: the reply reader and its command
+pipe share one, and together resolve at most :attr:`Pacer.chunk` futures per step of the loop;
+a producer that finds the chunk full yields to the loop (the woken callers run, the loop's
+timers and I/O get their turn), then goes on.
 
 The chunk is sized from what the woken callers cost, measured: after each chunk, the CPU time
 the loop's thread spent until the producer got the loop back, divided by the callers woken,
@@ -21,7 +22,7 @@ import asyncio
 import time
 
 #: Target CPU time of the callers woken by one chunk (seconds).
-STEP_BUDGET = 0.001
+STEP_BUDGET = 0.0005
 #: First guess of one woken caller's cost (seconds), until measured: on the high side, so the
 #: first chunks are small rather than long.
 INITIAL_COST = 100e-6
@@ -45,13 +46,30 @@ class Pacer:
         self.chunk = self._size()
         #: Times a producer yielded between two chunks.
         self.pauses = 0
+        #: Callers woken since this step of the loop began (by every producer of the pacer).
+        self.woken = 0
 
     def _size(self) -> int:
         return max(MIN_CHUNK, min(MAX_CHUNK, int(self.budget / self.cost)))
 
-    async def pause(self, woken: int) -> None:
-        """Yield to the loop after waking ``woken`` callers; learn their cost meanwhile."""
+    @property
+    def full(self) -> bool:
+        """Whether this step woke a chunk's worth of callers (then :meth:`pause` first)."""
+        return self.woken >= self.chunk
+
+    def wake(self) -> None:
+        """Count a caller about to be woken (call it before resolving the caller's future)."""
+        if not self.woken:  # the count restarts with the next step, before the woken callers
+            asyncio.get_running_loop().call_soon(self._restart)
+        self.woken += 1
+
+    def _restart(self) -> None:
+        self.woken = 0
+
+    async def pause(self) -> None:
+        """Yield to the loop (the callers woken so far run); learn their cost meanwhile."""
         self.pauses += 1
+        woken = self.woken
         started = time.thread_time()
         await asyncio.sleep(0)  # the woken callers run in this step, before we resume
         if woken > 0:

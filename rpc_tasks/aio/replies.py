@@ -195,31 +195,25 @@ class ReplyReader:
             self._timer = None
 
     async def _deliver_paced(self, replies: list[Any]) -> None:
-        """Deliver ``replies`` in the pacer's chunks, yielding to the loop between chunks."""
+        """Deliver ``replies``, yielding to the loop whenever the pacer's chunk is full."""
         pacer = self.pacer
-        start = woken = 0
-        while start < len(replies):
-            if start:
-                await pacer.pause(woken)
-            end = start + pacer.chunk
-            woken = 0
-            for raw in replies[start:end]:
-                woken += self._deliver(raw)
-            start = end
+        for raw in replies:
+            if pacer.full:
+                await pacer.pause()
+            self._deliver(raw)
 
-    def _deliver(self, raw: Any) -> int:
-        """Resolve the future of reply ``raw``; 1 if a call was woken, else 0."""
+    def _deliver(self, raw: Any) -> None:
         try:
             response = protocol.decode_response(raw, max_bytes=self.max_bytes)
         except RPCException:
             self.counters["undecodable"] += 1
-            return 0
+            return
         future = self._waiters.pop(response.correlation_id, None)
         if future is None or future.done():
             self.counters["dropped"] += 1
-            return 0
+            return
+        self.pacer.wake()
         future.set_result(response)
-        return 1
 
     async def aclose(self) -> None:
         """Stop reading and close the connections; waiting calls fail with

@@ -119,6 +119,27 @@ def test_enqueue_completions_wake_their_callers_in_chunks() -> None:
     assert seen == [2, 2, 4, 4, 6, 6, 7]
 
 
+def test_producers_sharing_a_pacer_wake_at_most_one_chunk_per_step_between_them() -> None:
+    async def scenario() -> list[int]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(8)]
+        seen: list[int] = []
+        tasks = await woken_callers(futures, seen)
+        pacer = pacer_of_chunk(3)
+        await asyncio.gather(
+            send_batch(EchoConnection(), [(("ECHO", i), f) for i, f in enumerate(futures[:4])], pacer=pacer),
+            send_batch(EchoConnection(), [(("ECHO", i), f) for i, f in enumerate(futures[4:])], pacer=pacer),
+        )
+        await asyncio.gather(*tasks)
+        return seen
+
+    seen = asyncio.run(scenario())
+    # Each caller saw how many futures were resolved when it ran: a new value per step.
+    steps = sorted(set(seen))
+    assert len(seen) == 8
+    assert all(b - a <= 3 for a, b in zip([0, *steps], steps, strict=False))
+
+
 def test_the_chunk_follows_the_measured_cost_of_the_woken_callers() -> None:
     async def rounds(pacer: Pacer, cpu_each: float) -> None:
         loop = asyncio.get_running_loop()
@@ -134,8 +155,9 @@ def test_the_chunk_follows_the_measured_cost_of_the_woken_callers() -> None:
             tasks = [asyncio.ensure_future(caller(f)) for f in futures]
             await asyncio.sleep(0)
             for future in futures:
+                pacer.wake()
                 future.set_result(None)
-            await pacer.pause(2)
+            await pacer.pause()
             await asyncio.gather(*tasks)
 
     expensive, cheap = Pacer(budget=0.001), Pacer(budget=0.001)
