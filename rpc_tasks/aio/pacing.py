@@ -9,7 +9,7 @@ pipe share one, and together resolve at most :attr:`Pacer.chunk` futures per ste
 a producer that finds the chunk full yields to the loop (the woken callers run, the loop's
 timers and I/O get their turn), then goes on.
 
-The chunk is sized from what the woken callers cost, measured: after each chunk, the CPU time
+The chunk is sized from what the woken callers cost, measured: at each pause, the CPU time
 the loop's thread spent until the producer got the loop back, divided by the callers woken,
 updates an average per-caller cost; the chunk is the step budget (:data:`STEP_BUDGET`) over
 that cost. Thread CPU time, not wall time: a process the OS did not schedule meanwhile has
