@@ -137,8 +137,15 @@ async def _finish(
     return message
 
 
-def _expire(futures: Sequence[asyncio.Future[Any]], method: str, timeout: float) -> None:
-    for future in futures:
+def _expire(
+    futures: Sequence[asyncio.Future[Any]],
+    method: str,
+    timeout: float,
+    enqueues: Sequence[asyncio.Future[Any]] = (),
+) -> None:
+    """The deadline: waiting replies, and enqueues not yet confirmed (a frozen Redis), fail
+    with ``RPCTimeoutError``."""
+    for future in (*futures, *enqueues):
         if not future.done():
             future.set_exception(RPCTimeoutError(method, timeout))
 
@@ -190,13 +197,21 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
         else:
             # _enqueue's work inlined: no coroutine (and frame) per call for the common path.
             enqueued = _submit(actor, message, pipe, admitted=gate is not None)
+            # The deadline (or a lost reply connection) ends the wait for the enqueue too, so
+            # that a frozen Redis cannot hold the call past it.
+            stop = None if enqueued.done() else _stop_waiting_for(enqueued)
+            if stop is not None:
+                future.add_done_callback(stop)
             try:
                 await enqueued
             except _ENQUEUE_ERRORS:
                 await _finish(actor, message, enqueued)  # NoScriptError fallback, or the error
             else:
                 actor.broker.emit_after("enqueue", message, None)
-            del enqueued
+            finally:
+                if stop is not None:
+                    future.remove_done_callback(stop)
+            del enqueued, stop
         del message  # only the reply is left to wait for: free the request meanwhile
         response = await future
     finally:
@@ -204,6 +219,17 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
         if future.done() and not future.cancelled():
             future.exception()  # retrieved (e.g. a timeout while the enqueue failed)
     return _result(actor, response)
+
+
+def _stop_waiting_for(enqueued: asyncio.Future[Any]) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback for a call's reply future: when it fails (deadline, lost connection)
+    before ``enqueued`` is confirmed, ``enqueued`` fails with the same error."""
+
+    def stop(reply: asyncio.Future[Any]) -> None:
+        if not enqueued.done() and not reply.cancelled() and reply.exception() is not None:
+            enqueued.set_exception(reply.exception())  # type: ignore[arg-type]
+
+    return stop
 
 
 def lane_for(channel: ReplyChannel) -> FastLane:
@@ -276,15 +302,19 @@ async def acall_many(
         message.options[protocol.OPTION_REPLY_TO] = reader.inbox
         message.options[protocol.OPTION_DEADLINE] = deadline
     loop = asyncio.get_running_loop()
-    timer = loop.call_at(loop.time() + (deadline - time.time()), _expire, futures, actor.actor_name, timeout)
+    submitted: list[asyncio.Future[Any]] = []  # filled below; the timer fails what is pending
+    when = loop.time() + (deadline - time.time())
+    timer = loop.call_at(when, _expire, futures, actor.actor_name, timeout, submitted)
     outcomes: list[Any] = []
-    submitted: list[asyncio.Future[Any]] = []
     try:
         if pipe is not None and delay is None:
             # Every enqueue queued at once: the pipe sends them in a few writes, no task each.
-            submitted = [_submit(actor, m, pipe) for m in messages]
+            submitted.extend(_submit(actor, m, pipe) for m in messages)
             for message, enqueued in zip(messages, submitted, strict=True):
-                await _finish(actor, message, enqueued)
+                try:
+                    await _finish(actor, message, enqueued)
+                except RPCTimeoutError:
+                    break  # the deadline passed first: every reply future holds its timeout
         else:
             await asyncio.gather(*(_enqueue(actor, m, delay, pipe) for m in messages))
         for future in futures:

@@ -66,7 +66,15 @@ class FastLane:
             try:
                 await conn.send_packed_command(pack(conn, commands), check_health=False)
                 if first is not None:
-                    first_reply = await read_reply(conn, REPLY_TIMEOUT)
+                    # Within the deadline: a frozen Redis must not hold the call (read_reply
+                    # drops the connection, which abandons the BLPOP behind it).
+                    left = max(deadline - loop.time(), MIN_BLOCK_SECONDS)
+                    try:
+                        first_reply = await read_reply(conn, min(left, REPLY_TIMEOUT))
+                    except redis.TimeoutError:
+                        if left >= REPLY_TIMEOUT:
+                            raise
+                        return None  # the deadline passed before Redis answered the request
             except (redis.RedisError, OSError) as exc:
                 await conn.disconnect(nowait=True)  # abandons the BLPOP queued behind it
                 raise FirstCommandFailed(str(exc)) from exc
