@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,11 +31,13 @@ from dramatiq.asyncio import async_to_sync
 from dramatiq.errors import ConnectionClosed, ConnectionFailed
 from redis.exceptions import NoScriptError, RedisError
 
+from .. import calls as sync_calls
 from .. import protocol
 from ..exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
 from ..models.errors import RPCError
 from ..redis.connection import same_redis
 from ..redis.replies import ReplyChannel
+from . import threaded
 from .connection import CommandPipe, ConnectionSpec, loop_local, loop_local_peek
 from .lane import FastLane, FirstCommandFailed
 from .replies import ReplyReader
@@ -70,7 +73,7 @@ def _broker_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe 
         if not callable(getattr(broker, "enqueue_command_of", None)) or client is None:
             return False
         if same_redis(client, channel.client):
-            return reader_for(channel).pipe
+            return False if threaded.needs_thread(channel) else reader_for(channel).pipe
         spec = ConnectionSpec.like(client)
         return False if spec is None else CommandPipe(spec)
 
@@ -163,6 +166,9 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
     replies = actor._replies()
     config = replies.config
     timeout = protocol.check_timeout(timeout, config.rpc_timeout)
+    if threaded.needs_thread(replies.channel):  # Sentinel, Cluster: the sync call in a thread
+        call = functools.partial(_sync_call, actor, params, options)
+        return await threaded.run_sync_call(actor.actor_name, timeout, call)
     started = time.time()
     delay = options.pop("delay", None)
     gate = None if delay is not None else _crowded_pipe(actor.broker, replies.channel)
@@ -232,6 +238,10 @@ def _stop_waiting_for(enqueued: asyncio.Future[Any]) -> Callable[[asyncio.Future
     return stop
 
 
+def _sync_call(actor: Actor, params: Any, options: dict[str, Any], left: float) -> Any:
+    return sync_calls.call(actor, params, left, options)
+
+
 def lane_for(channel: ReplyChannel) -> FastLane:
     """The running loop's fast lane to ``channel``'s Redis."""
     lane: FastLane = loop_local(("lane", channel), lambda: FastLane(reader_for(channel).spec))
@@ -288,6 +298,12 @@ async def acall_many(
     replies = actor._replies()
     config = replies.config
     timeout = protocol.check_timeout(timeout, config.rpc_timeout)
+    if threaded.needs_thread(replies.channel):  # Sentinel, Cluster: the sync call in a thread
+        return await threaded.run_sync_call(
+            actor.actor_name,
+            timeout,
+            lambda left: sync_calls.call_many(actor, params_list, left, return_exceptions, options),
+        )
     started = time.time()
     delay = options.pop("delay", None)
     messages = [actor.message_with_options(args=(p,), **options) for p in params_list]
