@@ -8,6 +8,7 @@ Both are opt-in and import their third-party package only when turned on:
 metric. Both feed on the in-process events of :mod:`rpc_tasks.metrics`.
 """
 
+from .dramatiq_prometheus import RPCPrometheus
 from .prometheus import (
     RPCMetricsMiddleware,
     disable_metrics,
@@ -27,6 +28,7 @@ from .tracing import (
 __all__ = [
     "OPTION_TRACE",
     "RPCMetricsMiddleware",
+    "RPCPrometheus",
     "TracingMiddleware",
     "disable_metrics",
     "disable_tracing",
@@ -41,8 +43,9 @@ __all__ = [
 
 #: Dotted path of :class:`TracingMiddleware` (for django-dramatiq's ``MIDDLEWARE``).
 TRACING_PATH = "rpc_tasks.observability.TracingMiddleware"
-#: Dotted paths of the metrics middleware: Dramatiq's exposition server, then ours.
-METRICS_PATHS = ("dramatiq.middleware.prometheus.Prometheus", "rpc_tasks.observability.RPCMetricsMiddleware")
+#: Dotted paths of the metrics middleware: Dramatiq's series and exposition server (through
+#: :class:`RPCPrometheus`, cheaper per message), then ours.
+METRICS_PATHS = ("rpc_tasks.observability.RPCPrometheus", "rpc_tasks.observability.RPCMetricsMiddleware")
 
 
 def with_observability(paths: list[str], *, tracing: bool = False, metrics: bool = False) -> list[str]:

@@ -324,12 +324,15 @@ class RPCMetricsMiddleware(Middleware):
 
 def install_metrics(broker: dramatiq.Broker, *, dramatiq_prometheus: bool = True) -> dramatiq.Broker:
     """Add :class:`RPCMetricsMiddleware` (and, unless told not to, Dramatiq's ``Prometheus``
-    middleware, whose exposition server a worker starts on ``dramatiq_prom_port``) to
-    ``broker`` (idempotent)."""
+    series and exposition server, which a worker starts on ``dramatiq_prom_port``, through
+    :class:`~rpc_tasks.observability.dramatiq_prometheus.RPCPrometheus`) to ``broker``
+    (idempotent; a ``Prometheus`` middleware already there is kept)."""
     from dramatiq.middleware.prometheus import Prometheus
 
+    from .dramatiq_prometheus import RPCPrometheus
+
     if dramatiq_prometheus and not any(isinstance(m, Prometheus) for m in broker.middleware):
-        broker.add_middleware(Prometheus())
+        broker.add_middleware(RPCPrometheus())
     if not any(isinstance(m, RPCMetricsMiddleware) for m in broker.middleware):
         broker.add_middleware(RPCMetricsMiddleware())
     return broker

@@ -168,11 +168,10 @@ def test_a_failing_scope_or_listener_never_breaks_the_call(recorded: Any) -> Non
 def test_setup_broker_places_the_observability_middleware() -> None:
     pytest.importorskip("opentelemetry")
     pytest.importorskip("prometheus_client")
-    from dramatiq.middleware.prometheus import Prometheus
-
     from rpc_tasks.middleware import RPCRateLimits, RPCReplies
     from rpc_tasks.observability import (
         RPCMetricsMiddleware,
+        RPCPrometheus,
         TracingMiddleware,
         disable_metrics,
         disable_tracing,
@@ -182,7 +181,7 @@ def test_setup_broker_places_the_observability_middleware() -> None:
         broker = setup_broker(StubBroker(), set_global=False, tracing=True, metrics=True)
         kinds = [type(m) for m in broker.middleware]
         assert kinds[:3] == [RPCReplies, TracingMiddleware, RPCRateLimits]
-        assert kinds[-2:] == [Prometheus, RPCMetricsMiddleware]
+        assert kinds[-2:] == [RPCPrometheus, RPCMetricsMiddleware]
         assert check_broker(broker) == []
         setup_broker(broker, set_global=False, tracing=True, metrics=True)
         assert [type(m) for m in broker.middleware] == kinds  # idempotent
@@ -198,7 +197,7 @@ def test_django_paths_with_observability_import_and_keep_the_order() -> None:
     paths = with_observability(middleware_paths(), tracing=True, metrics=True)
     assert paths[:3] == [middleware_paths()[0], TRACING_PATH, middleware_paths()[1]]
     assert paths[-2:] == [
-        "dramatiq.middleware.prometheus.Prometheus",
+        "rpc_tasks.observability.RPCPrometheus",
         "rpc_tasks.observability.RPCMetricsMiddleware",
     ]
     for path in paths:
