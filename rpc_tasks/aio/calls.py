@@ -173,7 +173,8 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
     delay = options.pop("delay", None)
     gate = None if delay is not None else _crowded_pipe(actor.broker, replies.channel)
     if gate is not None:  # thousands of calls at once: build the message when there is room
-        await gate.wait_for_room()
+        if not await gate.wait_for_room(started + timeout - time.time()):
+            raise RPCTimeoutError(actor.actor_name, timeout)  # not admitted: nothing owed
     try:
         message = actor.message_with_options(args=(params,), **options)
         channel = replies.channel
