@@ -11,9 +11,12 @@ from pydantic import BaseModel
 
 from rpc_tasks import RPCTimeoutError, WebSocketRPCConfig, rpc_actor, setup_broker
 from rpc_tasks.aio import connection
+from rpc_tasks.aio.client import AsyncWebSocketRPCClient
 from rpc_tasks.aio.connection import ConnectionSpec, loop_local
+from rpc_tasks.aio.lane import FastLane
 from rpc_tasks.aio.replies import ReplyReader
 from rpc_tasks.redis.broker import BlockingRedisBroker
+from rpc_tasks.streams.builtins import PingParams, PingResult
 
 #: Never contacted: every connection of these tests is a fake.
 URL = "redis://127.0.0.1:1/0"
@@ -90,3 +93,25 @@ def test_a_call_waiting_for_room_in_a_stuck_pipe_returns_by_its_deadline(
     outcome, admitted, waiting = asyncio.run(scenario())
     assert isinstance(outcome, RPCTimeoutError), repr(outcome)
     assert admitted == 0 and waiting == 0  # no place held, nobody left waiting
+
+
+def test_a_client_call_through_a_stuck_pipe_returns_by_its_deadline() -> None:
+    client = AsyncWebSocketRPCClient(WebSocketRPCConfig(redis_url=URL))
+
+    async def scenario() -> tuple[BaseException | None, int]:
+        reader = _stuck_reader()
+        loop_local(("ws-client", client), lambda: reader)
+        lane = loop_local(("ws-lane", client), lambda: FastLane(ConnectionSpec(StuckConnection)))
+        lane.busy = True  # another call waits on the lane: this one goes through the pipe
+        try:
+            await asyncio.wait_for(client.call("review", PingParams(), PingResult, timeout=0.2), 2)
+        except BaseException as exc:
+            outcome: BaseException | None = exc
+        else:
+            outcome = None
+        await _stop(reader)
+        return outcome, reader.waiting
+
+    outcome, waiting = asyncio.run(scenario())
+    assert isinstance(outcome, RPCTimeoutError), repr(outcome)
+    assert waiting == 0
