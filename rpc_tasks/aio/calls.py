@@ -273,7 +273,12 @@ async def _lone_call(
             if not isinstance(exc.__cause__, NoScriptError):
                 raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc.__cause__
             # The server lost its script cache: the sync enqueue loads it, then wait as usual.
-            await _finish(actor, message, _failed(exc.__cause__))
+            # The lane stays this call's meanwhile (another call would share its connection).
+            lane.busy = True
+            try:
+                await _finish(actor, message, _failed(exc.__cause__))
+            finally:
+                lane.busy = False
             raw = await lane.request(None, key, deadline - time.time())
     except (RedisError, OSError) as exc:
         raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc

@@ -4,10 +4,12 @@ commands ahead of them never complete (a frozen Redis), and leave nothing behind
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from redis.exceptions import NoScriptError
 
 from rpc_tasks import RPCTimeoutError, WebSocketRPCConfig, rpc_actor, setup_broker
 from rpc_tasks.aio import connection
@@ -115,3 +117,77 @@ def test_a_client_call_through_a_stuck_pipe_returns_by_its_deadline() -> None:
     outcome, waiting = asyncio.run(scenario())
     assert isinstance(outcome, RPCTimeoutError), repr(outcome)
     assert waiting == 0
+
+
+class NoScriptLaneConnection(StuckConnection):
+    """The fast lane's connection to a Redis that lost its script cache: ``EVALSHA`` fails
+    with ``NOSCRIPT``, ``BLPOP`` gets nothing (its read times out). Records each write."""
+
+    writes: list[list[str]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.replies: list[str] = []
+
+    def pack_commands(self, commands: list[tuple[Any, ...]]) -> list[bytes]:
+        NoScriptLaneConnection.writes.append([str(c[0]) for c in commands])
+        self.replies += [str(c[0]) for c in commands]
+        return []
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def read_response(self, timeout: float | None = None) -> Any:
+        name = self.replies.pop(0)
+        if name == "EVALSHA":
+            raise NoScriptError("NOSCRIPT No matching script.")
+        await asyncio.sleep(timeout if timeout is not None else 3600)
+        return None
+
+    async def disconnect(self, nowait: bool = False) -> None:
+        self.replies.clear()
+
+
+def test_the_fast_lane_carries_one_call_while_the_first_reloads_the_script(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(BlockingRedisBroker, "_max_unpack_size_val", 1000)  # no Redis asked
+    NoScriptLaneConnection.writes = []
+    broker = BlockingRedisBroker(url=URL, namespace="review")
+    setup_broker(broker, config=WebSocketRPCConfig(redis_url=URL), set_global=False)
+    reloading, reloaded = threading.Event(), threading.Event()
+
+    def do_enqueue(queue_name: str, message_id: str, data: bytes) -> None:
+        reloading.set()
+        reloaded.wait(5)  # the sync enqueue that loads the script (slow, in a thread)
+
+    broker.do_enqueue = do_enqueue  # type: ignore[method-assign]
+
+    @rpc_actor(broker=broker, queue_name="review")
+    def work(params: Item) -> Item:
+        return params
+
+    async def scenario() -> tuple[list[list[str]], int, list[Any]]:
+        channel = work._replies().channel
+        reader = _stuck_reader()
+        loop_local(("reader", channel), lambda: reader)
+        loop_local(("pipe", broker, channel), lambda: reader.pipe)
+        loop_local(("lane", channel), lambda: FastLane(ConnectionSpec(NoScriptLaneConnection)))
+        first = asyncio.ensure_future(work.acall(Item(n=1), timeout=0.5))
+        while not reloading.is_set() and not first.done():
+            await asyncio.sleep(0.005)
+        assert not first.done(), first
+        second = asyncio.ensure_future(work.acall(Item(n=2), timeout=0.5))
+        await asyncio.sleep(0.05)
+        writes, waiting = list(NoScriptLaneConnection.writes), reader.waiting
+        reloaded.set()
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        await _stop(reader)
+        return writes, waiting, outcomes
+
+    writes, waiting, outcomes = asyncio.run(scenario())
+    # While the first call reloads the script, the lane is still its own: the second call
+    # goes through the reply reader, not onto the same connection.
+    assert writes == [["EVALSHA", "BLPOP", "DEL"]], writes
+    assert waiting == 1
+    assert all(isinstance(o, RPCTimeoutError) for o in outcomes), outcomes
