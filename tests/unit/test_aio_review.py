@@ -181,7 +181,7 @@ def test_the_fast_lane_carries_one_call_while_the_first_reloads_the_script(
         await asyncio.sleep(0.05)
         writes, waiting = list(NoScriptLaneConnection.writes), reader.waiting
         reloaded.set()
-        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        outcomes = list(await asyncio.gather(first, second, return_exceptions=True))
         await _stop(reader)
         return writes, waiting, outcomes
 
