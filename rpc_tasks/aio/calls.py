@@ -263,7 +263,10 @@ async def _lone_call(
     key = channel.key_for(message.message_id)
     message.options[protocol.OPTION_REPLY_TO] = key
     message.options[protocol.OPTION_DEADLINE] = deadline
-    command = broker.enqueue_command(message)
+    try:
+        command = broker.enqueue_command(message)  # Dramatiq may ask Redis (its Lua stack size)
+    except _ENQUEUE_ERRORS as exc:
+        raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
     try:
         try:
             raw = await lane.request(

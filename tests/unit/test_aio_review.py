@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 from redis.exceptions import NoScriptError
 
-from rpc_tasks import RPCTimeoutError, WebSocketRPCConfig, rpc_actor, setup_broker
+from rpc_tasks import RPCConnectionError, RPCTimeoutError, WebSocketRPCConfig, rpc_actor, setup_broker
 from rpc_tasks.aio import connection
 from rpc_tasks.aio.client import AsyncWebSocketRPCClient
 from rpc_tasks.aio.connection import ConnectionSpec, loop_local
@@ -191,3 +191,22 @@ def test_the_fast_lane_carries_one_call_while_the_first_reloads_the_script(
     assert writes == [["EVALSHA", "BLPOP", "DEL"]], writes
     assert waiting == 1
     assert all(isinstance(o, RPCTimeoutError) for o in outcomes), outcomes
+
+
+def test_a_lone_call_to_a_redis_that_is_down_raises_rpc_connection_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Dramatiq asks Redis for its Lua stack size on the process's first enqueue.
+    monkeypatch.setattr(BlockingRedisBroker, "_max_unpack_size_val", None)
+    broker = BlockingRedisBroker(url=URL, namespace="review")
+    setup_broker(broker, config=WebSocketRPCConfig(redis_url=URL), set_global=False)
+
+    @rpc_actor(broker=broker, queue_name="review")
+    def work(params: Item) -> Item:
+        return params
+
+    async def scenario() -> None:
+        with pytest.raises(RPCConnectionError):
+            await asyncio.wait_for(work.acall(Item(n=1), timeout=1), 5)
+
+    asyncio.run(scenario())
