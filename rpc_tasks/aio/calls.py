@@ -95,13 +95,20 @@ async def _enqueue(
 
 
 def _submit(
-    actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe, *, admitted: bool = False
+    actor: Actor,
+    message: dramatiq.Message[Any],
+    pipe: CommandPipe,
+    *,
+    admitted: bool = False,
+    prepared: bool = False,
 ) -> asyncio.Future[Any]:
     """Queue the broker's enqueue command of ``message`` on ``pipe`` (runs the before-enqueue
-    hooks now); ``admitted``: the caller waited for room on ``pipe``."""
+    hooks now, unless ``prepared``: :func:`_prepare` ran them); ``admitted``: the caller waited
+    for room on ``pipe``."""
     try:
         broker: Any = actor.broker  # a BlockingRedisBroker (see _broker_pipe)
-        broker.prepare_enqueue(message)
+        if not prepared:
+            broker.prepare_enqueue(message)
         # Encoded when the pipe sends it: queued calls hold no encoded copy meanwhile (and
         # share one bound method, rather than holding one each).
         build = loop_local(("command_of", broker), lambda: broker.enqueue_command_of)
@@ -112,6 +119,14 @@ def _submit(
             raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
         raise
     return pipe.submit_deferred(build, message, admitted=admitted)
+
+
+def _prepare(actor: Actor, message: dramatiq.Message[Any]) -> None:
+    """:func:`_submit`'s before-enqueue hooks alone (errors as ``_submit``'s)."""
+    try:
+        actor.broker.prepare_enqueue(message)
+    except _ENQUEUE_ERRORS as exc:
+        raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
 
 
 def _crowded_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe | None:
@@ -333,8 +348,11 @@ async def acall_many(
     outcomes: list[Any] = []
     try:
         if pipe is not None and delay is None:
+            # Every before-enqueue hook first, as enqueue_many: one that raises sends nothing.
+            for message in messages:
+                _prepare(actor, message)
             # Every enqueue queued at once: the pipe sends them in a few writes, no task each.
-            submitted.extend(_submit(actor, m, pipe) for m in messages)
+            submitted.extend(_submit(actor, m, pipe, prepared=True) for m in messages)
             for message, enqueued in zip(messages, submitted, strict=True):
                 try:
                     await _finish(actor, message, enqueued)

@@ -7,7 +7,9 @@ import asyncio
 import threading
 from typing import Any
 
+import dramatiq
 import pytest
+from dramatiq.middleware import MiddlewareError
 from pydantic import BaseModel
 from redis.exceptions import NoScriptError
 
@@ -210,3 +212,50 @@ def test_a_lone_call_to_a_redis_that_is_down_raises_rpc_connection_error(
             await asyncio.wait_for(work.acall(Item(n=1), timeout=1), 5)
 
     asyncio.run(scenario())
+
+
+class OverQuota(MiddlewareError):
+    """Raised by a hook (Dramatiq lets only ``MiddlewareError`` out of a hook)."""
+
+
+class RefuseThird(dramatiq.Middleware):
+    """A ``before_enqueue`` hook that refuses the third message it sees (a quota, say)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        self.seen += 1
+        if self.seen == 3:
+            raise OverQuota("over quota")
+
+
+def test_acall_many_whose_hook_refuses_a_message_enqueues_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(BlockingRedisBroker, "_max_unpack_size_val", 1000)  # no Redis asked
+    broker = BlockingRedisBroker(url=URL, namespace="review")
+    setup_broker(broker, config=WebSocketRPCConfig(redis_url=URL), set_global=False)
+    broker.add_middleware(RefuseThird())
+
+    @rpc_actor(broker=broker, queue_name="review")
+    def work(params: Item) -> Item:
+        return params
+
+    async def scenario() -> tuple[BaseException | None, int]:
+        channel = work._replies().channel
+        reader = _stuck_reader()
+        loop_local(("reader", channel), lambda: reader)
+        loop_local(("pipe", broker, channel), lambda: reader.pipe)
+        try:
+            await work.acall_many([Item(n=i) for i in range(4)], timeout=1)
+        except BaseException as exc:
+            outcome: BaseException | None = exc
+        else:
+            outcome = None
+        queued = len(reader.pipe._queue)  # what the pipe would send
+        await _stop(reader)
+        return outcome, queued
+
+    outcome, queued = asyncio.run(scenario())
+    assert isinstance(outcome, OverQuota), repr(outcome)
+    # As call_many (enqueue_many runs every hook first): the caller's error, nothing sent.
+    assert queued == 0
