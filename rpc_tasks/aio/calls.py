@@ -35,6 +35,7 @@ from .. import calls as sync_calls
 from .. import protocol
 from ..exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
 from ..models.errors import RPCError
+from ..redis import internals
 from ..redis.connection import same_redis
 from ..redis.replies import ReplyChannel
 from . import threaded
@@ -129,6 +130,23 @@ def _prepare(actor: Actor, message: dramatiq.Message[Any]) -> None:
         raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
 
 
+async def _warm(actor: Actor, left: float | None, timeout: float = 0.0) -> None:
+    """Dramatiq asks Redis for its Lua stack size on the first enqueue of a process, with the
+    broker's sync client: ask it from the executor (within ``timeout`` s), not from the loop,
+    which a slow or frozen Redis would block. Then the command builds without Redis.
+    ``left``: seconds the call has left (``None``: no deadline); ``timeout``: the call's own."""
+    if internals.max_unpack_size_known(actor.broker):
+        return
+    loop = asyncio.get_running_loop()
+    asking = loop.run_in_executor(None, internals.max_unpack_size, actor.broker)
+    try:
+        await asyncio.wait_for(asking, left)
+    except asyncio.TimeoutError:
+        raise RPCTimeoutError(actor.actor_name, timeout) from None
+    except _ENQUEUE_ERRORS as exc:
+        raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
+
+
 def _crowded_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe | None:
     """This loop's pipe for ``broker``'s enqueues if it is crowded (so many commands queued
     that a new call should wait for room before it builds its message), else ``None``."""
@@ -196,6 +214,8 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
         pipe = _broker_pipe(actor.broker, channel)
         reader = reader_for(channel)
         deadline = protocol.deadline_from_timeout(timeout, started)
+        if pipe is not None and delay is None:
+            await _warm(actor, deadline - time.time(), timeout)
         if gate is not None and time.time() >= deadline:  # the wait took all its time
             raise RPCTimeoutError(actor.actor_name, timeout)
         lane = lane_for(channel)
@@ -337,6 +357,8 @@ async def acall_many(
     pipe = _broker_pipe(actor.broker, channel)
     reader = reader_for(channel)
     deadline = protocol.deadline_from_timeout(timeout, started)
+    if pipe is not None and delay is None:
+        await _warm(actor, deadline - time.time(), timeout)
     futures = [reader.expect(m.message_id) for m in messages]
     for message in messages:
         message.options[protocol.OPTION_REPLY_TO] = reader.inbox
@@ -388,6 +410,8 @@ async def asend(actor: Actor, params: Any, options: dict[str, Any]) -> dramatiq.
     except RPCException:
         channel = None  # no reply middleware: fine for a send, enqueued from a thread
     pipe = None if channel is None else _broker_pipe(actor.broker, channel)
+    if pipe is not None and delay is None:
+        await _warm(actor, None)
     return await _enqueue(actor, message, delay, pipe)
 
 
