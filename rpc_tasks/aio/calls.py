@@ -35,6 +35,7 @@ from .. import calls as sync_calls
 from .. import protocol
 from ..exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
 from ..models.errors import RPCError
+from ..redis import internals
 from ..redis.connection import same_redis
 from ..redis.replies import ReplyChannel
 from . import threaded
@@ -95,13 +96,20 @@ async def _enqueue(
 
 
 def _submit(
-    actor: Actor, message: dramatiq.Message[Any], pipe: CommandPipe, *, admitted: bool = False
+    actor: Actor,
+    message: dramatiq.Message[Any],
+    pipe: CommandPipe,
+    *,
+    admitted: bool = False,
+    prepared: bool = False,
 ) -> asyncio.Future[Any]:
     """Queue the broker's enqueue command of ``message`` on ``pipe`` (runs the before-enqueue
-    hooks now); ``admitted``: the caller waited for room on ``pipe``."""
+    hooks now, unless ``prepared``: :func:`_prepare` ran them); ``admitted``: the caller waited
+    for room on ``pipe``."""
     try:
         broker: Any = actor.broker  # a BlockingRedisBroker (see _broker_pipe)
-        broker.prepare_enqueue(message)
+        if not prepared:
+            broker.prepare_enqueue(message)
         # Encoded when the pipe sends it: queued calls hold no encoded copy meanwhile (and
         # share one bound method, rather than holding one each).
         build = loop_local(("command_of", broker), lambda: broker.enqueue_command_of)
@@ -112,6 +120,31 @@ def _submit(
             raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
         raise
     return pipe.submit_deferred(build, message, admitted=admitted)
+
+
+def _prepare(actor: Actor, message: dramatiq.Message[Any]) -> None:
+    """:func:`_submit`'s before-enqueue hooks alone (errors as ``_submit``'s)."""
+    try:
+        actor.broker.prepare_enqueue(message)
+    except _ENQUEUE_ERRORS as exc:
+        raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
+
+
+async def _warm(actor: Actor, left: float | None, timeout: float = 0.0) -> None:
+    """Dramatiq asks Redis for its Lua stack size on the first enqueue of a process, with the
+    broker's sync client: ask it from the executor (within ``timeout`` s), not from the loop,
+    which a slow or frozen Redis would block. Then the command builds without Redis.
+    ``left``: seconds the call has left (``None``: no deadline); ``timeout``: the call's own."""
+    if internals.max_unpack_size_known(actor.broker):
+        return
+    loop = asyncio.get_running_loop()
+    asking = loop.run_in_executor(None, internals.max_unpack_size, actor.broker)
+    try:
+        await asyncio.wait_for(asking, left)
+    except asyncio.TimeoutError:
+        raise RPCTimeoutError(actor.actor_name, timeout) from None
+    except _ENQUEUE_ERRORS as exc:
+        raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
 
 
 def _crowded_pipe(broker: dramatiq.Broker, channel: ReplyChannel) -> CommandPipe | None:
@@ -173,13 +206,16 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
     delay = options.pop("delay", None)
     gate = None if delay is not None else _crowded_pipe(actor.broker, replies.channel)
     if gate is not None:  # thousands of calls at once: build the message when there is room
-        await gate.wait_for_room()
+        if not await gate.wait_for_room(started + timeout - time.time()):
+            raise RPCTimeoutError(actor.actor_name, timeout)  # not admitted: nothing owed
     try:
         message = actor.message_with_options(args=(params,), **options)
         channel = replies.channel
         pipe = _broker_pipe(actor.broker, channel)
         reader = reader_for(channel)
         deadline = protocol.deadline_from_timeout(timeout, started)
+        if pipe is not None and delay is None:
+            await _warm(actor, deadline - time.time(), timeout)
         if gate is not None and time.time() >= deadline:  # the wait took all its time
             raise RPCTimeoutError(actor.actor_name, timeout)
         lane = lane_for(channel)
@@ -262,7 +298,10 @@ async def _lone_call(
     key = channel.key_for(message.message_id)
     message.options[protocol.OPTION_REPLY_TO] = key
     message.options[protocol.OPTION_DEADLINE] = deadline
-    command = broker.enqueue_command(message)
+    try:
+        command = broker.enqueue_command(message)  # Dramatiq may ask Redis (its Lua stack size)
+    except _ENQUEUE_ERRORS as exc:
+        raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc
     try:
         try:
             raw = await lane.request(
@@ -272,7 +311,12 @@ async def _lone_call(
             if not isinstance(exc.__cause__, NoScriptError):
                 raise RPCConnectionError(f"could not enqueue {actor.actor_name!r}: {exc}") from exc.__cause__
             # The server lost its script cache: the sync enqueue loads it, then wait as usual.
-            await _finish(actor, message, _failed(exc.__cause__))
+            # The lane stays this call's meanwhile (another call would share its connection).
+            lane.busy = True
+            try:
+                await _finish(actor, message, _failed(exc.__cause__))
+            finally:
+                lane.busy = False
             raw = await lane.request(None, key, deadline - time.time())
     except (RedisError, OSError) as exc:
         raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
@@ -313,6 +357,8 @@ async def acall_many(
     pipe = _broker_pipe(actor.broker, channel)
     reader = reader_for(channel)
     deadline = protocol.deadline_from_timeout(timeout, started)
+    if pipe is not None and delay is None:
+        await _warm(actor, deadline - time.time(), timeout)
     futures = [reader.expect(m.message_id) for m in messages]
     for message in messages:
         message.options[protocol.OPTION_REPLY_TO] = reader.inbox
@@ -324,8 +370,11 @@ async def acall_many(
     outcomes: list[Any] = []
     try:
         if pipe is not None and delay is None:
+            # Every before-enqueue hook first, as enqueue_many: one that raises sends nothing.
+            for message in messages:
+                _prepare(actor, message)
             # Every enqueue queued at once: the pipe sends them in a few writes, no task each.
-            submitted.extend(_submit(actor, m, pipe) for m in messages)
+            submitted.extend(_submit(actor, m, pipe, prepared=True) for m in messages)
             for message, enqueued in zip(messages, submitted, strict=True):
                 try:
                     await _finish(actor, message, enqueued)
@@ -361,6 +410,8 @@ async def asend(actor: Actor, params: Any, options: dict[str, Any]) -> dramatiq.
     except RPCException:
         channel = None  # no reply middleware: fine for a send, enqueued from a thread
     pipe = None if channel is None else _broker_pipe(actor.broker, channel)
+    if pipe is not None and delay is None:
+        await _warm(actor, None)
     return await _enqueue(actor, message, delay, pipe)
 
 

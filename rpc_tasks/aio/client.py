@@ -143,11 +143,20 @@ class AsyncWebSocketRPCClient:
         future = reader.expect(correlation_id, (loop.time() + timeout, method, timeout))
         try:
             payload = self._encode(method, params, correlation_id, reader.inbox, timeout)
-            await self._run("XADD", StreamIO.request_command(stream, payload, maxlen))
+            sent = reader.pipe.submit(StreamIO.request_command(stream, payload, maxlen))
+            # The deadline (or a lost reply connection) ends the wait for the XADD too: a
+            # frozen Redis must not hold the call past it.
+            stop = _stop_waiting_for(sent)
+            future.add_done_callback(stop)
             try:
+                await sent
                 return await future
             except RPCTimeoutError:
                 return None
+            except (redis.RedisError, OSError) as exc:
+                raise RPCConnectionError(f"Redis XADD failed: {exc}") from exc
+            finally:
+                future.remove_done_callback(stop)
         finally:
             reader.forget(correlation_id)
             if future.done() and not future.cancelled():
@@ -212,6 +221,17 @@ class AsyncWebSocketRPCClient:
                 (time.monotonic() - started) * 1000,
                 outcome,
             )
+
+
+def _stop_waiting_for(sent: asyncio.Future[Any]) -> Any:
+    """A done-callback for a call's reply future: when it fails (deadline, lost connection)
+    before ``sent`` is confirmed, ``sent`` fails with the same error."""
+
+    def stop(reply: asyncio.Future[Any]) -> None:
+        if not sent.done() and not reply.cancelled() and reply.exception() is not None:
+            sent.set_exception(reply.exception())  # type: ignore[arg-type]
+
+    return stop
 
 
 _client: AsyncWebSocketRPCClient | None = None

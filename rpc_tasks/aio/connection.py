@@ -144,7 +144,7 @@ class CommandPipe:
         self._conn: Any = None
         #: Calls waiting for room (first come, first admitted), and calls admitted that have
         #: not submitted their command yet: admissions are free places, never more than ROOM.
-        self._room: deque[asyncio.Future[None]] = deque()
+        self._room: deque[asyncio.Future[bool]] = deque()
         self._admitted = 0
 
     @property
@@ -152,21 +152,28 @@ class CommandPipe:
         """Whether a new call should :meth:`wait_for_room` first."""
         return bool(self._room) or len(self._queue) + self._admitted >= ROOM
 
-    async def wait_for_room(self) -> None:
+    async def wait_for_room(self, timeout: float | None = None) -> bool:
         """Wait until the queue has room for one more command (first come, first served);
         the caller then owes the pipe a :meth:`submit_deferred` (``admitted=True``) or a
         :meth:`pass_turn`. So 10,000 calls started at once do not all build (and hold) their
-        messages before the first is sent: at most :data:`ROOM` are built ahead of the writes."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        messages before the first is sent: at most :data:`ROOM` are built ahead of the writes.
+        ``timeout``: the most seconds to wait (commands ahead may never complete, e.g. on a
+        frozen Redis); ``False`` when they passed first (not admitted: nothing owed)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         self._room.append(future)
         if not self._queue and not self._admitted:  # nothing queued that would make room
             self._admit()
+        timer = None if timeout is None or future.done() else loop.call_later(timeout, _give_up, future)
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():  # admitted, then cancelled
+            if future.done() and not future.cancelled() and future.result():  # admitted, then cancelled
                 self.pass_turn()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def pass_turn(self) -> None:
         """An admitted call will not submit after all: its place goes to the next caller."""
@@ -178,8 +185,8 @@ class CommandPipe:
         room = self._room
         while free > 0 and room:
             future = room.popleft()
-            if not future.done():  # not cancelled
-                future.set_result(None)
+            if not future.done():  # not cancelled, not timed out
+                future.set_result(True)
                 self._admitted += 1
                 free -= 1
 
@@ -242,6 +249,12 @@ class CommandPipe:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.disconnect()
+
+
+def _give_up(future: asyncio.Future[bool]) -> None:
+    """A wait for room timed out: the caller is not admitted (``_admit`` skips its future)."""
+    if not future.done():
+        future.set_result(False)
 
 
 async def read_reply(conn: Any, timeout: float) -> Any:

@@ -80,3 +80,9 @@ def maintenance_flag(broker: RedisBroker, command: str) -> int:
 def max_unpack_size(broker: RedisBroker) -> int:
     """Dramatiq's cap on values unpacked at once in its scripts."""
     return int(broker._max_unpack_size())  # type: ignore[no-untyped-call]
+
+
+def max_unpack_size_known(broker: RedisBroker) -> bool:
+    """Whether :func:`max_unpack_size` answers without asking Redis (Dramatiq asks once per
+    broker class, on its first enqueue, with the broker's sync client)."""
+    return getattr(type(broker), "_max_unpack_size_val", None) is not None
