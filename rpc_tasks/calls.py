@@ -52,7 +52,12 @@ def call(actor: Any, params: Any, timeout: float | None, options: dict[str, Any]
         raw = channel.wait(key, deadline - time.time())
     if raw is None:
         raise timeout_error(actor, timeout, message)
-    response = protocol.decode_response(raw, max_bytes=config.max_payload_bytes)
+    return result_of(actor, protocol.decode_response(raw, max_bytes=config.max_payload_bytes))
+
+
+def result_of(actor: Any, response: protocol.Response) -> Any:
+    """The typed result of a decoded reply to ``actor`` (``RPCRemoteError`` for an error reply);
+    shared by the sync and async callers."""
     if not response.success:
         raise RPCRemoteError(response.error or RPCError(message="remote call failed"))
     if actor.result_model is None:

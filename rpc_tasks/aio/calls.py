@@ -34,14 +34,13 @@ from redis.exceptions import NoScriptError, RedisError
 from .. import calls as sync_calls
 from .. import protocol
 from ..exceptions import RPCConnectionError, RPCException, RPCRemoteError, RPCTimeoutError
-from ..models.errors import RPCError
 from ..redis import internals
 from ..redis.connection import same_redis
 from ..redis.replies import ReplyChannel
 from . import threaded
 from .connection import CommandPipe, ConnectionSpec, loop_local, loop_local_peek
 from .lane import FastLane, FirstCommandFailed
-from .replies import ReplyReader
+from .replies import ReplyReader, stop_waiting_for
 
 #: An :class:`rpc_tasks.RPCActor` (not imported: ``rpc_tasks.actor`` imports this module).
 Actor = Any
@@ -186,14 +185,6 @@ def _expire(
             future.set_exception(RPCTimeoutError(method, timeout))
 
 
-def _result(actor: Actor, response: protocol.Response) -> Any:
-    if not response.success:
-        raise RPCRemoteError(response.error or RPCError(message="remote call failed"))
-    if actor.result_model is None:
-        return None
-    return actor.result_model.model_validate(response.result)
-
-
 async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[str, Any]) -> Any:
     """See :meth:`rpc_tasks.RPCActor.acall`."""
     replies = actor._replies()
@@ -241,7 +232,7 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
             enqueued = _submit(actor, message, pipe, admitted=gate is not None)
             # The deadline (or a lost reply connection) ends the wait for the enqueue too, so
             # that a frozen Redis cannot hold the call past it.
-            stop = None if enqueued.done() else _stop_waiting_for(enqueued)
+            stop = None if enqueued.done() else stop_waiting_for(enqueued)
             if stop is not None:
                 future.add_done_callback(stop)
             try:
@@ -260,18 +251,7 @@ async def acall(actor: Actor, params: Any, timeout: float | None, options: dict[
         reader.forget(correlation_id)
         if future.done() and not future.cancelled():
             future.exception()  # retrieved (e.g. a timeout while the enqueue failed)
-    return _result(actor, response)
-
-
-def _stop_waiting_for(enqueued: asyncio.Future[Any]) -> Callable[[asyncio.Future[Any]], None]:
-    """A done-callback for a call's reply future: when it fails (deadline, lost connection)
-    before ``enqueued`` is confirmed, ``enqueued`` fails with the same error."""
-
-    def stop(reply: asyncio.Future[Any]) -> None:
-        if not enqueued.done() and not reply.cancelled() and reply.exception() is not None:
-            enqueued.set_exception(reply.exception())  # type: ignore[arg-type]
-
-    return stop
+    return sync_calls.result_of(actor, response)
 
 
 def _sync_call(actor: Actor, params: Any, options: dict[str, Any], left: float) -> Any:
@@ -322,7 +302,7 @@ async def _lone_call(
         raise RPCConnectionError(f"lost Redis while waiting for a reply: {exc}") from exc
     if raw is None:
         raise RPCTimeoutError(actor.actor_name, timeout)
-    return _result(actor, protocol.decode_response(raw, max_bytes=channel.max_bytes))
+    return sync_calls.result_of(actor, protocol.decode_response(raw, max_bytes=channel.max_bytes))
 
 
 def _failed(exc: BaseException) -> asyncio.Future[Any]:
@@ -384,7 +364,7 @@ async def acall_many(
             await asyncio.gather(*(_enqueue(actor, m, delay, pipe) for m in messages))
         for future in futures:
             try:
-                outcomes.append(_result(actor, await future))
+                outcomes.append(sync_calls.result_of(actor, await future))
             except (RPCRemoteError, RPCTimeoutError) as exc:
                 outcomes.append(exc)
     finally:

@@ -30,7 +30,7 @@ from ..streams.builtins import PING_METHOD, PingParams, PingResult
 from ..streams.io import StreamIO
 from .connection import ConnectionSpec, loop_local
 from .lane import FastLane, FirstCommandFailed
-from .replies import ReplyReader
+from .replies import ReplyReader, stop_waiting_for
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class AsyncWebSocketRPCClient:
             sent = reader.pipe.submit(StreamIO.request_command(stream, payload, maxlen))
             # The deadline (or a lost reply connection) ends the wait for the XADD too: a
             # frozen Redis must not hold the call past it.
-            stop = _stop_waiting_for(sent)
+            stop = stop_waiting_for(sent)
             future.add_done_callback(stop)
             try:
                 await sent
@@ -221,17 +221,6 @@ class AsyncWebSocketRPCClient:
                 (time.monotonic() - started) * 1000,
                 outcome,
             )
-
-
-def _stop_waiting_for(sent: asyncio.Future[Any]) -> Any:
-    """A done-callback for a call's reply future: when it fails (deadline, lost connection)
-    before ``sent`` is confirmed, ``sent`` fails with the same error."""
-
-    def stop(reply: asyncio.Future[Any]) -> None:
-        if not sent.done() and not reply.cancelled() and reply.exception() is not None:
-            sent.set_exception(reply.exception())  # type: ignore[arg-type]
-
-    return stop
 
 
 _client: AsyncWebSocketRPCClient | None = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
@@ -234,3 +235,16 @@ class ReplyReader:
         if conn is not None:
             await conn.disconnect()
         await self.pipe.aclose()
+
+
+def stop_waiting_for(pending: asyncio.Future[Any]) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback for a call's reply future (from :meth:`ReplyReader.expect`): when that
+    fails (its deadline, a lost connection) before ``pending`` (the call's command in a pipe)
+    is confirmed, ``pending`` fails with the same error, so a frozen Redis cannot hold the
+    call past its deadline."""
+
+    def stop(reply: asyncio.Future[Any]) -> None:
+        if not pending.done() and not reply.cancelled() and reply.exception() is not None:
+            pending.set_exception(reply.exception())  # type: ignore[arg-type]
+
+    return stop
