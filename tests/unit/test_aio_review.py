@@ -22,24 +22,10 @@ from rpc_tasks.aio.replies import ReplyReader
 from rpc_tasks.redis.broker import BlockingRedisBroker
 from rpc_tasks.streams.builtins import PingParams, PingResult
 
+from .aio_fakes import StuckConnection
+
 #: Never contacted: every connection of these tests is a fake.
 URL = "redis://127.0.0.1:1/0"
-
-
-class StuckConnection:
-    """A connection whose writes never complete (a frozen Redis)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.encoder = None
-
-    def pack_commands(self, commands: list[tuple[Any, ...]]) -> list[bytes]:
-        return []
-
-    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-        await asyncio.Event().wait()
-
-    async def disconnect(self, nowait: bool = False) -> None:
-        return None
 
 
 class Item(BaseModel):
