@@ -27,6 +27,7 @@ from dramatiq.middleware import Middleware
 
 from .. import metrics
 from ..exceptions import RPCConfigurationError
+from .deferred import FlushOnCollect, updates
 
 __all__ = [
     "METRICS",
@@ -139,6 +140,7 @@ class RPCMetrics:
         import prometheus_client as prom
 
         self.registry = registry
+        registry.register(FlushOnCollect())  # first: a collect sees every queued update
         self.series: dict[str, Any] = {}
         for name, (kind, labels, doc) in METRICS.items():
             if kind == "histogram":
@@ -206,6 +208,7 @@ def _registry_for_exposition() -> Any:
         from prometheus_client import multiprocess
 
         registry = prom.CollectorRegistry()
+        registry.register(FlushOnCollect())  # this process's queued updates go to its files first
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return _get().registry
@@ -230,24 +233,27 @@ def metrics_text() -> tuple[bytes, str]:
 
 
 class _OperationScope:
-    """One observed operation: its in-flight gauge now, its latency (and outcome) at the end."""
+    """One observed operation: its in-flight gauge now, its latency (and outcome) at the end
+    (queued updates: :mod:`rpc_tasks.observability.deferred` says why)."""
 
     __slots__ = ("actor", "gauge", "kind")
 
     def __init__(self, kind: str, actor: str, gauge: Any) -> None:
         self.kind, self.actor, self.gauge = kind, actor, gauge
-        gauge.inc()
+        updates.inc(gauge)
 
     def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
-        self.gauge.dec()
+        updates.inc(self.gauge, -1)
         m = _get()
         if self.kind == "serve":
-            m.child("rpc_tasks_server_requests", self.actor, outcome).inc()
-            m.child("rpc_tasks_server_request_duration_seconds", self.actor).observe(duration)
+            updates.inc(m.child("rpc_tasks_server_requests", self.actor, outcome))
+            updates.observe(m.child("rpc_tasks_server_request_duration_seconds", self.actor), duration)
         elif self.kind == "send":
-            m.child("rpc_tasks_sends", self.actor, outcome).inc()
+            updates.inc(m.child("rpc_tasks_sends", self.actor, outcome))
         else:
-            m.child("rpc_tasks_call_duration_seconds", self.actor, self.kind, outcome).observe(duration)
+            updates.observe(
+                m.child("rpc_tasks_call_duration_seconds", self.actor, self.kind, outcome), duration
+            )
 
 
 class _SendScope(_OperationScope):
@@ -257,7 +263,7 @@ class _SendScope(_OperationScope):
         self.kind, self.actor = kind, actor
 
     def finish(self, outcome: str, error: BaseException | None, duration: float) -> None:
-        _get().child("rpc_tasks_sends", self.actor, outcome).inc()
+        updates.inc(_get().child("rpc_tasks_sends", self.actor, outcome))
 
 
 def _scope(kind: str, labels: Mapping[str, Any]) -> _OperationScope | None:
@@ -316,10 +322,13 @@ class RPCMetricsMiddleware(Middleware):
         enable_metrics()
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        _get().child("rpc_tasks_worker_attempts", message.actor_name, message.queue_name).inc()
+        updates.inc(_get().child("rpc_tasks_worker_attempts", message.actor_name, message.queue_name))
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         _get().child("rpc_tasks_worker_dead_lettered", message.actor_name, message.queue_name).inc()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        updates.flush()
 
 
 def install_metrics(broker: dramatiq.Broker, *, dramatiq_prometheus: bool = True) -> dramatiq.Broker:

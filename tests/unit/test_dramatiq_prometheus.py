@@ -1,5 +1,5 @@
 """RPCPrometheus: Dramatiq's ``dramatiq_*`` series with the same values as Dramatiq's own
-middleware, the post-run updates made at the ack (after a ``.call()`` reply went out)."""
+middleware, its per-message updates queued and applied off the message's path."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dramatiq.middleware.prometheus import Prometheus
 pytest.importorskip("prometheus_client")
 
 from rpc_tasks.observability import RPCPrometheus, install_metrics
+from rpc_tasks.observability.deferred import updates
 
 
 @pytest.fixture
@@ -34,20 +35,25 @@ def value(series: Any, *labels: str) -> float:
     return float(series.labels(*labels)._value.get())
 
 
-def test_updates_after_a_run_wait_for_the_ack(booted: Any) -> None:
+def test_updates_are_queued_off_the_message_path_and_applied_by_a_flush(booted: Any) -> None:
     broker = StubBroker()
     mw = booted(RPCPrometheus(), broker)
     message = MessageProxy(dramatiq.Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={}))
+    updates.flush()
     mw.before_process_message(broker, message)
-    assert value(mw.inprogress_messages, "q", "a") == 1
     mw.after_process_message(broker, message, result=None)
-    # The reply goes out with the ack: nothing of the run is recorded before it.
-    assert value(mw.total_messages, "q", "a") == 0 and value(mw.inprogress_messages, "q", "a") == 1
-    mw.after_ack(broker, message)
-    assert value(mw.total_messages, "q", "a") == 1 and value(mw.inprogress_messages, "q", "a") == 0
-    assert value(mw.total_errored_messages, "q", "a") == 0
-    mw.after_ack(broker, message)  # an ack is recorded once
-    assert value(mw.total_messages, "q", "a") == 1
+    failed = MessageProxy(dramatiq.Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={}))
+    mw.before_process_message(broker, failed)
+    # Nothing was written on the messages' path (the files of the multi-process folder included).
+    assert value(mw.total_messages, "q", "a") == 0 and value(mw.inprogress_messages, "q", "a") == 0
+    updates.flush()
+    assert value(mw.total_messages, "q", "a") == 1 and value(mw.inprogress_messages, "q", "a") == 1
+    mw.after_process_message(broker, failed, exception=ValueError("no"))
+    updates.flush()
+    assert value(mw.total_messages, "q", "a") == 2 and value(mw.inprogress_messages, "q", "a") == 0
+    assert value(mw.total_errored_messages, "q", "a") == 1
+    durations = mw.message_durations.labels("q", "a")
+    assert sum(bucket.get() for bucket in durations._buckets) == 2
 
 
 def test_same_values_as_dramatiqs_middleware_with_a_real_worker(booted: Any) -> None:

@@ -1,0 +1,86 @@
+"""Queued metric updates (rpc_tasks.observability.deferred): the same values as updating in
+place, applied by the flusher thread, at a collect, and never twice."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from rpc_tasks.observability.deferred import DeferredUpdates, FlushOnCollect, observe_all, updates
+
+prom = pytest.importorskip("prometheus_client")
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.5, 1.0)
+
+
+def samples(registry: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in registry.collect()  # type: ignore[attr-defined]
+        for s in metric.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_bulk_observe_gives_what_observe_gives() -> None:
+    rng = random.Random(7)
+    values = [rng.choice([0.0, 0.0005, 0.001, 1.0, 2.0, 1e9]) for _ in range(50)]
+    values += [rng.uniform(0, 1.2) for _ in range(500)]
+    in_place, bulk = prom.CollectorRegistry(), prom.CollectorRegistry()
+    one = prom.Histogram("h", "h", ["a"], buckets=BUCKETS, registry=in_place).labels("x")
+    for v in values:
+        one.observe(v)
+    observe_all(prom.Histogram("h", "h", ["a"], buckets=BUCKETS, registry=bulk).labels("x"), values)
+    assert samples(bulk) == pytest.approx(samples(in_place))
+    assert samples(bulk)[("h_count", (("a", "x"),))] == 550
+
+
+def test_bulk_observe_falls_back_to_observe_without_the_private_fields() -> None:
+    seen: list[float] = []
+
+    class Foreign:
+        def observe(self, value: float) -> None:
+            seen.append(value)
+
+    observe_all(Foreign(), [1.0, 2.0])
+    assert seen == [1.0, 2.0]
+
+
+def test_queued_updates_fold_into_one_update_per_child() -> None:
+    registry = prom.CollectorRegistry()
+    gauge = prom.Gauge("g", "g", registry=registry)
+    counter = prom.Counter("c", "c", registry=registry)
+    calls: list[float] = []
+    real_inc = counter.inc
+    counter.inc = lambda amount=1.0: (calls.append(amount), real_inc(amount))[1]  # type: ignore[method-assign]
+    q = DeferredUpdates(interval=3600)
+    for _ in range(5):
+        q.inc(gauge)
+        q.inc(counter)
+    q.inc(gauge, -3)
+    assert gauge._value.get() == 0 and counter._value.get() == 0  # nothing applied yet
+    q.flush()
+    assert gauge._value.get() == 2 and counter._value.get() == 5 and calls == [5]
+    q.flush()  # applied once
+    assert counter._value.get() == 5
+
+
+def test_the_flusher_thread_applies_updates_within_its_interval() -> None:
+    registry = prom.CollectorRegistry()
+    counter = prom.Counter("c", "c", registry=registry)
+    q = DeferredUpdates(interval=0.05)
+    q.inc(counter, 2)
+    deadline = time.monotonic() + 5
+    while counter._value.get() != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counter._value.get() == 2
+
+
+def test_a_collect_applies_the_queued_updates_first() -> None:
+    registry = prom.CollectorRegistry()
+    registry.register(FlushOnCollect())
+    counter = prom.Counter("c", "c", registry=registry)
+    updates.inc(counter, 3)
+    assert registry.get_sample_value("c_total") == 3
