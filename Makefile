@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench chaos docs docs-serve try-newcomer clean
+.PHONY: install demo django-demo test test-unit test-oldest-dramatiq lint bench bench-obs chaos docs docs-serve try-newcomer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,10 @@ lint: $(STAMP)
 bench: $(BENCH_STAMP)
 	@$(MAKE) --no-print-directory $(ARQ_STAMP) || echo "could not create $(ARQ_VENV): the arq paths will be skipped"
 	$(PY) -m benchmarks.run --arq-python $(ARQ_VENV)/bin/python $(BENCH_ARGS)
+
+## The cost of tracing and metrics: rounds with fresh workers pinned to one CPU (~10 min).
+bench-obs: $(BENCH_STAMP)
+	$(PY) -m benchmarks.obs_cost $(OBS_ARGS)
 
 ## Fault suite (private Redis, real workers/servers, faults injected; ~4 min): one table of counts.
 chaos: $(STAMP)

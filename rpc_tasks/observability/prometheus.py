@@ -35,6 +35,7 @@ __all__ = [
     "RPCMetricsMiddleware",
     "disable_metrics",
     "enable_metrics",
+    "flush_metrics",
     "install_metrics",
     "metrics_text",
     "start_metrics_server",
@@ -190,6 +191,14 @@ def enable_metrics() -> None:
         _enabled = True
     metrics.add_listener(_on_event, operations=False)
     metrics.add_scope_factory(_scope)
+
+
+def flush_metrics() -> None:
+    """Apply this process's queued metric updates now (they are otherwise applied within
+    :data:`~rpc_tasks.observability.deferred.FLUSH_INTERVAL` seconds, at a scrape through
+    rpc-tasks' exposition, at a worker's shutdown and at exit): e.g. before reading the series
+    with ``prometheus_client`` yourself."""
+    updates.flush()
 
 
 def disable_metrics() -> None:
