@@ -14,8 +14,12 @@ def test_ratios_are_the_median_of_each_rounds_ratio_to_its_own_baseline() -> Non
         {"obs-base": [2.0], "call-metrics": [2.0]},
         {"obs-base": [1.0], "call-metrics": [1.02]},
     ]
-    table = obs_cost.summarize(rounds, ["call-metrics"])
-    assert table["call-metrics"] == pytest.approx({"median": 1.02, "low": 1.0, "high": 1.1})
+    row = obs_cost.summarize(rounds, ["call-metrics"])["call-metrics"]
+    expected = {"median": 1.02, "low": 1.0, "high": 1.1}
+    assert {k: row[k] for k in expected} == pytest.approx(expected)
+    # The bootstrap interval of the median lies within the rounds' range, around the median.
+    assert 1.0 <= row["ci_low"] <= row["median"] <= row["ci_high"] <= 1.1
+    assert obs_cost.summarize(rounds, ["call-metrics"])["call-metrics"] == row  # seeded
 
 
 def test_cpu_per_call_is_the_median_over_every_run() -> None:
