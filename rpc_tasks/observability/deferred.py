@@ -44,7 +44,14 @@ class DeferredUpdates:
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()
         self._stop = threading.Event()
-        os.register_at_fork(after_in_child=self._after_fork)
+        self._held_for_fork = False
+        # No fork in the middle of a flush: the child would inherit prometheus_client's value
+        # locks held by the flushing thread, and block at its first update.
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._after_fork_in_parent,
+            after_in_child=self._after_fork,
+        )
         atexit.register(self.flush)
         # A multiprocessing child ends with os._exit (no atexit): flush from its exit function.
         mp_util.register_after_fork(self, DeferredUpdates._in_multiprocessing_child)
@@ -117,9 +124,19 @@ class DeferredUpdates:
     def _in_multiprocessing_child(self) -> None:
         mp_util.Finalize(self, self.flush, exitpriority=0)
 
+    def _before_fork(self) -> None:
+        # Bounded: a fork from a signal handler that interrupted this thread's own flush must not hang.
+        self._held_for_fork = self._flushing.acquire(timeout=5)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._flushing.release()
+
     def _after_fork(self) -> None:
         # The child has no flusher thread, and the parent's queued updates are the parent's.
         self._queue.clear()
+        self._held_for_fork = False
         self._flushing = threading.Lock()
         self._starting = threading.Lock()
         self._stop = threading.Event()

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,3 +131,26 @@ def test_a_multiprocessing_child_applies_its_updates_when_it_ends(tmp_path: Path
     registry = prom.CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
     assert registry.get_sample_value("c_total") == 5
+
+
+def test_a_fork_waits_for_a_flush_in_progress() -> None:
+    # prometheus_client's value locks (one per process in multi-process mode) are held while a
+    # flush applies updates; a fork in that window would give the child a lock nobody releases.
+    held = threading.Lock()
+
+    class Slow:
+        def inc(self, amount: float) -> None:
+            with held:
+                time.sleep(0.3)
+
+    q = DeferredUpdates(interval=3600)
+    q.inc(Slow())
+    flusher = threading.Thread(target=q.flush)
+    flusher.start()
+    time.sleep(0.1)  # the flush is inside Slow.inc
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if held.acquire(timeout=2) else 1)
+    _, status = os.waitpid(pid, 0)
+    flusher.join()
+    assert os.waitstatus_to_exitcode(status) == 0
