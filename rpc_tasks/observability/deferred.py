@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
+from multiprocessing import util as mp_util
 from typing import Any
 
 __all__ = ["FLUSH_INTERVAL", "DeferredUpdates", "FlushOnCollect", "updates"]
@@ -43,8 +44,17 @@ class DeferredUpdates:
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()
         self._stop = threading.Event()
-        os.register_at_fork(after_in_child=self._after_fork)
+        self._held_for_fork = False
+        # No fork in the middle of a flush: the child would inherit prometheus_client's value
+        # locks held by the flushing thread, and block at its first update.
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._after_fork_in_parent,
+            after_in_child=self._after_fork,
+        )
         atexit.register(self.flush)
+        # A multiprocessing child ends with os._exit (no atexit): flush from its exit function.
+        mp_util.register_after_fork(self, DeferredUpdates._in_multiprocessing_child)
 
     def inc(self, child: Any, amount: float = 1.0) -> None:
         """Queue ``child.inc(amount)`` (a counter's or a gauge's; a gauge takes negative amounts)."""
@@ -81,11 +91,20 @@ class DeferredUpdates:
                         observed[id(child)] = (child, [value])
                     else:
                         found[1].append(value)
+            failed: Exception | None = None
             for child, total in totals.values():
                 if total:
-                    child.inc(total)
+                    try:
+                        child.inc(total)
+                    except Exception as exc:  # one broken series must not lose the others' updates
+                        failed = exc
             for child, values in observed.values():
-                observe_all(child, values)
+                try:
+                    observe_all(child, values)
+                except Exception as exc:
+                    failed = exc
+            if failed is not None:
+                logger.error("applying queued metric updates failed", exc_info=failed)
 
     def _start(self) -> None:
         with self._starting:
@@ -102,9 +121,22 @@ class DeferredUpdates:
             except Exception:  # a broken series must not stop the others' updates
                 logger.exception("applying queued metric updates failed")
 
+    def _in_multiprocessing_child(self) -> None:
+        mp_util.Finalize(self, self.flush, exitpriority=0)
+
+    def _before_fork(self) -> None:
+        # Bounded: a fork from a signal handler that interrupted this thread's own flush must not hang.
+        self._held_for_fork = self._flushing.acquire(timeout=5)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._flushing.release()
+
     def _after_fork(self) -> None:
         # The child has no flusher thread, and the parent's queued updates are the parent's.
         self._queue.clear()
+        self._held_for_fork = False
         self._flushing = threading.Lock()
         self._starting = threading.Lock()
         self._stop = threading.Event()
@@ -125,9 +157,10 @@ def observe_all(child: Any, values: list[float]) -> None:
             child.observe(value)
         return
     counts = [0] * len(bounds)
-    last = len(bounds) - 1
     for value in values:  # observe() puts a value in the first bucket whose bound is >= it
-        counts[min(bisect.bisect_left(bounds, value), last)] += 1
+        i = bisect.bisect_left(bounds, value)
+        if i < len(bounds) and value <= bounds[i]:  # NaN: in none, as observe() does
+            counts[i] += 1
     total.inc(sum(values))
     for bucket, count in zip(buckets, counts, strict=True):
         if count:
