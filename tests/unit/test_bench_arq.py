@@ -69,7 +69,8 @@ def test_arq_processes_get_only_the_repository_on_their_path() -> None:
 def test_the_arq_client_modules_import_neither_rpc_tasks_nor_dramatiq() -> None:
     code = (
         "import sys\n"
-        "import benchmarks.client, benchmarks.aio_paths, benchmarks.arq_paths\n"
+        "import benchmarks.client, benchmarks.paths, benchmarks.rpc_paths, benchmarks.peer_paths\n"
+        "import benchmarks.aio_paths, benchmarks.arq_paths\n"
         "print(sorted(m for m in ('rpc_tasks', 'dramatiq', 'pydantic', 'arq') if m in sys.modules))\n"
     )
     out = subprocess.run(
