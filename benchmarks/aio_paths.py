@@ -33,8 +33,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks.client import CALL_TIMEOUT, CallPath, Path
 from benchmarks.common import MESSAGE, percentile
+from benchmarks.paths import CALL_TIMEOUT, Path
+from benchmarks.rpc_paths import CallPath
 
 
 class _Loop(CallPath):

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: The arq group's interpreter unless ``--arq-python`` or ``BENCH_ARQ_PYTHON`` names another.
 DEFAULT_PYTHON = ROOT / ".venv-arq" / "bin" / "python"
-#: Worker process kinds of the arq paths (``WORKER_OF`` in :mod:`benchmarks.run`; also the names
+#: Worker process kinds of the arq paths (``WORKER_OF`` in :mod:`benchmarks.groups`; also the names
 #: of their groups) and their ``BENCH_ARQ_KIND`` (``benchmarks/workers/arq_app.py``).
 WORKER_KINDS = {"arq": "default", "arq-fast": "fast"}
 HOW_TO_CREATE = "`make bench` creates .venv-arq; see benchmarks/README.md, arq paths"

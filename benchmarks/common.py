@@ -14,8 +14,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import redis
 
 #: Default Redis URL: DB 14 (DB 12 is used by ``benchmarks.ws_fanout``, 9 by the tests). The
 #: orchestrator refuses a DB that holds other keys or has other clients connected.
@@ -189,6 +192,48 @@ def foreign_clients(client: Any, db: int, own_name: str) -> list[str]:
         if int(info.get("db", -1)) == db and info.get("name") != own_name:
             out.append(f"{info.get('addr')} (cmd={info.get('cmd')}, age={info.get('age')}s)")
     return out
+
+
+def claim_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
+    """Make sure the DB is ours to flush; returns why not, or None (and flushes leftovers of an
+    earlier benchmark run)."""
+    others = foreign_clients(r, db, own_name)
+    if others:
+        return (
+            f"Redis DB {db} is in use by {len(others)} other client(s) ({'; '.join(others[:3])}). "
+            "The benchmark flushes its DB: pick a free one with --redis-url "
+            "redis://127.0.0.1:6379/N (or BENCH_REDIS_URL)."
+        )
+    size = r.dbsize()
+    if size and r.get(CLAIM_KEY) is None:
+        return (
+            f"Redis DB {db} holds {size} keys the benchmark did not create. The benchmark flushes its DB: "
+            "pick an empty one with --redis-url redis://127.0.0.1:6379/N (or BENCH_REDIS_URL)."
+        )
+    if size:
+        r.flushdb()  # left over by an interrupted benchmark run (it carries our claim key)
+    r.set(CLAIM_KEY, tag)
+    return None
+
+
+def release_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
+    """Flush the DB, unless someone else started using it meanwhile: then delete only the keys
+    named after this run's tag and say so."""
+    time.sleep(0.2)  # let Redis notice the connections of the processes we stopped
+    others = foreign_clients(r, db, own_name)
+    claim = r.get(CLAIM_KEY)
+    if not others and claim == tag.encode():
+        r.flushdb()
+        return None
+    deleted = 0
+    for key in r.scan_iter(match=f"*{tag}*", count=1000):
+        deleted += r.delete(key)
+    if claim == tag.encode():
+        r.delete(CLAIM_KEY)
+    return (
+        f"Redis DB {db} was not flushed at the end: {len(others)} other client(s) were using it; deleted the "
+        f"{deleted} keys named after this run (library keys such as celery-task-meta-* may remain)."
+    )
 
 
 def cpu_sample() -> tuple[int, int]:

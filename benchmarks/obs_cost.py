@@ -43,10 +43,11 @@ from typing import Any
 
 import redis
 
-from benchmarks.common import DEFAULT_REDIS_URL, percentile, redis_db, session_cpu_ns
+from benchmarks.common import DEFAULT_REDIS_URL, claim_db, percentile, redis_db, release_db, session_cpu_ns
+from benchmarks.groups import WORKER_OF, worker_command
 from benchmarks.placement import close_clients, pin, placements, wait_answering
 from benchmarks.procs import Worker
-from benchmarks.run import RESULTS_DIR, ROOT, WORKER_OF, claim_db, release_db, worker_command
+from benchmarks.run import RESULTS_DIR, ROOT
 
 BASE = "obs-base"
 OBS_PATHS = ("call-otel-api", "call-otel-sdk", "call-metrics", "call-metrics-ours")

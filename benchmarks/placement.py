@@ -33,12 +33,13 @@ from typing import Any
 
 import redis
 
-from benchmarks.common import DEFAULT_REDIS_URL, percentile, redis_db
+from benchmarks.common import DEFAULT_REDIS_URL, claim_db, percentile, redis_db, release_db
+from benchmarks.groups import worker_command
 from benchmarks.procs import Worker
-from benchmarks.run import RESULTS_DIR, ROOT, claim_db, release_db, worker_command
+from benchmarks.run import RESULTS_DIR, ROOT
 
 PATHS = ("raw", "scripts-floor", "call")
-#: Server process of each path (``benchmarks.run.worker_command`` kinds).
+#: Server process of each path (``benchmarks.groups.worker_command`` kinds).
 SERVER_OF = {"raw": "raw", "scripts-floor": "scripts-floor", "call": "rpc"}
 
 

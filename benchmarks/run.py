@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
@@ -29,351 +28,36 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from benchmarks import arq_env, report
 from benchmarks.common import (
-    CLAIM_KEY,
-    CLK_TCK,
     DEFAULT_RABBITMQ_URL,
     DEFAULT_REDIS_URL,
     Names,
-    busy_between,
-    commands_delta,
-    commandstats,
-    cpu_busy_pct,
-    cpu_sample,
+    claim_db,
     delete_rabbitmq_queues,
-    foreign_clients,
     rabbitmq_check,
     redis_db,
-    session_cpu_ns,
-    session_cpu_ticks,
+    release_db,
+)
+from benchmarks.groups import ALL_PATHS, GROUPS, OPTIONAL_PACKAGES, WORKER_OF, worker_command
+from benchmarks.idle import (
+    BUSY_CPU_PCT,
+    BUSY_REDIS_CMDS_PER_S,
+    POLLING_WORKERS,
+    is_busy,
+    measure_idle,
+    quiet_environment,
 )
 from benchmarks.procs import Worker, run_bounded
+from benchmarks.run_report import clean_nan, json_default, redact, standard_notes, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-@dataclass(frozen=True)
-class Group:
-    """Paths measured together, their timed runs interleaved by one client process, against
-    the worker processes they need (all running at once)."""
-
-    name: str
-    paths: tuple[str, ...]
-
-
-#: The worker process (tree) each path is measured against.
-WORKER_OF = {
-    "raw": "raw",
-    "scripts-floor": "scripts-floor",
-    "call": "rpc",
-    "send": "rpc",
-    "plain-send": "rpc",
-    "inflight": "rpc",
-    "acall": "rpc",
-    "acall-1k": "rpc",
-    "acall-10k": "rpc",
-    "call-plain": "rpc-plain",
-    "call-rabbitmq": "rpc-rabbitmq",
-    "dramatiq-send": "dramatiq-plain",
-    "dramatiq-results": "dramatiq-results",
-    "inflight-dramatiq": "dramatiq-results",
-    "celery": "celery",
-    "taskiq": "taskiq",
-    "taskiq-fast": "taskiq",
-    "taskiq-1k": "taskiq",
-    "taskiq-10k": "taskiq",
-    "arq": "arq",
-    "arq-fast": "arq-fast",
-    "arq-1k": "arq-fast",
-    "arq-10k": "arq-fast",
-    "streams-raw": "streams-raw",
-    "streams": "streams",
-    "obs-base": "rpc",
-    "call-otel-api": "rpc-otel-api",
-    "call-otel-sdk": "rpc-otel-sdk",
-    "call-metrics": "rpc-metrics",
-    "call-metrics-ours": "rpc-metrics-ours",
-}
-#: The floors share a group (and so interleaved runs) with the paths whose goals are ratios to
-#: them: on a noisy machine, ratios of runs minutes apart move with the machine, not the code.
-GROUPS = (
-    Group(
-        "rpc",
-        ("raw", "scripts-floor", "call", "send", "plain-send", "inflight", "acall", "acall-1k", "acall-10k"),
-    ),
-    Group("rpc-plain", ("call-plain",)),
-    Group("rpc-rabbitmq", ("call-rabbitmq",)),
-    Group("dramatiq-plain", ("dramatiq-send",)),
-    Group("dramatiq-results", ("dramatiq-results", "inflight-dramatiq")),
-    Group("celery", ("celery",)),
-    Group("taskiq", ("taskiq", "taskiq-fast", "taskiq-1k", "taskiq-10k")),
-    # arq needs redis-py < 6: its workers and clients run in .venv-arq (arq_env.py). Two groups:
-    # the 1 ms worker's idle polling (~900 commands/s) would count in the default path's cmds/call.
-    Group("arq", ("arq",)),
-    Group("arq-fast", ("arq-fast", "arq-1k", "arq-10k")),
-    Group("streams", ("streams-raw", "streams")),
-    # The cost of tracing and metrics: each .call() path against its baseline, runs interleaved.
-    Group(
-        "observability", ("obs-base", "call-otel-api", "call-otel-sdk", "call-metrics", "call-metrics-ours")
-    ),
-)
-ALL_PATHS = tuple(p for g in GROUPS for p in g.paths)
-#: Groups whose comparison library is an optional bench dependency: (modules, what to say).
-OPTIONAL_PACKAGES = {"taskiq": (("taskiq", "taskiq_redis"), "taskiq/taskiq-redis")}
-
-
-def worker_command(
-    kind: str, threads: int, lifetime: float, tag: str, python: str | None = None
-) -> tuple[list[str], dict[str, str]]:
-    group = kind  # the worker kinds of WORKER_OF
-    py = python or sys.executable
-    if group in arq_env.WORKER_KINDS:
-        return arq_env.worker_command(py, group)
-    if group == "raw":
-        return [py, "-m", "benchmarks.workers.raw_echo", "--max-seconds", str(lifetime)], {}
-    if group == "streams-raw":
-        return [py, "-m", "benchmarks.workers.streams_raw", "--max-seconds", str(lifetime)], {}
-    if group == "scripts-floor":
-        return [py, "-m", "benchmarks.workers.scripts_echo", "--max-seconds", str(lifetime)], {}
-    kinds = {
-        "rpc": "blocking",
-        "rpc-plain": "plain",
-        "rpc-rabbitmq": "rabbitmq",
-        "dramatiq-plain": "dramatiq",
-        "dramatiq-results": "results",
-        "rpc-otel-api": "otel-api",
-        "rpc-otel-sdk": "otel-sdk",
-        "rpc-metrics": "metrics",
-        "rpc-metrics-ours": "metrics-ours",
-    }
-    if group in kinds:
-        kind = kinds[group]
-        cmd = [
-            py,
-            "-m",
-            "dramatiq",
-            "benchmarks.workers.dramatiq_app",
-            "--processes",
-            "1",
-            "--threads",
-            str(threads),
-            "--worker-shutdown-timeout",
-            "5000",
-        ]
-        extra = {"BENCH_DRAMATIQ_KIND": kind}
-        if kind == "metrics":  # Dramatiq's exposition server: a free port, a private folder
-            extra |= {
-                "dramatiq_prom_port": str(_free_port()),
-                "dramatiq_prom_host": "127.0.0.1",
-                "dramatiq_prom_db": tempfile.mkdtemp(prefix=f"bench-{tag}-prom-"),
-            }
-        return cmd, extra
-    if group == "celery":
-        cmd = [
-            py,
-            "-m",
-            "celery",
-            "-A",
-            "benchmarks.workers.celery_app",
-            "worker",
-            "-P",
-            "solo",
-            "--loglevel",
-            "WARNING",
-            "-n",
-            f"bench-{tag}@%h",
-        ]
-        return cmd, {}
-    if group == "taskiq":
-        cmd = [
-            py,
-            "-m",
-            "taskiq",
-            "worker",
-            "benchmarks.workers.taskiq_app:broker",
-            "--workers",
-            "1",
-            "--log-level",
-            "WARNING",
-        ]
-        return cmd, {}
-    if group == "streams":
-        cmd = [
-            py,
-            "-m",
-            "rpc_tasks.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--app",
-            "benchmarks.workers.streams_app:make_server",
-            "--concurrency",
-            str(threads),
-        ]
-        return cmd, {}
-    raise ValueError(group)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def measure_idle(
-    worker: Worker, r: redis.Redis, seconds: float, others: Sequence[Worker] = ()
-) -> dict[str, Any]:
-    """CPU of the worker's whole process tree (``/proc/<pid>/stat``: utime + stime + cutime +
-    cstime, summed over its session) and Redis commands (server-wide) while nobody calls. The
-    ``others`` (the group's other workers) are paused (SIGSTOP) meanwhile, so that the Redis
-    commands counted are this worker's own."""
-    for other in others:
-        other.pause()
-    if others:
-        # A paused worker's last blocking read (up to 1 s) still ends on the server, which
-        # then runs the commands pipelined behind it: let that happen before counting.
-        time.sleep(1.5)
-    try:
-        return _measure_idle(worker, r, seconds)
-    finally:
-        for other in others:
-            other.resume()
-
-
-def _measure_idle(worker: Worker, r: redis.Redis, seconds: float) -> dict[str, Any]:
-    time.sleep(0.5)
-    before_cmds = commandstats(r)
-    machine0 = cpu_sample()
-    ticks0, pids = session_cpu_ticks(worker.session_id)
-    ns0 = session_cpu_ns(worker.session_id)
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    ticks1, _ = session_cpu_ticks(worker.session_id)
-    ns1 = session_cpu_ns(worker.session_id)
-    t1 = time.monotonic()
-    machine1 = cpu_sample()
-    after_cmds = commandstats(r)
-    delta = commands_delta(before_cmds, after_cmds)
-    elapsed = t1 - t0
-    return {
-        "seconds": round(elapsed, 3),
-        "processes": len(pids),
-        "cpu_pct": (ticks1 - ticks0) / CLK_TCK / elapsed * 100.0,
-        "cpu_resolution_pct": 100.0 / CLK_TCK / elapsed,
-        "cpu_pct_schedstat": (ns1 - ns0) / 1e9 / elapsed * 100.0,
-        "redis_cmds_per_s": sum(delta.values()) / elapsed,
-        "redis_cmds": delta,
-        "machine_cpu_busy_pct": busy_between(machine0, machine1),
-    }
-
-
-def environment(r: redis.Redis, seconds: float = 0.5) -> dict[str, float]:
-    """What else is going on, with none of our processes running: Redis commands/s from other
-    clients (server-wide) and machine-wide CPU busy % (all cores = 100)."""
-    before = commandstats(r)
-    busy = cpu_busy_pct(seconds)
-    delta = commands_delta(before, commandstats(r))
-    return {"redis_cmds_per_s": sum(delta.values()) / seconds, "cpu_busy_pct": busy}
-
-
-#: Above these, a group's numbers are flagged as disturbed by other work on the machine.
-BUSY_REDIS_CMDS_PER_S = 50.0
-BUSY_CPU_PCT = 20.0
-#: Workers whose own idle polling sends more than BUSY_REDIS_CMDS_PER_S (arq with a 1 ms
-#: ``poll_delay``: ~900 commands/s): their idle window says nothing about other clients.
-POLLING_WORKERS = frozenset({"arq-fast"})
-
-
-def is_busy(seen: dict[str, float]) -> bool:
-    return seen["redis_cmds_per_s"] > BUSY_REDIS_CMDS_PER_S or seen["cpu_busy_pct"] > BUSY_CPU_PCT
-
-
-def quiet_environment(r: redis.Redis, max_wait: float) -> dict[str, float]:
-    """:func:`environment`, waiting up to ``max_wait`` s for other work to stop."""
-    deadline = time.monotonic() + max_wait
-    seen = environment(r)
-    if is_busy(seen) and max_wait > 0:
-        print(f"  waiting up to {max_wait:.0f}s for the machine and Redis to be quiet...", flush=True)
-        while is_busy(seen) and time.monotonic() < deadline:
-            time.sleep(1.0)
-            seen = environment(r)
-    return seen
-
-
-def claim_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
-    """Make sure the DB is ours to flush; returns why not, or None (and flushes leftovers of an
-    earlier benchmark run)."""
-    others = foreign_clients(r, db, own_name)
-    if others:
-        return (
-            f"Redis DB {db} is in use by {len(others)} other client(s) ({'; '.join(others[:3])}). "
-            "The benchmark flushes its DB: pick a free one with --redis-url "
-            "redis://127.0.0.1:6379/N (or BENCH_REDIS_URL)."
-        )
-    size = r.dbsize()
-    if size and r.get(CLAIM_KEY) is None:
-        return (
-            f"Redis DB {db} holds {size} keys the benchmark did not create. The benchmark flushes its DB: "
-            "pick an empty one with --redis-url redis://127.0.0.1:6379/N (or BENCH_REDIS_URL)."
-        )
-    if size:
-        r.flushdb()  # left over by an interrupted benchmark run (it carries our claim key)
-    r.set(CLAIM_KEY, tag)
-    return None
-
-
-def release_db(r: redis.Redis, db: int, own_name: str, tag: str) -> str | None:
-    """Flush the DB, unless someone else started using it meanwhile: then delete only the keys
-    named after this run's tag and say so."""
-    time.sleep(0.2)  # let Redis notice the connections of the processes we stopped
-    others = foreign_clients(r, db, own_name)
-    claim = r.get(CLAIM_KEY)
-    if not others and claim == tag.encode():
-        r.flushdb()
-        return None
-    deleted = 0
-    for key in r.scan_iter(match=f"*{tag}*", count=1000):
-        deleted += r.delete(key)
-    if claim == tag.encode():
-        r.delete(CLAIM_KEY)
-    return (
-        f"Redis DB {db} was not flushed at the end: {len(others)} other client(s) were using it; deleted the "
-        f"{deleted} keys named after this run (library keys such as celery-task-meta-* may remain)."
-    )
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in (
-        "rpc-tasks",
-        "dramatiq",
-        "redis",
-        "hiredis",
-        "pydantic",
-        "pika",
-        "celery",
-        "kombu",
-        "taskiq",
-        "taskiq-redis",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -667,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, s in summaries.items():
         s["environment_before"] = env_by_group.get(group_of[name])
-    notes.extend(_standard_notes(summaries, idle_by_group, args))
+    notes.extend(standard_notes(summaries, idle_by_group, args))
     elapsed = time.monotonic() - started
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -715,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "paths": summaries,
     }
     with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(_clean_nan(payload), fh, indent=1, default=_json_default, allow_nan=False)
+        json.dump(clean_nan(payload), fh, indent=1, default=json_default, allow_nan=False)
     print()
     print(text)
     print()
@@ -740,88 +424,6 @@ def _delete_queues(url: str, queues: tuple[str, ...]) -> str:
     if left:
         return f"WARNING: RabbitMQ queues still present after deleting them: {', '.join(left)}."
     return f"RabbitMQ queues {', '.join(queues)} deleted."
-
-
-def redact(url: str) -> str:
-    """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
-
-
-def _json_default(obj: Any) -> Any:
-    return str(obj)
-
-
-def _clean_nan(value: Any) -> Any:
-    """NaN -> null (valid JSON), floats to 4 decimals."""
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else round(value, 4)
-    if isinstance(value, dict):
-        return {k: _clean_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean_nan(v) for v in value]
-    return value
-
-
-def _standard_notes(
-    summaries: dict[str, dict[str, Any]], idle: dict[str, dict[str, Any]], args: argparse.Namespace
-) -> list[str]:
-    notes = [
-        "Latencies: medians over runs of each run's percentile. p50/floor: p50 over the raw "
-        "LPUSH/BLPOP floor (streams: over the raw Streams floor); 1st/floor: median first call "
-        "after idle over the floor's.",
-        "cmds/call: INFO commandstats delta over the timed runs / calls, server-wide (commands run "
-        "inside Lua scripts and MULTI/EXEC count too; any other Redis client's traffic as well).",
-        "idle CPU%: worker process tree over the idle window, one core = 100 %; /proc stat ticks "
-        f"give a resolution of {100.0 / CLK_TCK / args.idle_seconds:.2f} % over {args.idle_seconds:g} s. "
-        "idle cmd/s is server-wide.",
-    ]
-    if "send" in summaries and "p50_ms" in summaries["send"]:
-        s = summaries["send"]
-        notes.append(
-            f"send: p50/p95/p99 time one .send() (enqueue only, {s.get('enqueue_per_s', math.nan):.0f} "
-            "msgs/s enqueued); calls/s counts until the worker has processed them all (broker.join; "
-            f"{s.get('drain_after_last_send_s', math.nan) * 1000:.0f} ms after the last send)."
-        )
-    if "dramatiq-send" in summaries and "p50_ms" in summaries["dramatiq-send"]:
-        s = summaries["dramatiq-send"]
-        notes.append(
-            f"dramatiq-send: measured like send, plain @dramatiq.actor on Dramatiq's RedisBroker "
-            f"({s.get('enqueue_per_s', math.nan):.0f} msgs/s enqueued; processed "
-            f"{s.get('drain_after_last_send_s', math.nan) * 1000:.0f} ms after the last send). Its polling "
-            "consumer treats a full prefetch buffer (2 x threads messages) like an empty queue and sleeps "
-            "its back-off (5-10 ms, doubling per miss, up to 1 s) before it fetches again."
-        )
-    if "inflight" in summaries and "batch_p50_ms" in summaries["inflight"]:
-        s = summaries["inflight"]
-        notes.append(
-            f"inflight: call_many() of {args.batch} calls at a time from one thread; one batch took "
-            f"p50 {s['batch_p50_ms']:.1f} ms, p99 {s.get('batch_p99_ms', math.nan):.1f} ms."
-        )
-    if "inflight-dramatiq" in summaries and "batch_p50_ms" in summaries["inflight-dramatiq"]:
-        s = summaries["inflight-dramatiq"]
-        notes.append(
-            f"inflight-dramatiq: {args.batch} x actor.send(), then get_result(block=True) of each, from "
-            f"one thread; one batch took p50 {s['batch_p50_ms']:.1f} ms, "
-            f"p99 {s.get('batch_p99_ms', math.nan):.1f} ms."
-        )
-    if "call-rabbitmq" in summaries and "p50_ms" in summaries["call-rabbitmq"]:
-        notes.append(
-            "call-rabbitmq: messages travel over RabbitMQ, replies over Redis; its cmds/call and idle "
-            "cmd/s count only Redis commands (RabbitMQ traffic is not counted)."
-        )
-    if idle:
-        precise = ", ".join(f"{g} {v['cpu_pct_schedstat']:.3f}" for g, v in idle.items())
-        notes.append(f"idle CPU % per worker from schedstat (ns resolution, cross-check): {precise}.")
-    if "rpc" in idle and ("send" in summaries or "inflight" in summaries):
-        notes.append("call, send and inflight share one worker, so they share its idle figures.")
-    if "dramatiq-results" in idle and "inflight-dramatiq" in summaries:
-        notes.append(
-            "dramatiq-results and inflight-dramatiq share one worker, so they share its idle figures."
-        )
-    return notes
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ Kinds:
   server on ``dramatiq_prom_port``); ``metrics-ours``: rpc-tasks' metrics without Dramatiq's
   ``Prometheus`` middleware (to tell their costs apart). On the client side these kinds
   install nothing global: the paths turn tracing / metrics on only around their own runs (see
-  ``benchmarks/client.py``).
+  ``benchmarks/rpc_paths.py``).
 """
 
 from __future__ import annotations

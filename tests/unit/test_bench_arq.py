@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import aio_report, arq_env, run
+from benchmarks import aio_report, arq_env, groups, run
 from benchmarks.arq_paths import ArqFastPath, ArqPath
 from benchmarks.client import planned_calls
 
@@ -61,7 +61,7 @@ def test_check_reports_the_versions_of_a_working_environment(tmp_path: Path) -> 
 def test_arq_processes_get_only_the_repository_on_their_path() -> None:
     env = arq_env.process_env({"PYTHONPATH": "/somewhere/else", "BENCH_TAG": "t"})
     assert env == {"PYTHONPATH": str(ROOT), "BENCH_TAG": "t"}
-    cmd, extra = run.worker_command("arq-fast", 4, 60, "t", python="/venv/bin/python")
+    cmd, extra = groups.worker_command("arq-fast", 4, 60, "t", python="/venv/bin/python")
     assert cmd == ["/venv/bin/python", "-m", "benchmarks.workers.arq_app"]
     assert extra == {"BENCH_ARQ_KIND": "fast"}
 
@@ -69,7 +69,8 @@ def test_arq_processes_get_only_the_repository_on_their_path() -> None:
 def test_the_arq_client_modules_import_neither_rpc_tasks_nor_dramatiq() -> None:
     code = (
         "import sys\n"
-        "import benchmarks.client, benchmarks.aio_paths, benchmarks.arq_paths\n"
+        "import benchmarks.client, benchmarks.paths, benchmarks.rpc_paths, benchmarks.peer_paths\n"
+        "import benchmarks.aio_paths, benchmarks.arq_paths\n"
         "print(sorted(m for m in ('rpc_tasks', 'dramatiq', 'pydantic', 'arq') if m in sys.modules))\n"
     )
     out = subprocess.run(
