@@ -41,6 +41,11 @@ class AsyncWebSocketRPCClient:
     """Coroutine twin of ``WebSocketRPCClient`` (one instance per process is enough, usable
     from any number of event loops; see :func:`get_async_rpc_client`).
 
+    The connections are the event loop's, not the instance's: clients with the same
+    ``redis_url``, ``response_key_prefix`` and ``max_payload_bytes`` share one reply reader,
+    pipe and fast lane per loop, so a client made per request (e.g. in an async Django view)
+    opens no connection of its own and leaves nothing behind when dropped.
+
     Parameters:
       config: settings; default :func:`rpc_tasks.config.get_config`.
     """
@@ -48,6 +53,15 @@ class AsyncWebSocketRPCClient:
     def __init__(self, config: WebSocketRPCConfig | None = None) -> None:
         self.config = config or get_config()
         self.spec = ConnectionSpec.from_url(self.config.redis_url)
+        #: Keys of the loop's reader and lane (see the class docstring): not the instance, which
+        #: the loop's table would keep alive, with up to three connections, until the loop ends.
+        self._reader_key = (
+            "ws-client",
+            self.config.redis_url,
+            self.config.response_key_prefix,
+            self.config.max_payload_bytes,
+        )
+        self._lane_key = ("ws-lane", self.config.redis_url)
         self._extensions = (
             frozenset({protocol.ERROR_DETAILS_EXTENSION}) if self.config.announce_extensions else frozenset()
         )
@@ -63,7 +77,7 @@ class AsyncWebSocketRPCClient:
                 self.spec, prefix=config.response_key_prefix, max_bytes=config.max_payload_bytes
             )
 
-        reader: ReplyReader = loop_local(("ws-client", self), build)
+        reader: ReplyReader = loop_local(self._reader_key, build)
         return reader
 
     async def _run(self, what: str, command: tuple[Any, ...]) -> Any:
@@ -123,7 +137,7 @@ class AsyncWebSocketRPCClient:
         """Send the request and wait for its decoded response (``None``: timed out). A lone
         call uses the fast lane (its own reply key, one round trip), others the loop's inbox."""
         reader = self._reader()
-        lane: FastLane = loop_local(("ws-lane", self), lambda: FastLane(self.spec))
+        lane: FastLane = loop_local(self._lane_key, lambda: FastLane(self.spec))
         stream, maxlen = self.config.request_stream, self.config.stream_maxlen
         if not reader.waiting and not lane.busy:
             reply_to = protocol.reply_key(self.config.response_key_prefix, correlation_id)

@@ -33,7 +33,8 @@ from .pacing import Pacer
 #: Most commands sent in one write (their replies wake their callers in paced chunks, see
 #: :mod:`rpc_tasks.aio.pacing`).
 MAX_BATCH = 16
-#: Seconds the first reply of a write may take before the connection counts as lost.
+#: Seconds the replies of a write may take, in all, before the connection counts as lost (a
+#: frozen server, or a connection gone silent half-way through the replies).
 REPLY_TIMEOUT = 30.0
 
 #: Commands queued (or about to be) beyond which new calls wait for room before they build their
@@ -281,17 +282,21 @@ async def send_batch(
     the batch's futures from their replies in order; with a ``pacer``, yield to the loop when
     its chunk is full (the woken callers run before the next ones are woken)."""
     commands = [command for command, _ in batch] + list(tail)
+    # One timer for the whole write (a timer per reply would cost more than the read): if the
+    # replies are not all in within REPLY_TIMEOUT, the connection is dropped, which fails the
+    # read waiting on it. Without it, a connection gone silent after the first reply (half-open)
+    # would hold this writer, and every command queued behind it, forever.
+    watchdog = _Watchdog(conn)
+    timer = asyncio.get_running_loop().call_later(REPLY_TIMEOUT, watchdog.fire)
     try:
         # The hot paths' RESP packer (redis-py's pure-Python one costs ~10x more per command).
         await conn.send_packed_command(pack(conn, commands), check_health=False)
         del commands
-        for index, (_, future) in enumerate(batch):
+        for _, future in batch:
             if pacer is not None and pacer.full:
                 await pacer.pause()
             try:
-                # The first reply of a write is waited for with a timeout (a stalled server),
-                # the others follow it (a timer per reply would cost more than the read).
-                reply = await (read_reply(conn, REPLY_TIMEOUT) if index == 0 else conn.read_response())
+                reply = await conn.read_response()
             except redis.ResponseError as exc:
                 if not future.done():
                     future.set_exception(exc)
@@ -301,16 +306,39 @@ async def send_batch(
                     pacer.wake()
                 future.set_result(reply)
     except (RedisError, OSError) as exc:
+        failure: BaseException = exc
+        if watchdog.fired:
+            failure = redis.TimeoutError(f"no reply from Redis within {REPLY_TIMEOUT:.1f}s")
         for _, future in batch:
             if not future.done():
-                future.set_exception(exc)
-        raise
+                future.set_exception(failure)
+        if failure is exc:
+            raise
+        raise failure from exc
     except BaseException:
         error = redis.ConnectionError("the connection was closed while sending")
         for _, future in batch:
             if not future.done():
                 future.set_exception(error)
         raise
+    finally:
+        timer.cancel()
+
+
+class _Watchdog:
+    """Drops a connection whose replies are late (see :func:`send_batch`): closing it fails the
+    read waiting on it with a ``redis`` error; the next command reconnects."""
+
+    __slots__ = ("_closing", "conn", "fired")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.fired = False
+        self._closing: asyncio.Task[None] | None = None  # held: a task nobody holds may vanish
+
+    def fire(self) -> None:
+        self.fired = True
+        self._closing = asyncio.get_running_loop().create_task(self.conn.disconnect(nowait=True))
 
 
 #: Per event loop: the readers and pipes of that loop, by what they serve.

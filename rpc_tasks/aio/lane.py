@@ -85,7 +85,11 @@ class FastLane:
             if popped is None:
                 await conn.disconnect(nowait=True)
                 return None
-            await conn.read_response()  # the DEL, run as soon as the BLPOP returned
+            try:  # the DEL, run as soon as the BLPOP returned: unless the connection went silent
+                await read_reply(conn, max(deadline - loop.time(), MIN_BLOCK_SECONDS))
+            except redis.TimeoutError:
+                pass  # read_reply dropped the connection; the reply popped is this call's
+
         except BaseException:
             # Lost connection, or a cancelled caller: never reuse a connection with replies
             # still in flight (redis-py has usually dropped it already).

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from .. import protocol
 from ..exceptions import RPCConnectionError, RPCException, RPCTimeoutError
-from .connection import CommandPipe, ConnectionSpec, read_reply, send_batch
+from .connection import REPLY_TIMEOUT, CommandPipe, ConnectionSpec, read_reply, send_batch
 from .pacing import Pacer
 
 #: Server-side timeout of the reader's ``BLPOP`` (it loops while calls wait).
@@ -168,7 +168,9 @@ class ReplyReader:
                 self._blocking = True
                 popped = await read_reply(conn, BLOCK_SECONDS + _SLACK)
                 self._blocking = False
-                rest = await conn.read_response()  # LPOP: runs as soon as the BLPOP returned
+                # LPOP: runs as soon as the BLPOP returned, but the connection may go silent
+                # in between (half-open): not waited for without a limit.
+                rest = await read_reply(conn, REPLY_TIMEOUT)
                 self._taking = True
                 replies = [popped[1], *(rest or ())] if popped else list(rest or ())
                 del popped, rest
@@ -241,10 +243,16 @@ def stop_waiting_for(pending: asyncio.Future[Any]) -> Callable[[asyncio.Future[A
     """A done-callback for a call's reply future (from :meth:`ReplyReader.expect`): when that
     fails (its deadline, a lost connection) before ``pending`` (the call's command in a pipe)
     is confirmed, ``pending`` fails with the same error, so a frozen Redis cannot hold the
-    call past its deadline."""
+    call past its deadline. When the reply arrives first, the command evidently ran: ``pending``
+    gets ``None`` (its own reply may be late, or lost on a connection gone silent)."""
 
     def stop(reply: asyncio.Future[Any]) -> None:
-        if not pending.done() and not reply.cancelled() and reply.exception() is not None:
-            pending.set_exception(reply.exception())  # type: ignore[arg-type]
+        if pending.done() or reply.cancelled():
+            return
+        error = reply.exception()
+        if error is not None:
+            pending.set_exception(error)
+        else:
+            pending.set_result(None)
 
     return stop

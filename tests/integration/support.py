@@ -227,3 +227,116 @@ def reply_keys(url: str, prefix: str) -> list[bytes]:
         return list(client.scan_iter(match=prefix + "*", count=1000))
     finally:
         client.close()
+
+
+def resp_end(buf: bytes, pos: int = 0) -> int | None:
+    """Where the RESP reply starting at ``pos`` of ``buf`` ends; ``None`` if it is incomplete."""
+    eol = buf.find(b"\r\n", pos)
+    if eol < 0:
+        return None
+    kind, head = buf[pos : pos + 1], buf[pos + 1 : eol]
+    if kind in (b"$", b"!", b"="):  # bulk strings
+        size = int(head)
+        end = eol + 2 if size < 0 else eol + 2 + size + 2
+        return end if len(buf) >= end else None
+    if kind in (b"*", b"~", b">", b"%", b"|"):  # aggregates
+        count = int(head) * (2 if kind in (b"%", b"|") else 1)
+        at: int | None = eol + 2
+        for _ in range(max(count, 0)):
+            at = resp_end(buf, at) if at is not None else None
+        return at
+    return eol + 2  # simple strings, errors, integers, nil, ...
+
+
+class HalfOpenProxy:
+    """A TCP proxy to ``127.0.0.1:upstream_port`` (in a thread of its own) that can make one
+    connection go silent half-way through a pipelined write's replies: after :meth:`arm`, the
+    first chunk from Redis that holds at least ``min_replies`` complete replies is forwarded up
+    to the end of its first reply only; then that connection forwards nothing either way, its
+    sockets left open (a half-open connection: no FIN, no RST). Other connections, and new
+    ones, are forwarded as usual."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import asyncio
+        import threading
+
+        self.upstream_port = upstream_port
+        self.cuts = 0
+        self._armed: int | None = None
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port = int(self._sock.getsockname()[1])
+        self._loop = asyncio.new_event_loop()
+        self._silent: list[Any] = []
+        self._server: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def arm(self, min_replies: int) -> None:
+        self._armed = min_replies
+
+    def _run(self) -> None:
+        import asyncio
+
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        self._server = await asyncio.start_server(self._pipe, sock=self._sock)
+        await self._server.serve_forever()
+
+    async def _pipe(self, client_in: Any, client_out: Any) -> None:
+        import asyncio
+
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        silent = False
+
+        async def upstream() -> None:
+            while data := await client_in.read(65536):
+                if not silent:
+                    server_out.write(data)
+            if not silent:
+                server_out.close()
+
+        async def downstream() -> None:
+            nonlocal silent
+            held = b""
+            while data := await server_in.read(65536):
+                if silent:
+                    continue
+                if self._armed is None:
+                    client_out.write(data)
+                    continue
+                held += data
+                ends: list[int] = []
+                at: int | None = 0
+                while at is not None and at < len(held):
+                    at = resp_end(held, at)
+                    if at is not None:
+                        ends.append(at)
+                if len(ends) >= self._armed:
+                    self._armed, silent = None, True
+                    self.cuts += 1
+                    self._silent.append((client_out, server_out))  # keep the sockets open
+                    client_out.write(held[: ends[0]])
+                elif ends:
+                    client_out.write(held[: ends[-1]])
+                    held = held[ends[-1] :]
+            if not silent:
+                client_out.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        self._thread.join(5)
+        for client_out, server_out in self._silent:
+            client_out.transport.abort()
+            server_out.transport.abort()

@@ -135,3 +135,50 @@ def test_get_async_rpc_client_is_process_wide(monkeypatch: pytest.MonkeyPatch, r
     first = get_async_rpc_client(force_new=True)
     assert get_async_rpc_client() is first
     assert get_async_rpc_client(force_new=True) is not first
+
+
+def test_clients_made_per_request_share_the_loops_connections(redis_url: str) -> None:
+    """A client per request (as in an async Django view), dropped after it: the loop's
+    connections are shared, not one set per client kept until the loop ends."""
+    import gc
+    import weakref
+
+    from rpc_tasks.aio import connection
+
+    name = unique("per-request")
+    config = make_config(f"{redis_url}?client_name={name}")
+    server = RPCServer(config.model_copy(update={"redis_url": redis_url}))
+
+    @server.method("add")
+    def add(params: Add) -> Sum:
+        return Sum(total=params.a + params.b)
+
+    admin = redis.Redis.from_url(redis_url)
+
+    async def scenario() -> tuple[int, int, int]:
+        dropped: list[weakref.ref[AsyncWebSocketRPCClient]] = []
+        try:
+            for i in range(60):
+                client = AsyncWebSocketRPCClient(config)
+                dropped.append(weakref.ref(client))
+                assert (await client.call("add", Add(a=i, b=1), Sum, timeout=5)).total == i + 1
+                if i % 3 == 0:  # concurrent calls: the reader and the pipe too
+                    two = [client.call("add", Add(a=i, b=k), Sum, timeout=5) for k in (2, 3)]
+                    assert [s.total for s in await asyncio.gather(*two)] == [i + 2, i + 3]
+                del client
+            gc.collect()
+            opened = sum(1 for c in admin.client_list() if c.get("name") == name)
+            entries = len(connection._per_loop.get(asyncio.get_running_loop(), {}))
+            return opened, entries, sum(1 for ref in dropped if ref() is not None)
+        finally:
+            await aclose_loop_connections()
+
+    server.start()
+    try:
+        opened, entries, alive = asyncio.run(scenario())
+    finally:
+        server.stop(10)
+        admin.close()
+    assert opened <= 3, opened  # reader, pipe, lane of the loop
+    assert entries <= 2, entries
+    assert alive == 0

@@ -90,8 +90,8 @@ def test_a_client_call_through_a_stuck_pipe_returns_by_its_deadline() -> None:
 
     async def scenario() -> tuple[BaseException | None, int]:
         reader = _stuck_reader()
-        loop_local(("ws-client", client), lambda: reader)
-        lane = loop_local(("ws-lane", client), lambda: FastLane(ConnectionSpec(StuckConnection)))
+        loop_local(client._reader_key, lambda: reader)
+        lane = loop_local(client._lane_key, lambda: FastLane(ConnectionSpec(StuckConnection)))
         lane.busy = True  # another call waits on the lane: this one goes through the pipe
         try:
             await asyncio.wait_for(client.call("review", PingParams(), PingResult, timeout=0.2), 2)
