@@ -36,6 +36,9 @@ MAX_BATCH = 16
 #: Seconds the replies of a write may take, in all, before the connection counts as lost (a
 #: frozen server, or a connection gone silent half-way through the replies).
 REPLY_TIMEOUT = 30.0
+#: Seconds :func:`read_reply` reads again after its timeout, for data that arrived while the
+#: event loop was blocked.
+RECHECK_SECONDS = 0.05
 
 #: Commands queued (or about to be) beyond which new calls wait for room before they build their
 #: message (see :meth:`CommandPipe.wait_for_room`).
@@ -266,8 +269,15 @@ async def read_reply(conn: Any, timeout: float) -> Any:
     reply = await conn.read_response(timeout=timeout)
     # redis-py returns None both for a nil reply and when its read timed out: tell them apart.
     if reply is None and loop.time() - started >= timeout * 0.99:
-        await conn.disconnect(nowait=True)
-        raise redis.TimeoutError(f"no reply from Redis within {timeout:.1f}s")
+        # After the loop was blocked for longer than the timeout (a coroutine calling
+        # time.sleep), the timer fires in the same loop step as the data that arrived meanwhile,
+        # and wins: look at what is there before the connection counts as lost (redis-py's
+        # reads are cancel-safe: a read cut short by its timeout leaves the data buffered).
+        again = loop.time()
+        reply = await conn.read_response(timeout=RECHECK_SECONDS)
+        if reply is None and loop.time() - again >= RECHECK_SECONDS * 0.99:
+            await conn.disconnect(nowait=True)
+            raise redis.TimeoutError(f"no reply from Redis within {timeout:.1f}s")
     return reply
 
 
