@@ -79,14 +79,20 @@ from .fake_remote import FakeRemote  # noqa: E402
 
 RESULTS_KEY = "cli_app:results"
 STAMPS_KEY = "cli_app:stamps"
-remote = FakeRemote(URL, name="cli_app:remote", budget=5, block_ms=1000)
+#: The remote's block and the fleet's rate-limit key: a test sets them for its workers. The key
+#: is per run because cooldowns are announced on a Pub/Sub channel that every Redis DB shares.
+REMOTE_BLOCK_MS = int(os.environ.get("CLI_APP_REMOTE_BLOCK_MS", "1000"))
+REMOTE_RATE_KEY = os.environ.get("CLI_APP_REMOTE_RATE_KEY", "fake-remote")
+remote = FakeRemote(URL, name="cli_app:remote", budget=5, block_ms=REMOTE_BLOCK_MS)
 
 
 class RemoteParams(BaseModel):
     n: int
 
 
-@rpc_actor(queue_name=QUEUE, max_retries=10, min_backoff=100, max_backoff=2000, rate_limit_key="fake-remote")
+@rpc_actor(
+    queue_name=QUEUE, max_retries=10, min_backoff=100, max_backoff=2000, rate_limit_key=REMOTE_RATE_KEY
+)
 def remote_job(params: RemoteParams) -> None:
     """Call the fake remote; a rate-limit answer becomes a RateLimitError with retry_after."""
     message = current_message()
