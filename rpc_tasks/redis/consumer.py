@@ -219,6 +219,38 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
         fields["args"] = ()
         return Message(**fields)
 
+    def close(self) -> None:
+        """Put back on the queue what this consumer fetched and nobody will finish any more.
+
+        Dramatiq closes a consumer when its consumer thread restarts it (after a connection
+        error, or any error raised in that thread, e.g. by the enqueue that moves a delayed
+        message to its queue) and at shutdown. Until now, two kinds of message then stayed in
+        this worker's ack set, and with the worker alive (its heartbeat fresh) nothing requeued
+        them until it restarted:
+        * messages fetched but not handed out yet (the cache);
+        * for a delay queue, the delayed messages handed out: Dramatiq keeps them only in its
+          consumer thread's memory, which it drops on a connection error without requeueing,
+          or requeues without the one whose enqueue failed.
+        Requeueing is idempotent (Dramatiq's script skips an id no longer in the ack set). A
+        delayed message whose move to its queue succeeded but whose ack did not may run twice,
+        as after any lost ack."""
+        held = [rid for rid, _ in self.message_cache]
+        self.message_cache = []
+        if self.is_delay_queue:
+            with self._lock:
+                held += list(self._etas)
+                self._etas.clear()
+        if held:
+            try:
+                self.broker.do_requeue(self.queue_name, *held)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Left in the ack set: requeued when this worker's heartbeat stops.
+                logger.warning("Could not requeue %d message(s) of %r: %s", len(held), self.queue_name, exc)
+            else:
+                for rid in held:
+                    self.queued_message_ids.discard(rid)
+        super().close()
+
     def _done(self, rid: str) -> None:
         if self.is_delay_queue:
             with self._lock:
