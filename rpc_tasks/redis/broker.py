@@ -433,15 +433,20 @@ class BlockingRedisBroker(AsyncEnqueueCommands, RedisBroker):
 
     def requeue_strays(self, queue_name: str, held: set[str]) -> int:
         """Requeue the messages of this worker's ack set for ``queue_name`` that its consumer
-        does not hold (``held``): a fetch whose reply was lost on a broken connection left
-        them there, and with this process's heartbeat alive nothing else would requeue them.
+        does not hold (``held``): a fetch whose reply was lost on a broken connection (or with
+        a wait cut on this side) left them there, and with this process's heartbeat alive
+        nothing else would requeue them. One ``SCARD`` when there is none.
         Returns how many were requeued (Dramatiq's ``requeue`` command)."""
         acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        if self.client.scard(acks) <= len(held):  # what it holds is all there is: no stray
+            return 0
         members = {m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(acks)}
         strays = sorted(members - held)
         if strays:
             logger.warning(
-                "Requeueing %d message(s) of queue %r fetched on a lost reply.", len(strays), queue_name
+                "Requeueing %d message(s) of queue %r fetched on a lost or cut reply.",
+                len(strays),
+                queue_name,
             )
             self.do_requeue(queue_name, *strays)
         return len(strays)

@@ -288,18 +288,25 @@ def test_fleet_respects_cooldowns_of_a_rate_limited_remote(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two worker processes x 2 threads against one remote that serves 5 calls, then blocks
-    for 1 s. After a block starts (plus 100 ms for calls already in flight) the remote must get
-    no call until it ends; every message succeeds; retries are used only by real rate-limit
-    answers, never by postponements."""
+    for 0.5 s. After a block starts (plus 100 ms for calls already in flight) the remote must
+    get no call until it ends; every message succeeds; retries are used only by real rate-limit
+    answers, never by postponements.
+
+    Messages are sent once both workers consume (their start-up is not part of the wait), and
+    the wait fails on a stall (no message finished for 30 s), not on a slow machine."""
     monkeypatch.setenv("CLI_APP_MAINTENANCE_CHANCE", "1000")
+    monkeypatch.setenv("CLI_APP_REMOTE_BLOCK_MS", "500")
+    monkeypatch.setenv("CLI_APP_REMOTE_RATE_KEY", unique("fake-remote"))
     from tests.integration import cli_app
 
     total = 30
+    client = redis.Redis.from_url(redis_url)
     workers = [CLIWorker(redis_url), CLIWorker(redis_url)]
     try:
+        # Each worker process heartbeats (one entry per process) from its first fetch on.
+        wait_until(lambda: client.zcard("cli_app:__heartbeats__") == 2, timeout=60, interval=0.1)
         sent = [cli_app.remote_job.send(cli_app.RemoteParams(n=i)).message_id for i in range(total)]
-        client = redis.Redis.from_url(redis_url)
-        wait_until(lambda: client.hlen(cli_app.RESULTS_KEY) == total, timeout=90, interval=0.2)
+        wait_while_progressing(lambda: client.hlen(cli_app.RESULTS_KEY), total, stall=30.0, cap=180.0)
     finally:
         for w in workers:
             w.stop()
@@ -324,6 +331,21 @@ def test_fleet_respects_cooldowns_of_a_rate_limited_remote(
         f"calls_in_cooldown_after_100ms=0 in_flight_at_block_start={in_flight} "
         f"retries_used={sum(int(r) for r, _, _ in results.values())} messages_postponed={postponed}"
     )
+
+
+def wait_while_progressing(count: Any, total: int, stall: float, cap: float) -> None:
+    """Wait until ``count()`` reaches ``total``; fail when it has not grown for ``stall``
+    seconds (a message is stuck) or after ``cap`` seconds in all."""
+    started = last_change = time.monotonic()
+    seen = count()
+    while seen < total:
+        now = time.monotonic()
+        assert now - last_change < stall, f"stalled at {seen}/{total} for {stall:g}s"
+        assert now - started < cap, f"{seen}/{total} after {cap:g}s"
+        time.sleep(0.1)
+        done = count()
+        if done != seen:
+            seen, last_change = done, time.monotonic()
 
 
 @pytest.mark.slow
