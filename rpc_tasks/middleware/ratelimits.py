@@ -43,7 +43,7 @@ from ..enqueue import enqueue_retrying
 from ..exceptions import RPCConfigurationError, RPCException
 from ..models.errors import RateLimitError, RPCErrorCode
 from ..redis.connection import client_from_config
-from ..redis.ratestore import RATE_EVENTS_CHANNEL, RateStore, cooldown_key, limiter_keys
+from ..redis.ratestore import RateStore, cooldown_key, limiter_keys
 from . import order
 from .retries import REENQUEUE_RETRY_SECONDS
 
@@ -155,7 +155,7 @@ class RPCRateLimits(Middleware):
                             client = replies.channel.client
                         else:
                             client = client_from_config(self._config or get_config())
-                    self._store = RateStore(client, events_channel=RATE_EVENTS_CHANNEL)
+                    self._store = RateStore(client)
         return self._store
 
     def _rate(self, actor: Any) -> tuple[float, float] | None:

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: Prefix of shared rate-limit state in Redis (cooldowns and proactive limits).
 RATE_KEY_PREFIX = "rpc_tasks:rate:"
-#: Pub/Sub channel on which opened cooldowns are announced (``<cooldown key>|<ms left>``).
+#: Pub/Sub channel on which opened cooldowns are announced (``<cooldown key>|<ms left>``), for
+#: Redis database 0; database N uses ``<this>:N`` (see :func:`events_channel_for`).
 RATE_EVENTS_CHANNEL = f"{RATE_KEY_PREFIX}events"
 #: Seconds between two passes that drop ended cooldowns from a process's local view.
 PRUNE_INTERVAL = 1.0
@@ -83,13 +84,30 @@ return {math.max(1, math.ceil(slot - now)), 1}
 """
 
 
+def events_channel_for(client: Any) -> str:
+    """The channel on which cooldowns of ``client``'s database are announced. Pub/Sub is one
+    namespace for a whole Redis server, so with one channel for all, two applications on two
+    databases of one server (say staging and production) whose cooldown keys had the same name
+    held each other's workers back. Database 0 keeps the original channel (what every database
+    used before), so existing deployments on it need no change; database N uses
+    ``rpc_tasks:rate:events:N``. A cluster has database 0 only."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    try:
+        db = int(kwargs.get("db") or 0)
+    except (TypeError, ValueError):
+        db = 0
+    return RATE_EVENTS_CHANNEL if db == 0 else f"{RATE_EVENTS_CHANNEL}:{db}"
+
+
 class RateStore:
     """Shared cooldowns and proactive rate limits in Redis (server time, so worker clocks
-    do not matter)."""
+    do not matter). ``events_channel``: where cooldowns are announced, by default
+    :func:`events_channel_for` the client's database."""
 
-    def __init__(self, client: redis.Redis, events_channel: str = RATE_EVENTS_CHANNEL) -> None:
+    def __init__(self, client: redis.Redis, events_channel: str | None = None) -> None:
         self.client = client
-        self.events_channel = events_channel
+        self.events_channel = events_channel or events_channel_for(client)
         self._open = client.register_script(_OPEN_COOLDOWN)
         self._acquire = client.register_script(_ACQUIRE)
         self._view: dict[str, float] = {}
