@@ -10,7 +10,6 @@ import contextlib
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,22 +23,17 @@ from typing import Any
 
 import redis
 
+from benchmarks.common import free_port
 from benchmarks.procs import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
     """A private redis-server with AOF (``appendfsync always``), restartable on its port/dir."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="rpc-tasks-chaos-")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -63,6 +64,13 @@ def tag() -> str:
     if not value:
         raise SystemExit("BENCH_TAG is not set (run through `python -m benchmarks.run`)")
     return value
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def redis_db(url: str) -> int:

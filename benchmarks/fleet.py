@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,17 +37,12 @@ from typing import Any
 
 import redis
 
+from benchmarks.common import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("raw", "call", "streams", "celery")
 CALLERS = (1, 2, 4)
 WORKERS = (1, 2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PrivateRedis:

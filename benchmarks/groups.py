@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 
 from benchmarks import arq_env
+from benchmarks.common import free_port
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def worker_command(
         extra = {"BENCH_DRAMATIQ_KIND": kind}
         if kind == "metrics":  # Dramatiq's exposition server: a free port, a private folder
             extra |= {
-                "dramatiq_prom_port": str(_free_port()),
+                "dramatiq_prom_port": str(free_port()),
                 "dramatiq_prom_host": "127.0.0.1",
                 "dramatiq_prom_db": tempfile.mkdtemp(prefix=f"bench-{tag}-prom-"),
             }
@@ -172,11 +173,3 @@ def worker_command(
         ]
         return cmd, {}
     raise ValueError(group)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,9 +42,17 @@ from typing import Any
 
 import redis
 
-from benchmarks.common import DEFAULT_REDIS_URL, claim_db, percentile, redis_db, release_db, session_cpu_ns
-from benchmarks.groups import WORKER_OF, worker_command
-from benchmarks.placement import close_clients, pin, placements, wait_answering
+from benchmarks.common import (
+    DEFAULT_REDIS_URL,
+    claim_db,
+    free_port,
+    percentile,
+    redis_db,
+    release_db,
+    session_cpu_ns,
+)
+from benchmarks.groups import WORKER_OF
+from benchmarks.placement import pin, placements, shut_down, start_workers, wait_answering
 from benchmarks.procs import Worker
 from benchmarks.run import RESULTS_DIR, ROOT
 
@@ -100,15 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_redis(logdir: str, lifetime: float) -> tuple[Worker, str]:
     """A private, memory-only ``redis-server`` on a free loopback port, and its URL."""
-    port = _free_port()
+    port = free_port()
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     server = Worker(
         "redis",
@@ -152,17 +153,15 @@ def run_round(
     p50s: dict[str, list[float]] = {name: [] for name in names}
     cpus_us: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     try:
-        for name in names:
-            kind = WORKER_OF[name]
-            cmd, extra = worker_command(kind, args.threads, lifetime, f"{tag}-{round_no}")
-            workers[name] = Worker(
-                kind,
-                cmd,
-                env={**env, **extra},
-                cwd=str(ROOT),
-                log_path=os.path.join(logdir, f"{kind}-{round_no}.log"),
-                lifetime=lifetime,
-            )
+        start_workers(
+            workers,
+            {name: WORKER_OF[name] for name in names},
+            threads=args.threads,
+            lifetime=lifetime,
+            tag=f"{tag}-{round_no}",
+            env=env,
+            logdir=logdir,
+        )
         for name in names:
             path = paths[name] = CLIENT_PATHS[name]()
             path.setup()
@@ -180,14 +179,7 @@ def run_round(
                 cpus_us[name].append(cpu)
     finally:
         os.sched_setaffinity(0, set(cpus))
-        for path in paths.values():
-            try:
-                path.close()
-            except Exception as exc:  # keep cleaning up
-                print(f"closing {path.name}: {exc}", file=sys.stderr)
-        close_clients(paths.values())
-        for worker in workers.values():
-            worker.stop()
+        shut_down(list(paths.values()), workers.values())
     return p50s, cpus_us
 
 

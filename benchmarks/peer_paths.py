@@ -5,11 +5,10 @@ async peers (taskiq, arq) are in :mod:`benchmarks.aio_paths` and :mod:`benchmark
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from benchmarks.common import MESSAGE
-from benchmarks.paths import CALL_TIMEOUT, Path, build, send_and_join
+from benchmarks.paths import CALL_TIMEOUT, Path, build, run_in_batches, send_and_join
 
 
 class DramatiqResultsPath(Path):
@@ -40,22 +39,13 @@ class InflightDramatiqPath(DramatiqResultsPath):
     batch = 100
 
     def run(self, n: int, bar: Any) -> dict[str, Any]:
-        batches: list[float] = []
         send = self.actor.send
-        clock = time.perf_counter
-        started = clock()
-        left = n
-        while left > 0:
-            size = min(self.batch, left)
-            t0 = clock()
+
+        def one_batch(size: int) -> list[Any]:
             messages = [send(MESSAGE) for _ in range(size)]
-            results = [m.get_result(block=True) for m in messages]
-            batches.append((clock() - t0) * 1000.0)
-            if any(r != MESSAGE for r in results):
-                raise AssertionError("get_result returned wrong results")
-            left -= size
-            bar.update(size)
-        return {"calls": n, "elapsed_s": clock() - started, "latencies_ms": [], "batch_ms": batches}
+            return [m.get_result(block=True) for m in messages]
+
+        return run_in_batches(n, bar, self.batch, one_batch, lambda rs, _: all(r == MESSAGE for r in rs))
 
 
 class DramatiqSendPath(Path):

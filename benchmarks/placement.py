@@ -77,6 +77,44 @@ def placements(cpus: list[int]) -> dict[str, tuple[set[int], set[int]]]:
     return {"free": (everything, everything), "split": (first, everything - first), "same": (first, first)}
 
 
+def start_workers(
+    workers: dict[str, Worker],
+    kinds: dict[str, str],
+    *,
+    threads: int,
+    lifetime: float,
+    tag: str,
+    env: dict[str, str],
+    logdir: str,
+) -> None:
+    """Start a worker per ``name -> worker kind`` (``benchmarks.groups.worker_command``) into
+    ``workers`` as it goes (so that a failure half-way leaves the started ones to stop), each
+    logging to ``<logdir>/<kind>-<tag>.log``."""
+    for name, kind in kinds.items():
+        cmd, extra = worker_command(kind, threads, lifetime, tag)
+        workers[name] = Worker(
+            kind,
+            cmd,
+            env={**env, **extra},
+            cwd=str(ROOT),
+            log_path=os.path.join(logdir, f"{kind}-{tag}.log"),
+            lifetime=lifetime,
+        )
+
+
+def shut_down(paths: Any, workers: Any) -> None:
+    """Close the client paths (reporting, not raising, a failure) and their Redis pools, then
+    stop the workers."""
+    for path in paths:
+        try:
+            path.close()
+        except Exception as exc:  # keep cleaning up
+            print(f"closing {path.name}: {exc}", file=sys.stderr)
+    close_clients(paths)
+    for worker in workers:
+        worker.stop()
+
+
 def wait_answering(path: Any, seconds: float = 60.0) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -162,17 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     paths: dict[str, Any] = {}
     samples: dict[str, dict[str, list[float]]] = {p: {name: [] for name in PATHS} for p in placements(cpus)}
     try:
-        for name in PATHS:
-            kind = SERVER_OF[name]
-            cmd, extra = worker_command(kind, args.threads, lifetime, tag)
-            workers[name] = Worker(
-                kind,
-                cmd,
-                env={**env, **extra},
-                cwd=str(ROOT),
-                log_path=os.path.join(logdir, f"{kind}.log"),
-                lifetime=lifetime,
-            )
+        start_workers(
+            workers,
+            {name: SERVER_OF[name] for name in PATHS},
+            threads=args.threads,
+            lifetime=lifetime,
+            tag=tag,
+            env=env,
+            logdir=logdir,
+        )
         for name in PATHS:
             path = paths[name] = CLIENT_PATHS[name]()  # closed at the end even if it fails here
             path.setup()
@@ -190,14 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  round {round_no} {placement:5s} {name:13s} p50 {p50:.3f} ms", flush=True)
     finally:
         os.sched_setaffinity(0, set(cpus))
-        for path in paths.values():
-            try:
-                path.close()
-            except Exception as exc:  # keep cleaning up
-                print(f"closing {path.name}: {exc}", file=sys.stderr)
-        close_clients(paths.values())
-        for worker in workers.values():
-            worker.stop()
+        shut_down(list(paths.values()), workers.values())
         try:
             note = release_db(r, db, own_name, tag)
         except redis.RedisError as exc:

@@ -8,11 +8,10 @@ rpc_tasks is imported only when a path is set up (see :mod:`benchmarks.paths`).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from benchmarks.common import MESSAGE
-from benchmarks.paths import CALL_TIMEOUT, Path, build, send_and_join
+from benchmarks.paths import CALL_TIMEOUT, Path, build, run_in_batches, send_and_join
 
 
 class CallPath(Path):
@@ -98,20 +97,13 @@ class InflightPath(CallPath):
         return None
 
     def run(self, n: int, bar: Any) -> dict[str, Any]:
-        batches: list[float] = []
-        clock = time.perf_counter
-        started = clock()
-        left = n
-        while left > 0:
-            size = min(self.batch, left)
-            t0 = clock()
-            results = self.actor.call_many([self.params] * size, timeout=30.0)
-            batches.append((clock() - t0) * 1000.0)
-            if len(results) != size or any(r.message != MESSAGE for r in results):
-                raise AssertionError("call_many returned wrong results")
-            left -= size
-            bar.update(size)
-        return {"calls": n, "elapsed_s": clock() - started, "latencies_ms": [], "batch_ms": batches}
+        return run_in_batches(
+            n,
+            bar,
+            self.batch,
+            lambda size: list(self.actor.call_many([self.params] * size, timeout=30.0)),
+            lambda rs, size: len(rs) == size and all(r.message == MESSAGE for r in rs),
+        )
 
 
 class StreamsPath(Path):

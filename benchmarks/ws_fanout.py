@@ -14,7 +14,6 @@ import asyncio
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from benchmarks.common import free_port
 from rpc_tasks import (
     BroadcastRequest,
     BroadcastResponse,
@@ -34,12 +34,6 @@ from rpc_tasks import (
 from rpc_tasks.websocket.auth import make_token
 
 SECRET = "bench-secret-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:

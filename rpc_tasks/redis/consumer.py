@@ -121,7 +121,7 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
                     self._recover()
                 fetched = self._fetch(room)
                 if fetched is None:  # an eta is due: hand it over, then fetch without waiting
-                    self._requeue_cut_fetch()
+                    self._requeue_strays()  # what a fetch behind the cut wait moved (see below)
                     self._drained = False
                     return None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -147,13 +147,14 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
             return MessageProxy(message) if self.broker.log_message_params else RedactedMessageProxy(message)
         return None
 
-    def _requeue_cut_fetch(self) -> None:
-        """A wait cut short on this side (``exact``, see ``wait_and_fetch``) drops the
-        connection, with the ``BLPOP`` and the fetch pipelined behind it. When Redis had run
-        that fetch already (a wake-up token arrived just before the cut), the messages it moved
-        to this worker's ack set were lost with the reply, and with this worker alive nothing
-        would requeue them: put back whatever the ack set holds that this consumer does not.
-        Seen as delayed messages held for good past their eta under rate-limit postponements."""
+    def _requeue_strays(self) -> None:
+        """Requeue what this worker's ack set holds beyond what this consumer holds: after an
+        outage (a fetch whose reply was lost), and after a wait cut short on this side
+        (``exact``, see ``wait_and_fetch``), which drops the connection with the ``BLPOP`` and
+        the fetch pipelined behind it. When Redis had run that fetch already (a wake-up token
+        arrived just before the cut), the messages it moved to the ack set were lost with the
+        reply, and with this worker alive nothing would requeue them (seen as delayed messages
+        held for good past their eta under rate-limit postponements)."""
         held = set(self.queued_message_ids) | {rid for rid, _ in self.message_cache}
         self.broker.requeue_strays(self.queue_name, held)
 
@@ -171,8 +172,7 @@ class _BlockingConsumer(_RedisConsumer):  # type: ignore[misc]
 
     def _recover(self) -> None:
         """Redis answers again: requeue what a lost fetch reply left in our ack set."""
-        held = set(self.queued_message_ids) | {rid for rid, _ in self.message_cache}
-        self.broker.requeue_strays(self.queue_name, held)
+        self._requeue_strays()
         assert self._outage_since is not None
         logger.warning(
             "Consumer of %r has Redis back after %.2fs.",
